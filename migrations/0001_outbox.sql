@@ -1,0 +1,85 @@
+-- Outbox schema, version 1.
+--
+-- Object names are unqualified on purpose: apply this file with the outbox schema first on
+-- the search_path (`outbox-relay migrate` and `outbox::Outbox::migrate` do that for you;
+-- with psql: `PGOPTIONS='-c search_path=outbox' psql -v ON_ERROR_STOP=1 -f ...` after
+-- `CREATE SCHEMA outbox`). The README's "SQL contract" section documents every column.
+
+-- One row per message that a committed transaction wants published. Writers set id (or take
+-- the default), topic, key, payload, headers and content_type; every other column belongs to
+-- the relay. A row is deleted once the broker has confirmed it.
+CREATE TABLE messages (
+    seq          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           uuid        NOT NULL DEFAULT gen_random_uuid(),
+    topic        text        NOT NULL,
+    key          text,
+    payload      bytea       NOT NULL,
+    headers      jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    content_type text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+
+    -- Relay bookkeeping. Writers leave these at their defaults.
+    status       text        NOT NULL DEFAULT 'pending',
+    attempts     integer     NOT NULL DEFAULT 0,
+    available_at timestamptz NOT NULL DEFAULT '-infinity',
+    lease_until  timestamptz,
+    claim_token  uuid,
+    last_error   text,
+    dead_at      timestamptz,
+
+    CONSTRAINT messages_id_key UNIQUE (id),
+    CONSTRAINT messages_topic_check
+        CHECK (octet_length(topic) BETWEEN 1 AND 255 AND topic !~ '[[:cntrl:]]'),
+    CONSTRAINT messages_key_check
+        CHECK (key IS NULL OR octet_length(key) BETWEEN 1 AND 255),
+    CONSTRAINT messages_headers_check
+        CHECK (jsonb_typeof(headers) = 'object'),
+    CONSTRAINT messages_content_type_check
+        CHECK (content_type IS NULL OR octet_length(content_type) BETWEEN 1 AND 255),
+    CONSTRAINT messages_status_check
+        CHECK (status IN ('pending', 'dead')),
+    CONSTRAINT messages_attempts_check
+        CHECK (attempts >= 0)
+);
+
+-- Header values must be strings; checked row by row so a bad plain-SQL insert fails at the
+-- writer, with the constraint's name, instead of surprising the relay later.
+CREATE FUNCTION headers_are_strings(h jsonb) RETURNS boolean
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+    -- Non-objects are messages_headers_check's to report.
+    SELECT CASE WHEN jsonb_typeof(h) = 'object'
+                THEN NOT EXISTS (SELECT 1 FROM jsonb_each(h) AS e WHERE jsonb_typeof(e.value) <> 'string')
+                ELSE true END
+$$;
+
+ALTER TABLE messages
+    ADD CONSTRAINT messages_header_values_check CHECK (headers_are_strings(headers));
+
+-- Per-key ordering: the claim query looks for earlier rows of the same key.
+CREATE INDEX messages_key_seq_idx ON messages (key, seq) WHERE key IS NOT NULL;
+
+-- Relays that are idle and waiting for a wake-up. The insert trigger below sends a NOTIFY
+-- only while some relay waits, so a busy system never pays NOTIFY's commit-time lock.
+CREATE TABLE relay_waiters (
+    relay_id   uuid        PRIMARY KEY,
+    expires_at timestamptz NOT NULL
+);
+
+CREATE FUNCTION wake_relays() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path FROM CURRENT
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM relay_waiters WHERE expires_at > now()) THEN
+        PERFORM pg_notify('outbox_wakeup_' || TG_TABLE_SCHEMA, '');
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- Statement level: one check per INSERT statement, however many rows it writes; several
+-- notifications in one transaction are folded into one by PostgreSQL.
+CREATE TRIGGER messages_wake_relays
+    AFTER INSERT ON messages
+    FOR EACH STATEMENT EXECUTE FUNCTION wake_relays();

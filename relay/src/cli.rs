@@ -1,0 +1,286 @@
+//! The `outbox-relay` command line: `migrate`, `run`, `status`.
+
+use std::{path::PathBuf, process::ExitCode, str::FromStr, sync::Arc};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
+use sqlx::{postgres::PgConnectOptions, postgres::PgPoolOptions, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{redact_url, BrokerKind, Overrides, Settings},
+    publish::Publisher,
+    relay::{error_chain, Backoff, Relay},
+    store::Store,
+};
+
+/// Publishes committed outbox rows to RabbitMQ, retrying until the broker confirms.
+///
+/// Settings come from built-in defaults, then --config FILE (TOML), then OUTBOX__SECTION__KEY
+/// environment variables (e.g. OUTBOX__DATABASE__URL), then these flags.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL URL (database.url).
+    #[arg(long, global = true, value_name = "URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Schema holding the outbox tables (database.schema).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub schema: Option<String>,
+    /// RabbitMQ URL (rabbitmq.url).
+    #[arg(long, global = true, value_name = "URL")]
+    pub rabbitmq_url: Option<String>,
+    /// Log format, text or json (log.format).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the outbox schema and apply pending migrations.
+    Migrate,
+    /// Relay messages until SIGTERM or SIGINT.
+    Run,
+    /// Show pending, in-flight, retrying and dead messages per topic.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Cli {
+    fn overrides(&self) -> Overrides {
+        let mut o = Overrides::new();
+        let mut put = |key, value: &Option<String>| {
+            if let Some(v) = value {
+                o.push((key, v.clone()));
+            }
+        };
+        put("database.url", &self.database_url);
+        put("database.schema", &self.schema);
+        put("rabbitmq.url", &self.rabbitmq_url);
+        put("log.format", &self.log_format);
+        o
+    }
+
+    fn needs_broker(&self) -> bool {
+        matches!(self.command, Command::Run)
+    }
+}
+
+/// Entry point of the binary: exit 0 on success, 1 on a runtime failure, 2 on invalid
+/// configuration or usage.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref(), cli.overrides(), cli.needs_broker())
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("outbox-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outbox-relay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "outbox-relay failed");
+            eprintln!("outbox-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            let pool = connect_once(&settings).await?;
+            let outbox = outbox::Outbox::new(settings.schema());
+            let applied = outbox.migrate(&pool).await.context("migration failed")?;
+            if applied.is_empty() {
+                println!(
+                    "outbox schema {:?} is up to date (version {})",
+                    settings.database.schema,
+                    outbox::LATEST_VERSION
+                );
+            } else {
+                println!(
+                    "outbox schema {:?}: applied migrations {applied:?}",
+                    settings.database.schema
+                );
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let pool = connect_once(&settings).await?;
+            require_schema(&pool, &settings).await?;
+            let status = crate::status::read(&pool, &settings.schema())
+                .await
+                .context("reading the outbox")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            Ok(())
+        }
+        Command::Run => run(settings).await,
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    log_settings(&settings);
+    let Some(pool) = connect_retrying(&settings, &shutdown).await? else {
+        return Ok(());
+    };
+    require_schema(&pool, &settings).await?;
+    let store = Store::new(pool, settings.schema(), settings.relay.dead_key_policy);
+    let publisher: Arc<dyn Publisher> = match settings.broker {
+        BrokerKind::Rabbitmq => Arc::new(crate::publish::rabbitmq::RabbitMqPublisher::new(
+            &settings.rabbitmq,
+        )),
+    };
+    let relay = Arc::new(Relay::new(
+        store,
+        publisher,
+        settings.retry_policy(),
+        settings.relay.clone(),
+    ));
+    relay.run(shutdown).await?;
+    Ok(())
+}
+
+async fn signal_shutdown(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    token.cancel();
+}
+
+fn log_settings(s: &Settings) {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        broker = ?s.broker,
+        database = %redact_url(s.database.url.as_ref().map(|u| u.expose_secret()).unwrap_or("")),
+        schema = %s.database.schema,
+        rabbitmq = %redact_url(s.rabbitmq.url.as_ref().map(|u| u.expose_secret()).unwrap_or("")),
+        batch_size = s.relay.batch_size,
+        workers = s.relay.workers,
+        lease = ?s.relay.lease,
+        listen = s.relay.listen,
+        dead_key_policy = ?s.relay.dead_key_policy,
+        max_attempts = s.retry.max_attempts,
+        "starting outbox-relay"
+    );
+}
+
+fn pool_options(settings: &Settings) -> anyhow::Result<(PgPoolOptions, PgConnectOptions, String)> {
+    let raw = settings
+        .database
+        .url
+        .as_ref()
+        .expect("checked at load")
+        .expose_secret();
+    let shown = redact_url(raw);
+    let connect = PgConnectOptions::from_str(raw)
+        .map_err(|e| anyhow::anyhow!("database.url ({shown}) is not a usable PostgreSQL URL: {e}"))?
+        .application_name("outbox-relay");
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .acquire_timeout(settings.database.connect_timeout);
+    Ok((pool, connect, shown))
+}
+
+/// True for errors that retrying cannot fix: bad credentials, unknown database.
+fn is_fatal_pg(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28P01" | "28000" | "3D000")))
+}
+
+async fn connect_once(settings: &Settings) -> anyhow::Result<PgPool> {
+    let (pool, connect, shown) = pool_options(settings)?;
+    pool.connect_with(connect).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {shown}: {}",
+            error_chain(&e)
+        )
+    })
+}
+
+/// Connects, retrying with capped backoff while PostgreSQL is unreachable. `None` if
+/// shutdown was requested first.
+async fn connect_retrying(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<PgPool>> {
+    let (pool, connect, shown) = pool_options(settings)?;
+    let mut backoff = Backoff::new(settings.relay.reconnect_max_delay);
+    loop {
+        match pool.clone().connect_with(connect.clone()).await {
+            Ok(p) => {
+                tracing::info!(database = %shown, "connected to PostgreSQL");
+                return Ok(Some(p));
+            }
+            Err(e) if is_fatal_pg(&e) => {
+                bail!(
+                    "PostgreSQL at {shown} refused the relay: {} (check database.url)",
+                    error_chain(&e)
+                )
+            }
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(
+                    database = %shown, error = %error_chain(&e), retry_in = ?wait,
+                    "PostgreSQL unreachable; retrying"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+async fn require_schema(pool: &PgPool, settings: &Settings) -> anyhow::Result<()> {
+    let schema = settings.schema();
+    let found: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{schema}.messages"))
+        .fetch_one(pool)
+        .await
+        .context("checking the outbox schema")?;
+    if !found {
+        bail!("outbox table {schema}.messages does not exist; run `outbox-relay migrate` first (database.schema = {schema:?})");
+    }
+    Ok(())
+}

@@ -1,0 +1,584 @@
+//! Settings: built-in defaults, then a TOML file, then `OUTBOX__SECTION__KEY` environment
+//! variables, then command-line flags. Every setting and its default is listed in the
+//! README's configuration reference; [`Settings::validate`] names the setting at fault.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use outbox::Schema;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::{retry::RetryPolicy, route::Template};
+
+/// Prefix of the environment variables read as settings (`OUTBOX__DATABASE__URL`).
+pub const ENV_PREFIX: &str = "OUTBOX";
+
+/// All settings of the relay.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Which broker messages go to.
+    pub broker: BrokerKind,
+    /// The PostgreSQL database holding the outbox.
+    pub database: DatabaseSettings,
+    /// The claim → publish → settle loop.
+    pub relay: RelaySettings,
+    /// Retries of messages the broker rejected.
+    pub retry: RetrySettings,
+    /// The RabbitMQ broker.
+    pub rabbitmq: RabbitMqSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// The broker to publish to.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// RabbitMQ, through AMQP 0.9.1 with publisher confirms.
+    #[default]
+    Rabbitmq,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:port/db`; required. Never logged.
+    pub url: Option<SecretString>,
+    /// Schema holding the outbox tables.
+    pub schema: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long one connection attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            schema: Schema::DEFAULT.to_owned(),
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What later messages of a key do once an earlier message of that key is dead.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadKeyPolicy {
+    /// Wait until an operator retries or discards the dead message (keeps per-key order).
+    #[default]
+    Block,
+    /// Publish them anyway; the dead message stays parked for an operator.
+    Skip,
+}
+
+/// `[relay]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySettings {
+    /// Most rows claimed in one batch.
+    pub batch_size: u32,
+    /// Batches in flight at once in this relay.
+    pub workers: u32,
+    /// How long a claim is held before another relay may take the rows over.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often an idle relay looks for rows without being woken.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Wake up on PostgreSQL NOTIFY when new rows commit, instead of waiting for the poll.
+    pub listen: bool,
+    /// What later messages of a key do once an earlier one is dead.
+    pub dead_key_policy: DeadKeyPolicy,
+    /// On SIGTERM/SIGINT, how long in-flight publishes may take to be confirmed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Longest wait between reconnect attempts to PostgreSQL or the broker.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            workers: 2,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            listen: true,
+            dead_key_policy: DeadKeyPolicy::Block,
+            shutdown_grace: Duration::from_secs(25),
+            reconnect_max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[retry]`: see [`RetryPolicy`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Delay after the first failure.
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    /// Each further failure multiplies the delay by this.
+    pub factor: f64,
+    /// The delay never exceeds this.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Random spread, as a fraction of the delay (0.2 = ±20%).
+    pub jitter: f64,
+    /// Failed attempts after which a message is dead.
+    pub max_attempts: u32,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        let p = RetryPolicy::default();
+        Self {
+            initial_delay: p.initial_delay,
+            factor: p.factor,
+            max_delay: p.max_delay,
+            jitter: p.jitter,
+            max_attempts: p.max_attempts,
+        }
+    }
+}
+
+/// `[rabbitmq]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitMqSettings {
+    /// `amqp://user:password@host:port/vhost`; required when `broker = "rabbitmq"`.
+    pub url: Option<SecretString>,
+    /// Exchange for a topic without a route; `{topic}` and `{key}` are replaced.
+    pub exchange: String,
+    /// Routing key for a topic without a route; `{topic}` and `{key}` are replaced.
+    pub routing_key: String,
+    /// Per-topic exchange and routing key, overriding the two above.
+    pub routes: BTreeMap<String, RouteSettings>,
+    /// How long to wait for the broker's confirm of one message.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+}
+
+impl Default for RabbitMqSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            exchange: String::new(),
+            routing_key: "{topic}".to_owned(),
+            routes: BTreeMap::new(),
+            confirm_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[rabbitmq.routes."<topic>"]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// Exchange for this topic (`{topic}`, `{key}` are replaced).
+    pub exchange: String,
+    /// Routing key for this topic (`{topic}`, `{key}` are replaced); default `{topic}`.
+    #[serde(default = "default_routing_key")]
+    pub routing_key: String,
+}
+
+fn default_routing_key() -> String {
+    "{topic}".to_owned()
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `outbox_relay=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Settings that could not be loaded or are invalid; every problem is listed.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    /// One line per problem, each naming its setting.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// Values given on the command line; they override every other source.
+pub type Overrides = Vec<(&'static str, String)>;
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then the process environment, then `overrides`,
+    /// and validates the result (the broker's settings only if `with_broker`: `migrate` and
+    /// `status` need none).
+    pub fn load(
+        file: Option<&Path>,
+        overrides: Overrides,
+        with_broker: bool,
+    ) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars(), overrides, with_broker)
+    }
+
+    /// As [`Settings::load`], reading environment variables from `env`.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: Overrides,
+        with_broker: bool,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::one(format!(
+                    "configuration file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env)),
+        );
+        for (key, value) in overrides {
+            builder = builder
+                .set_override(key, value)
+                .map_err(|e| ConfigError::one(format!("{key}: {e}")))?;
+        }
+        let raw = builder.build().map_err(|e| ConfigError::one(describe(e)))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::one(describe(e)))?;
+        settings.validate(with_broker)?;
+        Ok(settings)
+    }
+
+    /// Checks every value (the broker's only if `with_broker`); the error lists each
+    /// problem with the setting's name.
+    pub fn validate(&self, with_broker: bool) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        match &self.database.url {
+            None => p.push(
+                "database.url is not set (OUTBOX__DATABASE__URL or --database-url)".to_owned(),
+            ),
+            Some(url) => {
+                if let Err(e) = check_url(url.expose_secret(), &["postgres", "postgresql"]) {
+                    p.push(format!("database.url {e}"));
+                }
+            }
+        }
+        if let Err(e) = Schema::parse(&self.database.schema) {
+            p.push(format!("database.schema: {e}"));
+        }
+        if !(1..=1000).contains(&self.database.max_connections) {
+            p.push(format!(
+                "database.max_connections must be between 1 and 1000 (got {})",
+                self.database.max_connections
+            ));
+        } else if self.database.max_connections < self.relay.workers + 1 {
+            p.push(format!(
+                "database.max_connections ({}) must be at least relay.workers + 1 ({})",
+                self.database.max_connections,
+                self.relay.workers + 1
+            ));
+        }
+        positive(
+            &mut p,
+            "database.connect_timeout",
+            self.database.connect_timeout,
+        );
+        let r = &self.relay;
+        if !(1..=10_000).contains(&r.batch_size) {
+            p.push(format!(
+                "relay.batch_size must be between 1 and 10000 (got {})",
+                r.batch_size
+            ));
+        }
+        if !(1..=64).contains(&r.workers) {
+            p.push(format!(
+                "relay.workers must be between 1 and 64 (got {})",
+                r.workers
+            ));
+        }
+        positive(&mut p, "relay.lease", r.lease);
+        positive(&mut p, "relay.poll_interval", r.poll_interval);
+        positive(&mut p, "relay.reconnect_max_delay", r.reconnect_max_delay);
+        if r.lease <= self.rabbitmq.confirm_timeout {
+            p.push(format!(
+                "relay.lease ({}) must be longer than rabbitmq.confirm_timeout ({}), or another \
+                 relay would take over rows still waiting for their confirm",
+                humantime::format_duration(r.lease),
+                humantime::format_duration(self.rabbitmq.confirm_timeout)
+            ));
+        }
+        if let Err(e) = self.retry_policy().validate() {
+            p.push(e);
+        }
+        if with_broker && self.broker == BrokerKind::Rabbitmq {
+            let rb = &self.rabbitmq;
+            match &rb.url {
+                None => p.push(
+                    "rabbitmq.url is not set (OUTBOX__RABBITMQ__URL or --rabbitmq-url)".to_owned(),
+                ),
+                Some(url) => {
+                    if let Err(e) = check_url(url.expose_secret(), &["amqp", "amqps"]) {
+                        p.push(format!("rabbitmq.url {e}"));
+                    }
+                }
+            }
+            positive(&mut p, "rabbitmq.confirm_timeout", rb.confirm_timeout);
+            let mut templates = vec![
+                ("rabbitmq.exchange".to_owned(), &rb.exchange),
+                ("rabbitmq.routing_key".to_owned(), &rb.routing_key),
+            ];
+            for (topic, route) in &rb.routes {
+                templates.push((
+                    format!("rabbitmq.routes.\"{topic}\".exchange"),
+                    &route.exchange,
+                ));
+                templates.push((
+                    format!("rabbitmq.routes.\"{topic}\".routing_key"),
+                    &route.routing_key,
+                ));
+            }
+            for (name, value) in templates {
+                if let Err(e) = Template::parse(value) {
+                    p.push(format!("{name}: {e}"));
+                }
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(format!(
+                "log.level {:?} is not a valid filter: {e}",
+                self.log.level
+            ));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: p })
+        }
+    }
+
+    /// The retry policy these settings describe.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial_delay: self.retry.initial_delay,
+            factor: self.retry.factor,
+            max_delay: self.retry.max_delay,
+            jitter: self.retry.jitter,
+            max_attempts: self.retry.max_attempts,
+        }
+    }
+
+    /// The validated schema name.
+    pub fn schema(&self) -> Schema {
+        Schema::parse(&self.database.schema).expect("validated at load")
+    }
+}
+
+fn positive(p: &mut Vec<String>, name: &str, d: Duration) {
+    if d.is_zero() {
+        p.push(format!("{name} must be longer than zero"));
+    }
+}
+
+/// Checks a server URL's shape; the message never repeats the URL (it may hold a password).
+fn check_url(raw: &str, schemes: &[&str]) -> Result<(), String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("is not a valid URL ({e})"))?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(format!(
+            "has scheme {:?}; expected {}",
+            url.scheme(),
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".to_owned());
+    }
+    Ok(())
+}
+
+/// `config`'s messages name the key; make sure they read as sentences about a setting.
+fn describe(e: config::ConfigError) -> String {
+    let text = e.to_string();
+    match e {
+        config::ConfigError::FileParse { .. } => {
+            format!("configuration file could not be parsed: {text}")
+        }
+        _ => text,
+    }
+}
+
+/// Shows a server URL without its password, for logs and error messages.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut all = vec![
+            (
+                "OUTBOX__DATABASE__URL".to_owned(),
+                "postgres://u:secret@localhost/db".to_owned(),
+            ),
+            (
+                "OUTBOX__RABBITMQ__URL".to_owned(),
+                "amqp://g:secret@localhost:5672/%2f".to_owned(),
+            ),
+        ];
+        all.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        all
+    }
+
+    fn problems(pairs: &[(&str, &str)]) -> String {
+        Settings::load_from(None, env(pairs), vec![], true)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_with_urls_are_valid() {
+        let s = Settings::load_from(None, env(&[]), vec![], true).unwrap();
+        assert_eq!(s.relay.batch_size, 500);
+        assert_eq!(s.database.schema, "outbox");
+        assert_eq!(s.relay.dead_key_policy, DeadKeyPolicy::Block);
+    }
+
+    #[test]
+    fn environment_overrides_defaults_and_flags_override_environment() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("OUTBOX__RELAY__BATCH_SIZE", "42"),
+                ("OUTBOX__RELAY__POLL_INTERVAL", "250ms"),
+            ]),
+            vec![("relay.batch_size", "7".to_owned())],
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.relay.batch_size, 7);
+        assert_eq!(s.relay.poll_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn missing_urls_are_named() {
+        let err = Settings::load_from(None, Vec::new(), vec![], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.url is not set"), "{err}");
+        assert!(err.contains("rabbitmq.url is not set"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_setting() {
+        let err = problems(&[
+            ("OUTBOX__RELAY__BATCH_SIZE", "0"),
+            ("OUTBOX__RETRY__FACTOR", "0.5"),
+        ]);
+        assert!(
+            err.contains("relay.batch_size must be between 1 and 10000 (got 0)"),
+            "{err}"
+        );
+        assert!(err.contains("retry.factor"), "{err}");
+    }
+
+    #[test]
+    fn unparsable_values_name_the_setting() {
+        let err = problems(&[("OUTBOX__RELAY__LEASE", "soon")]);
+        assert!(err.contains("relay.lease"), "{err}");
+        let err = problems(&[("OUTBOX__RELAY__DEAD_KEY_POLICY", "maybe")]);
+        assert!(err.contains("dead_key_policy"), "{err}");
+    }
+
+    #[test]
+    fn bad_schema_and_url_scheme_are_rejected_without_echoing_secrets() {
+        let err = problems(&[
+            ("OUTBOX__DATABASE__SCHEMA", "Robert'); DROP"),
+            ("OUTBOX__DATABASE__URL", "mysql://u:hunter2@h/db"),
+        ]);
+        assert!(err.contains("database.schema"), "{err}");
+        assert!(err.contains("database.url has scheme \"mysql\""), "{err}");
+        assert!(!err.contains("hunter2"), "the password leaked: {err}");
+    }
+
+    #[test]
+    fn unknown_template_placeholder_is_rejected() {
+        let err = problems(&[("OUTBOX__RABBITMQ__ROUTING_KEY", "{topc}")]);
+        assert!(err.contains("rabbitmq.routing_key"), "{err}");
+        assert!(err.contains("{topc}"), "{err}");
+    }
+
+    #[test]
+    fn lease_must_outlast_the_confirm_timeout() {
+        let err = problems(&[("OUTBOX__RELAY__LEASE", "5s")]);
+        assert!(
+            err.contains("relay.lease (5s) must be longer than rabbitmq.confirm_timeout (10s)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn redaction_hides_the_password_only() {
+        assert_eq!(
+            redact_url("amqp://guest:pw@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+    }
+}

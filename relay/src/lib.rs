@@ -1,0 +1,23 @@
+//! # outbox-relay: publishes committed outbox rows to a broker
+//!
+//! The relay claims rows that committed transactions wrote to the outbox table, publishes
+//! each to the broker, and deletes it once the broker confirms it (RabbitMQ publisher
+//! confirms with `mandatory`). Nothing is marked delivered without a confirm, so delivery
+//! is **at least once**: a relay that dies between the confirm and the delete publishes the
+//! message again after its lease expires, and consumers deduplicate on the message id.
+//!
+//! Layout: [`store`] holds every SQL statement (and knows no broker), [`publish`] holds one
+//! folder per broker (and knows no SQL), and [`relay`] joins them in a claim → publish →
+//! settle loop whose single step, [`relay::Relay::relay_once`], is public.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod publish;
+pub mod relay;
+pub mod retry;
+pub mod route;
+pub mod status;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,45 @@
+//! Publishers: one folder per broker behind the [`Publisher`] trait. A publisher knows
+//! nothing of PostgreSQL; it is handed an [`Envelope`] and says whether the broker confirmed
+//! it.
+
+use futures::future::BoxFuture;
+
+use crate::envelope::Envelope;
+
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
+
+/// Why a publish did not end in a broker confirm.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    /// The broker refused this message (NACK, unroutable, too large…). It counts as a
+    /// failed attempt and is retried with backoff, then dead.
+    #[error("rejected by the broker: {0}")]
+    Rejected(String),
+    /// The message can never be published as it is; it is dead at once.
+    #[error("cannot be published: {0}")]
+    Permanent(String),
+    /// The broker could not be reached or the connection failed: not this message's fault.
+    /// The message is released without counting an attempt and the relay backs off.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused the relay itself (wrong credentials, no permission): retrying
+    /// cannot help, so the relay stops with this message.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Sends envelopes to a broker and waits for its confirm.
+pub trait Publisher: Send + Sync + 'static {
+    /// Connects (or reconnects after a failure). Called before each batch; cheap when the
+    /// connection is up. A [`PublishError::Unavailable`] here means no batch is claimed.
+    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>>;
+
+    /// Publishes one message and resolves once the broker confirmed it (or did not).
+    /// Several calls may be in flight at once; the relay never starts a message of a key
+    /// before the previous message of that key is confirmed.
+    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>>;
+
+    /// Closes the connection cleanly; called once, after the last publish.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}

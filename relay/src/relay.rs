@@ -1,0 +1,543 @@
+//! The loop that joins the store and a publisher: claim → publish → settle.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use futures::future::join_all;
+use rand::Rng;
+use tokio::{sync::Notify, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    config::RelaySettings,
+    envelope::Envelope,
+    publish::{PublishError, Publisher},
+    retry::{Next, RetryPolicy},
+    store::{Failure, Settlement, Store},
+};
+
+/// Why the relay stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The broker refused the relay itself (credentials, permissions).
+    #[error("{0}")]
+    Fatal(String),
+    /// PostgreSQL failed; the loop retries these, [`Relay::relay_once`] returns them.
+    #[error("PostgreSQL error while relaying")]
+    Database(#[from] sqlx::Error),
+}
+
+/// What one batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Confirmed by the broker and deleted.
+    pub delivered: u64,
+    /// Failed and scheduled for a later attempt.
+    pub retried: u64,
+    /// Failed for the last time (or malformed) and parked as dead.
+    pub dead: u64,
+    /// Put back untouched (not attempted, or the broker was unavailable).
+    pub released: u64,
+    /// Rows whose settle found another relay's claim (our lease had expired).
+    pub lost_lease: u64,
+    /// Set when the broker could not be reached; the caller should back off.
+    pub unavailable: Option<String>,
+}
+
+/// The outcome of one message within a batch.
+#[derive(Debug)]
+enum Outcome {
+    Delivered,
+    Failed(PublishError),
+}
+
+/// A relay: one store, one publisher, one policy.
+pub struct Relay {
+    store: Store,
+    publisher: Arc<dyn Publisher>,
+    policy: RetryPolicy,
+    settings: RelaySettings,
+    id: Uuid,
+}
+
+impl Relay {
+    /// A relay over `store` publishing with `publisher`.
+    pub fn new(
+        store: Store,
+        publisher: Arc<dyn Publisher>,
+        policy: RetryPolicy,
+        settings: RelaySettings,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            policy,
+            settings,
+            id: Uuid::new_v4(),
+        }
+    }
+
+    /// This relay instance's id (used for its wake-up registration).
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Claims, publishes and settles one batch. Publishing stops early (unconfirmed rows
+    /// are released) if `abort` fires.
+    pub async fn relay_once(&self, abort: &CancellationToken) -> Result<BatchReport, RelayError> {
+        match self.publisher.ready().await {
+            Ok(()) => {}
+            Err(PublishError::Fatal(e)) => return Err(RelayError::Fatal(e)),
+            Err(e) => {
+                return Ok(BatchReport {
+                    unavailable: Some(e.to_string()),
+                    ..Default::default()
+                })
+            }
+        }
+        let claim = self
+            .store
+            .claim(self.settings.batch_size, self.settings.lease)
+            .await?;
+        if claim.is_empty() {
+            return Ok(BatchReport::default());
+        }
+        let outcomes = self.publish_all(&claim.envelopes, abort).await;
+
+        let (settlement, mut report) = self.decide(&claim, &outcomes);
+        let settled = self.settle_with_retries(claim.token, &settlement).await?;
+        let asked = (settlement.delivered.len()
+            + settlement.failed.len()
+            + settlement.released.len()) as u64;
+        report.delivered = settled.delivered;
+        report.released = settled.released;
+        report.lost_lease = asked - (settled.delivered + settled.failed + settled.released);
+        if report.lost_lease > 0 {
+            tracing::warn!(
+                rows = report.lost_lease,
+                "lease expired before settle; another relay has these rows (they may be published twice)"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Turns publish outcomes into a settlement: delivered, retried or dead (by the retry
+    /// policy), or released.
+    fn decide(
+        &self,
+        claim: &crate::store::Claim,
+        outcomes: &BTreeMap<i64, Outcome>,
+    ) -> (Settlement, BatchReport) {
+        let mut report = BatchReport {
+            claimed: claim.len(),
+            ..Default::default()
+        };
+        let mut settlement = Settlement::default();
+        let mut rng = rand::rng();
+        for env in &claim.envelopes {
+            match outcomes.get(&env.seq) {
+                Some(Outcome::Delivered) => settlement.delivered.push(env.seq),
+                Some(Outcome::Failed(PublishError::Rejected(error))) => {
+                    let failures = env.attempts + 1;
+                    let retry_after = match self.policy.next(failures, &mut rng) {
+                        Next::RetryAfter(d) => Some(d),
+                        Next::Dead => None,
+                    };
+                    log_failure(env, failures, error, retry_after);
+                    settlement.failed.push(Failure {
+                        seq: env.seq,
+                        error: error.clone(),
+                        retry_after,
+                    });
+                }
+                Some(Outcome::Failed(PublishError::Permanent(error))) => {
+                    log_failure(env, env.attempts + 1, error, None);
+                    settlement.failed.push(Failure {
+                        seq: env.seq,
+                        error: error.clone(),
+                        retry_after: None,
+                    });
+                }
+                Some(Outcome::Failed(
+                    e @ (PublishError::Unavailable(_) | PublishError::Fatal(_)),
+                )) => {
+                    report.unavailable.get_or_insert_with(|| e.to_string());
+                    settlement.released.push(env.seq);
+                }
+                None => settlement.released.push(env.seq),
+            }
+        }
+        for (seq, _attempts, error) in &claim.malformed {
+            tracing::error!(seq, error = %error, "malformed outbox row; parking it as dead");
+            settlement.failed.push(Failure {
+                seq: *seq,
+                error: format!("malformed row: {error}"),
+                retry_after: None,
+            });
+        }
+        report.retried = settlement
+            .failed
+            .iter()
+            .filter(|f| f.retry_after.is_some())
+            .count() as u64;
+        report.dead = settlement.failed.len() as u64 - report.retried;
+        (settlement, report)
+    }
+
+    /// Publishes a batch: one chain per key (a message starts only after the previous one
+    /// of its key is confirmed; a chain stops at its first failure), all chains at once.
+    async fn publish_all(
+        &self,
+        envelopes: &[Envelope],
+        abort: &CancellationToken,
+    ) -> BTreeMap<i64, Outcome> {
+        let mut chains: BTreeMap<&str, Vec<&Envelope>> = BTreeMap::new();
+        let mut unkeyed = Vec::new();
+        for env in envelopes {
+            match &env.key {
+                Some(k) => chains.entry(k.as_str()).or_default().push(env),
+                None => unkeyed.push(vec![env]),
+            }
+        }
+        let outcomes = Mutex::new(BTreeMap::new());
+        let record = |seq, outcome| {
+            outcomes.lock().expect("lock poisoned").insert(seq, outcome);
+        };
+        let run = chains.into_values().chain(unkeyed).map(|chain| {
+            let record = &record;
+            async move {
+                for env in chain {
+                    match self.publisher.publish(env).await {
+                        Ok(()) => record(env.seq, Outcome::Delivered),
+                        Err(e) => {
+                            record(env.seq, Outcome::Failed(e));
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        tokio::select! {
+            _ = join_all(run) => {}
+            _ = abort.cancelled() => {
+                tracing::warn!("shutdown grace period over; releasing unconfirmed messages");
+            }
+        }
+        outcomes.into_inner().expect("lock poisoned")
+    }
+
+    /// Settles, retrying while PostgreSQL is unreachable for up to one lease (after which
+    /// the rows are another relay's to publish again).
+    async fn settle_with_retries(
+        &self,
+        token: Uuid,
+        settlement: &Settlement,
+    ) -> Result<crate::store::Settled, RelayError> {
+        let deadline = tokio::time::Instant::now() + self.settings.lease;
+        let mut backoff = Backoff::new(self.settings.reconnect_max_delay);
+        loop {
+            match self.store.settle(token, settlement).await {
+                Ok(done) => return Ok(done),
+                Err(e) if tokio::time::Instant::now() + backoff.peek() < deadline => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "settle failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Runs `workers` batch loops until `shutdown` fires, then lets in-flight batches
+    /// finish for up to `shutdown_grace` and returns.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RelayError> {
+        let abort = CancellationToken::new();
+        let wake = Arc::new(Wake::default());
+        let mut tasks = JoinSet::new();
+        if self.settings.listen {
+            let waker = self.clone().wake_on_notify(wake.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                waker.await;
+                Ok(())
+            });
+        }
+        for worker in 0..self.settings.workers {
+            let relay = self.clone();
+            let (wake, shutdown, abort) = (wake.clone(), shutdown.clone(), abort.clone());
+            tasks.spawn(async move { relay.worker(worker, wake, shutdown, abort).await });
+        }
+        tracing::info!(relay_id = %self.id, workers = self.settings.workers, "relay running");
+
+        let grace = self.settings.shutdown_grace;
+        let mut result = Ok(());
+        let mut grace_timer = std::pin::pin!(async {
+            shutdown.cancelled().await;
+            tracing::info!(grace = ?grace, "shutting down: no new claims, waiting for in-flight publishes");
+            tokio::time::sleep(grace).await;
+        });
+        let mut grace_over = false;
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => {
+                        result = Err(e);
+                        shutdown.cancel();
+                        abort.cancel();
+                    }
+                    Some(Err(join)) => {
+                        tracing::error!(error = %join, "relay task panicked");
+                        shutdown.cancel();
+                    }
+                },
+                _ = &mut grace_timer, if !grace_over => {
+                    grace_over = true;
+                    abort.cancel();
+                }
+            }
+        }
+        self.publisher.close().await;
+        tracing::info!("relay stopped");
+        result
+    }
+
+    async fn worker(
+        self: Arc<Self>,
+        worker: u32,
+        wake: Arc<Wake>,
+        shutdown: CancellationToken,
+        abort: CancellationToken,
+    ) -> Result<(), RelayError> {
+        let mut db_backoff = Backoff::new(self.settings.reconnect_max_delay);
+        let mut broker_backoff = Backoff::new(self.settings.reconnect_max_delay);
+        while !shutdown.is_cancelled() {
+            let woken = wake.notify.notified();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
+            let pause = match self.relay_once(&abort).await {
+                Ok(report) => {
+                    db_backoff.reset();
+                    if let Some(reason) = &report.unavailable {
+                        let wait = broker_backoff.next_delay();
+                        tracing::warn!(worker, error = %reason, retry_in = ?wait, "broker unavailable");
+                        Some(wait)
+                    } else {
+                        broker_backoff.reset();
+                        if report.claimed > 0 {
+                            tracing::debug!(worker, ?report, "batch settled");
+                            None
+                        } else {
+                            wake.went_idle(self.settings.workers);
+                            tokio::select! {
+                                _ = woken => {}
+                                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                                _ = shutdown.cancelled() => {}
+                            }
+                            wake.busy();
+                            None
+                        }
+                    }
+                }
+                Err(RelayError::Fatal(e)) => return Err(RelayError::Fatal(e)),
+                Err(e) => {
+                    let wait = db_backoff.next_delay();
+                    tracing::warn!(worker, error = %error_chain(&e), retry_in = ?wait, "PostgreSQL unavailable");
+                    Some(wait)
+                }
+            };
+            if let Some(wait) = pause {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// LISTENs for inserts. While every worker is idle this relay is registered in
+    /// `relay_waiters`, so producers' inserts send a NOTIFY; while busy it is not, so
+    /// producers' commits do not pay for NOTIFY.
+    async fn wake_on_notify(self: Arc<Self>, wake: Arc<Wake>, shutdown: CancellationToken) {
+        let channel = self.store.schema().wakeup_channel();
+        let mut backoff = Backoff::new(self.settings.reconnect_max_delay);
+        let ttl = self.settings.poll_interval * 3;
+        'connect: while !shutdown.is_cancelled() {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(self.store.pool())
+                .await
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot LISTEN for wake-ups; polling meanwhile");
+                    tokio::select! { _ = tokio::time::sleep(wait) => continue, _ = shutdown.cancelled() => break }
+                }
+            };
+            if let Err(e) = listener.listen(&channel).await {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot LISTEN for wake-ups; polling meanwhile");
+                tokio::select! { _ = tokio::time::sleep(wait) => continue, _ = shutdown.cancelled() => break }
+            }
+            backoff.reset();
+            let mut registered = false;
+            let mut tick = tokio::time::interval(self.settings.poll_interval);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'connect,
+                    received = listener.try_recv() => match received {
+                        Ok(Some(_)) => {
+                            wake.notify.notify_waiters();
+                            if registered && self.store.remove_waiter(self.id).await.is_ok() {
+                                registered = false;
+                            }
+                        }
+                        Ok(None) | Err(_) => {
+                            // Connection lost: anything may have been missed.
+                            wake.notify.notify_waiters();
+                            continue 'connect;
+                        }
+                    },
+                    _ = wake.all_idle.notified(), if !registered => {
+                        if self.store.register_waiter(self.id, ttl).await.is_ok() {
+                            registered = true;
+                            // Rows committed before the registration sent no NOTIFY.
+                            wake.notify.notify_waiters();
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if registered {
+                            let refreshed = if wake.is_all_idle(self.settings.workers) {
+                                self.store.register_waiter(self.id, ttl).await
+                            } else {
+                                self.store.remove_waiter(self.id).await.map(|()| registered = false)
+                            };
+                            if let Err(e) = refreshed {
+                                tracing::debug!(error = %e, "wake-up registration not refreshed");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let _ = self.store.remove_waiter(self.id).await;
+    }
+}
+
+/// Wake-up plumbing between the workers and the LISTEN task.
+#[derive(Default)]
+struct Wake {
+    notify: Notify,
+    all_idle: Notify,
+    idle: AtomicUsize,
+}
+
+impl Wake {
+    fn went_idle(&self, workers: u32) {
+        if self.idle.fetch_add(1, Ordering::SeqCst) + 1 == workers as usize {
+            self.all_idle.notify_one();
+        }
+    }
+
+    fn busy(&self) {
+        self.idle.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn is_all_idle(&self, workers: u32) -> bool {
+        self.idle.load(Ordering::SeqCst) == workers as usize
+    }
+}
+
+fn log_failure(env: &Envelope, failures: u32, error: &str, retry_after: Option<Duration>) {
+    match retry_after {
+        Some(d) => tracing::warn!(
+            seq = env.seq, message_id = %env.id, topic = %env.topic, key = ?env.key,
+            attempts = failures, retry_in = ?d, error = %error, "publish failed; will retry"
+        ),
+        None => tracing::error!(
+            seq = env.seq, message_id = %env.id, topic = %env.topic, key = ?env.key,
+            attempts = failures, error = %error, "publish failed; message is dead"
+        ),
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Capped exponential backoff with full jitter for reconnect loops.
+#[derive(Debug)]
+pub struct Backoff {
+    current: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(100);
+
+    /// Starts at 100 ms and doubles up to `max`.
+    pub fn new(max: Duration) -> Self {
+        Self {
+            current: Self::START.min(max),
+            max,
+        }
+    }
+
+    /// The next ceiling without advancing.
+    pub fn peek(&self) -> Duration {
+        self.current
+    }
+
+    /// A delay between half the current ceiling and the ceiling; then doubles the ceiling.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = ceiling / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// Back to the start after a success.
+    pub fn reset(&mut self) {
+        self.current = Self::START.min(self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1));
+        let waits: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(waits[0] <= Duration::from_millis(100));
+        assert!(
+            waits.iter().all(|w| *w <= Duration::from_secs(1)),
+            "{waits:?}"
+        );
+        assert!(
+            waits[9] >= Duration::from_millis(500),
+            "capped delays stay near the cap: {waits:?}"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Throwaway local stack for the demo and the tests: a PostgreSQL cluster and a RabbitMQ
+# node on free loopback ports, with all state under $OUTBOX_STACK_DIR (default .stack/).
+#
+#   scripts/stack.sh install   install missing Debian packages (idempotent)
+#   scripts/stack.sh up        install, start both servers, write $OUTBOX_STACK_DIR/env
+#   scripts/stack.sh down      stop what `up` started (by PID) and remove the state
+#   scripts/stack.sh env       print the exports for the running stack
+#
+# `up` is safe to run twice: a running stack is reused. Everything listens on 127.0.0.1.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack}
+ENV_FILE=$STACK_DIR/env
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+pg_bindir() {
+  local d
+  for d in /usr/lib/postgresql/*/bin; do
+    [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+  done
+  return 1
+}
+
+install() {
+  local pkgs=()
+  pg_bindir >/dev/null || pkgs+=(postgresql)
+  command -v psql >/dev/null || pkgs+=(postgresql-client)
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || pkgs+=(rabbitmq-server)
+  command -v python3 >/dev/null || pkgs+=(python3)
+  if [ ${#pkgs[@]} -gt 0 ]; then
+    log "installing ${pkgs[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  fi
+  # Debian starts the packaged services where it can; ours run on private ports, and a
+  # packaged node would only hold on to memory.
+  if command -v service >/dev/null && [ -e /etc/init.d/rabbitmq-server ]; then
+    as_root service rabbitmq-server stop >/dev/null 2>&1 || true
+  fi
+}
+
+# A free TCP port on 127.0.0.1 (the kernel picks; a clash between picking and binding is
+# possible but unlikely, and `up` fails loudly if it happens).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+start_postgres() {
+  local bindir port data
+  bindir=$(pg_bindir) || die "PostgreSQL server binaries not found after install"
+  port=$(free_port)
+  data=$STACK_DIR/pg
+  mkdir -p "$data"
+  # initdb refuses to run as root.
+  local runas=()
+  if [ "$(id -u)" = 0 ]; then
+    id postgres >/dev/null 2>&1 || as_root useradd --system --no-create-home postgres
+    chown -R postgres "$data"
+    runas=(runuser -u postgres --)
+  fi
+  # Password auth over TCP, so that wrong credentials are refused as they would be in
+  # production; the local socket (used only by this script) trusts.
+  echo postgres >"$STACK_DIR/pg.pw"
+  chmod 644 "$STACK_DIR/pg.pw"
+  "${runas[@]}" "$bindir/initdb" -D "$data" -U postgres --pwfile="$STACK_DIR/pg.pw" \
+    --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$STACK_DIR/pg-initdb.log" 2>&1 \
+    || { cat "$STACK_DIR/pg-initdb.log" >&2; die "initdb failed"; }
+  cat >>"$data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$data'
+max_connections = 300
+fsync = on
+shared_buffers = 256MB
+log_min_messages = warning
+EOF
+  "${runas[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start >/dev/null \
+    || { tail -20 "$data/server.log" >&2; die "PostgreSQL did not start"; }
+  head -1 "$data/postmaster.pid" >"$STACK_DIR/pg.pid"
+  echo "$port" >"$STACK_DIR/pg.port"
+  log "PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
+}
+
+start_rabbitmq() {
+  local port dist epmd rdir
+  port=$(free_port); dist=$(free_port); epmd=$(free_port)
+  rdir=$STACK_DIR/rabbitmq
+  mkdir -p "$rdir/mnesia" "$rdir/log" "$rdir/home"
+  : >"$rdir/enabled_plugins.erl"
+  echo '[].' >"$rdir/enabled_plugins.erl"
+  cat >"$rdir/rabbit.env" <<EOF
+export HOME=$rdir/home
+export RABBITMQ_NODENAME=outbox-$port@localhost
+export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+export RABBITMQ_NODE_PORT=$port
+export RABBITMQ_DIST_PORT=$dist
+export ERL_EPMD_PORT=$epmd
+export ERL_EPMD_ADDRESS=127.0.0.1
+export RABBITMQ_MNESIA_BASE=$rdir/mnesia
+export RABBITMQ_LOG_BASE=$rdir/log
+export RABBITMQ_ENABLED_PLUGINS_FILE=$rdir/enabled_plugins.erl
+export RABBITMQ_CONFIG_FILE=$rdir/rabbitmq
+export RABBITMQ_PID_FILE=$rdir/beam.pid
+EOF
+  # Guest may log in over loopback only, which is where the tests connect.
+  printf 'loopback_users.guest = true\nlog.console = false\n' >"$rdir/rabbitmq.conf"
+  # shellcheck disable=SC1091
+  ( . "$rdir/rabbit.env"
+    cd "$rdir"
+    setsid /usr/lib/rabbitmq/bin/rabbitmq-server >"$rdir/log/stdout.log" 2>&1 &
+    echo $! >"$STACK_DIR/rabbitmq.pid" )
+  echo "$port" >"$STACK_DIR/rabbitmq.port"
+  local i
+  for i in $(seq 1 120); do
+    if ( . "$rdir/rabbit.env"; /usr/lib/rabbitmq/bin/rabbitmqctl -q await_startup --timeout 2 ) >/dev/null 2>&1; then
+      log "RabbitMQ $(rabbit_ctl version 2>/dev/null | tail -1) on 127.0.0.1:$port"
+      return 0
+    fi
+    pid_alive "$STACK_DIR/rabbitmq.pid" || break
+    sleep 1
+  done
+  tail -30 "$rdir/log/stdout.log" >&2 || true
+  die "RabbitMQ did not start"
+}
+
+rabbit_ctl() {
+  ( . "$STACK_DIR/rabbitmq/rabbit.env"; /usr/lib/rabbitmq/bin/rabbitmqctl "$@" )
+}
+
+write_env() {
+  local pg rb
+  pg=$(cat "$STACK_DIR/pg.port"); rb=$(cat "$STACK_DIR/rabbitmq.port")
+  cat >"$ENV_FILE" <<EOF
+export OUTBOX_STACK_DIR=$STACK_DIR
+export DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$pg/postgres
+export AMQP_URL=amqp://guest:guest@127.0.0.1:$rb/%2f
+export OUTBOX_TEST_PG_PORT=$pg
+export OUTBOX_TEST_AMQP_PORT=$rb
+EOF
+}
+
+up() {
+  install
+  mkdir -p "$STACK_DIR"
+  if pid_alive "$STACK_DIR/pg.pid" && pid_alive "$STACK_DIR/rabbitmq.pid" && [ -f "$ENV_FILE" ]; then
+    log "stack already running ($ENV_FILE)"
+    return 0
+  fi
+  down_quiet
+  mkdir -p "$STACK_DIR"
+  start_postgres
+  start_rabbitmq
+  write_env
+  log "ready: . $ENV_FILE"
+}
+
+stop_pid() {
+  local file=$1 name=$2 pid i
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && { log "$name did not stop; killing"; kill -KILL "$pid" 2>/dev/null || true; }
+  fi
+  rm -f "$file"
+}
+
+down_quiet() {
+  [ -d "$STACK_DIR" ] || return 0
+  if [ -f "$STACK_DIR/rabbitmq.pid" ]; then
+    rabbit_ctl -q shutdown >/dev/null 2>&1 || true
+    stop_pid "$STACK_DIR/rabbitmq.pid" RabbitMQ
+    # epmd was started on a private port for this node only.
+    if [ -f "$STACK_DIR/rabbitmq/rabbit.env" ]; then
+      local epmd
+      epmd=$(sed -n 's/^export ERL_EPMD_PORT=//p' "$STACK_DIR/rabbitmq/rabbit.env")
+      pkill -f "epmd.*-port $epmd" 2>/dev/null || ERL_EPMD_PORT=$epmd epmd -kill >/dev/null 2>&1 || true
+    fi
+  fi
+  if [ -f "$STACK_DIR/pg.pid" ]; then
+    local bindir
+    bindir=$(pg_bindir || true)
+    if [ -n "$bindir" ] && [ -d "$STACK_DIR/pg" ]; then
+      if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- "$bindir/pg_ctl" -D "$STACK_DIR/pg" -m fast -w stop >/dev/null 2>&1 || true
+      else
+        "$bindir/pg_ctl" -D "$STACK_DIR/pg" -m fast -w stop >/dev/null 2>&1 || true
+      fi
+    fi
+    stop_pid "$STACK_DIR/pg.pid" PostgreSQL
+  fi
+  rm -rf "$STACK_DIR"
+}
+
+case "${1:-}" in
+  install) install ;;
+  up) up ;;
+  down) down_quiet; log "stopped" ;;
+  env) cat "$ENV_FILE" ;;
+  *) echo "usage: $0 install|up|down|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what is missing, starts a throwaway
+# PostgreSQL cluster and RabbitMQ node on free loopback ports, runs every test against them,
+# and tears the servers down on exit (also on failure or Ctrl-C).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export OUTBOX_STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack-test}
+
+scripts/stack.sh install
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+
+echo "== build"
+cargo build --workspace --all-targets --locked
+
+trap 'scripts/stack.sh down' EXIT
+scripts/stack.sh down >/dev/null 2>&1 || true
+scripts/stack.sh up
+# shellcheck disable=SC1091
+. "$OUTBOX_STACK_DIR/env"
+
+echo "== test"
+cargo test --workspace --locked --no-fail-fast "$@"

@@ -1,0 +1,341 @@
+//! Shared harness for the integration tests: a fresh database per test, uniquely named
+//! RabbitMQ queues, an in-process relay, and a consumer that records what arrived.
+//!
+//! The servers come from `scripts/stack.sh` (run by `scripts/test.sh`), which exports
+//! `DATABASE_URL` and `AMQP_URL`.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Channel, Connection, ConnectionProperties,
+};
+use outbox_relay::{
+    config::{DeadKeyPolicy, Settings},
+    publish::rabbitmq::RabbitMqPublisher,
+    relay::Relay,
+    store::Store,
+};
+use sqlx::{postgres::PgPoolOptions, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// `DATABASE_URL`, or a panic that says how to get one.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL is not set: run the tests with scripts/test.sh")
+}
+
+/// `AMQP_URL`, or a panic that says how to get one.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").expect("AMQP_URL is not set: run the tests with scripts/test.sh")
+}
+
+/// A database of its own for one test, migrated.
+pub struct TestDb {
+    /// Pool on the test's database.
+    pub pool: PgPool,
+    /// URL of the test's database.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates a fresh database and applies the outbox migrations to it.
+    pub async fn new() -> Self {
+        let db = Self::empty().await;
+        outbox::migrate(&db.pool).await.expect("migrate");
+        db
+    }
+
+    /// Creates a fresh, empty database.
+    pub async fn empty() -> Self {
+        let admin_url = database_url();
+        let name = format!("outbox_test_{}", Uuid::new_v4().simple());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url)
+            .await
+            .expect("admin connect");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("create database");
+        admin.close().await;
+        let mut url = url::Url::parse(&admin_url).expect("DATABASE_URL");
+        url.set_path(&name);
+        let url = url.to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect(&url)
+            .await
+            .expect("connect");
+        Self { pool, url }
+    }
+
+    /// Rows in `outbox.messages`, by status.
+    pub async fn count(&self, status: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE status = $1")
+            .bind(status)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
+}
+
+/// Relay settings for tests: both URLs set and short timings.
+pub fn settings(db: &TestDb) -> Settings {
+    let mut s = Settings::default();
+    s.database.url = Some(db.url.clone().into());
+    s.rabbitmq.url = Some(amqp_url().into());
+    s.relay.poll_interval = Duration::from_millis(100);
+    s.relay.lease = Duration::from_secs(5);
+    s.rabbitmq.confirm_timeout = Duration::from_secs(2);
+    s.relay.batch_size = 100;
+    s.retry.initial_delay = Duration::from_millis(50);
+    s.retry.max_delay = Duration::from_millis(400);
+    s.retry.jitter = 0.0;
+    s.retry.max_attempts = 3;
+    s.relay.reconnect_max_delay = Duration::from_millis(500);
+    s.validate(true).expect("test settings are valid");
+    s
+}
+
+/// A relay running in this process.
+pub struct RunningRelay {
+    /// Cancels the relay (as SIGTERM would).
+    pub shutdown: CancellationToken,
+    /// The relay's task.
+    pub task: JoinHandle<Result<(), outbox_relay::relay::RelayError>>,
+}
+
+impl RunningRelay {
+    /// Stops the relay and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("relay task").expect("relay result");
+    }
+}
+
+/// Builds a relay from `settings` (as `outbox-relay run` would).
+pub async fn relay(settings: &Settings) -> Arc<Relay> {
+    use secrecy::ExposeSecret;
+    let url = settings
+        .database
+        .url
+        .as_ref()
+        .unwrap()
+        .expose_secret()
+        .to_owned();
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .connect(&url)
+        .await
+        .expect("relay pool");
+    let store = Store::new(pool, settings.schema(), settings.relay.dead_key_policy);
+    let publisher = Arc::new(RabbitMqPublisher::new(&settings.rabbitmq));
+    Arc::new(Relay::new(
+        store,
+        publisher,
+        settings.retry_policy(),
+        settings.relay.clone(),
+    ))
+}
+
+/// Starts a relay from `settings` in this process.
+pub async fn start_relay(settings: &Settings) -> RunningRelay {
+    let relay = relay(settings).await;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+    RunningRelay { shutdown, task }
+}
+
+/// Settings with `policy` for messages behind a dead one.
+pub fn with_policy(mut s: Settings, policy: DeadKeyPolicy) -> Settings {
+    s.relay.dead_key_policy = policy;
+    s
+}
+
+/// A unique topic name; with the default routing it is also the queue's name.
+pub fn topic(prefix: &str) -> String {
+    format!("{prefix}.{}", Uuid::new_v4().simple())
+}
+
+/// One message as a consumer received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The AMQP `message-id` property.
+    pub message_id: Option<String>,
+    /// The `outbox-id` header.
+    pub id: Uuid,
+    /// The `outbox-key` header.
+    pub key: Option<String>,
+    /// The `outbox-seq` header.
+    pub seq: i64,
+    /// The `outbox-topic` header.
+    pub topic: String,
+    /// Every header, as strings.
+    pub headers: BTreeMap<String, String>,
+    /// The `content-type` property.
+    pub content_type: Option<String>,
+    /// The `delivery-mode` property (2 = persistent).
+    pub delivery_mode: Option<u8>,
+    /// The body.
+    pub payload: Vec<u8>,
+}
+
+/// Declares queues and records every delivery from them, in arrival order.
+pub struct Consumer {
+    _connection: Connection,
+    channel: Channel,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Consumer {
+    /// Connects to RabbitMQ.
+    pub async fn connect() -> Self {
+        let connection = Connection::connect(
+            &amqp_url(),
+            ConnectionProperties::default()
+                .with_executor(tokio_executor_trait::Tokio::current())
+                .with_reactor(tokio_reactor_trait::Tokio),
+        )
+        .await
+        .expect("consumer connect");
+        let channel = connection.create_channel().await.expect("consumer channel");
+        Self {
+            _connection: connection,
+            channel,
+            received: Arc::default(),
+        }
+    }
+
+    /// Declares queue `name` (durable, deleted with the broker's data) and consumes it.
+    pub async fn queue(&self, name: &str) {
+        self.channel
+            .queue_declare(
+                name,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue_declare");
+        let mut consumer = self
+            .channel
+            .basic_consume(
+                name,
+                &format!("test-{name}"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("basic_consume");
+        let received = self.received.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                received.lock().unwrap().push(decode(&delivery));
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+        });
+    }
+
+    /// Everything received so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` messages arrived, or panics after `timeout` saying how
+    /// many did.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let start = Instant::now();
+        loop {
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "expected {n} messages within {timeout:?}, got {}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits `quiet` and returns everything received (for asserting nothing more came).
+    pub async fn settle(&self, quiet: Duration) -> Vec<Received> {
+        tokio::time::sleep(quiet).await;
+        self.received()
+    }
+}
+
+fn decode(d: &lapin::message::Delivery) -> Received {
+    let mut headers = BTreeMap::new();
+    if let Some(table) = d.properties.headers() {
+        for (k, v) in table.inner() {
+            let value = match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                other => format!("{other:?}"),
+            };
+            headers.insert(k.to_string(), value);
+        }
+    }
+    Received {
+        message_id: d.properties.message_id().as_ref().map(|s| s.to_string()),
+        id: headers
+            .get("outbox-id")
+            .and_then(|s| s.parse().ok())
+            .expect("outbox-id header"),
+        key: headers.get("outbox-key").cloned(),
+        seq: headers
+            .get("outbox-seq")
+            .and_then(|s| s.parse().ok())
+            .expect("outbox-seq header"),
+        topic: headers
+            .get("outbox-topic")
+            .cloned()
+            .expect("outbox-topic header"),
+        content_type: d.properties.content_type().as_ref().map(|s| s.to_string()),
+        delivery_mode: *d.properties.delivery_mode(),
+        headers,
+        payload: d.data.clone(),
+    }
+}
+
+/// For each key, the `seq` of its first arrivals, in arrival order; duplicates after the
+/// first arrival are left out.
+pub fn first_arrivals_by_key(received: &[Received]) -> BTreeMap<String, Vec<i64>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut by_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in received {
+        if seen.insert(r.id) {
+            if let Some(k) = &r.key {
+                by_key.entry(k.clone()).or_default().push(r.seq);
+            }
+        }
+    }
+    by_key
+}
+
+/// Panics naming the key and the two `seq`s if any key's first arrivals are out of order.
+pub fn assert_per_key_order(received: &[Received]) {
+    for (key, seqs) in first_arrivals_by_key(received) {
+        for pair in seqs.windows(2) {
+            assert!(
+                pair[0] < pair[1],
+                "key {key}: seq {} arrived after seq {} ({seqs:?})",
+                pair[1],
+                pair[0]
+            );
+        }
+    }
+}

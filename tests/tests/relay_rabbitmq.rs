@@ -1,0 +1,422 @@
+//! The relay's guarantees against real PostgreSQL and RabbitMQ.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use outbox::{Message, Outbox};
+use outbox_relay::config::DeadKeyPolicy;
+use outbox_tests::{
+    assert_per_key_order, first_arrivals_by_key, settings, start_relay, topic, with_policy,
+    Consumer, TestDb,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn committed_messages_arrive_once_intact_and_rolled_back_ones_never() {
+    let db = TestDb::new().await;
+    let t = topic("intact");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+
+    let binary: Vec<u8> = (0..=255u8).rev().collect(); // not UTF-8
+    let committed = vec![
+        Message::new(&t, binary.clone())
+            .unwrap()
+            .with_key("k1")
+            .unwrap()
+            .with_header("traceparent", "00-abc-def-01")
+            .unwrap(),
+        Message::json(&t, &serde_json::json!({"n": 2})).unwrap(),
+        Message::new(&t, Vec::new())
+            .unwrap()
+            .with_key("k1")
+            .unwrap()
+            .with_content_type("text/plain")
+            .unwrap(),
+    ];
+    let rolled_back = [
+        Message::new(&t, b"never".to_vec()).unwrap(),
+        Message::new(&t, b"never".to_vec()).unwrap(),
+    ];
+
+    let mut tx = db.pool.begin().await.unwrap();
+    for m in &rolled_back {
+        outbox::enqueue(&mut *tx, m).await.unwrap();
+    }
+    tx.rollback().await.unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    Outbox::default()
+        .enqueue_batch(&mut *tx, &committed)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = start_relay(&settings(&db)).await;
+    consumer.wait_for(committed.len(), WAIT).await;
+    let got = consumer.settle(Duration::from_millis(500)).await;
+    relay.stop().await;
+
+    assert_eq!(
+        got.len(),
+        committed.len(),
+        "each committed message once, nothing else: {got:#?}"
+    );
+    for m in &committed {
+        let r = got
+            .iter()
+            .find(|r| r.id == m.id())
+            .unwrap_or_else(|| panic!("message {} never arrived", m.id()));
+        assert_eq!(r.payload, m.payload(), "payload of {}", m.id());
+        assert_eq!(r.key.as_deref(), m.key(), "key of {}", m.id());
+        assert_eq!(
+            r.message_id,
+            Some(m.id().to_string()),
+            "message-id property of {}",
+            m.id()
+        );
+        assert_eq!(
+            r.content_type.as_deref(),
+            m.content_type(),
+            "content type of {}",
+            m.id()
+        );
+        assert_eq!(r.topic, t);
+        assert_eq!(
+            r.delivery_mode,
+            Some(2),
+            "persistent delivery of {}",
+            m.id()
+        );
+        for (name, value) in m.headers() {
+            assert_eq!(
+                r.headers.get(name),
+                Some(value),
+                "header {name} of {}",
+                m.id()
+            );
+        }
+    }
+    let rolled: HashSet<Uuid> = rolled_back.iter().map(Message::id).collect();
+    assert!(
+        got.iter().all(|r| !rolled.contains(&r.id)),
+        "a rolled-back message arrived"
+    );
+    assert_eq!(db.count("pending").await, 0, "delivered rows are deleted");
+}
+
+#[tokio::test]
+async fn a_lower_seq_that_commits_later_is_still_delivered() {
+    let db = TestDb::new().await;
+    let t = topic("late");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let relay = start_relay(&settings(&db)).await;
+
+    let early = Message::new(&t, b"A".to_vec()).unwrap();
+    let late = Message::new(&t, b"B".to_vec()).unwrap();
+    let mut tx_a = db.pool.begin().await.unwrap();
+    let a = outbox::enqueue(&mut *tx_a, &early).await.unwrap();
+    let mut tx_b = db.pool.begin().await.unwrap();
+    let b = outbox::enqueue(&mut *tx_b, &late).await.unwrap();
+    assert!(a.seq < b.seq);
+    tx_b.commit().await.unwrap();
+    let got = consumer.wait_for(1, WAIT).await;
+    assert_eq!(
+        got[0].id,
+        late.id(),
+        "B (seq {}) should be relayed while A is open",
+        b.seq
+    );
+
+    tx_a.commit().await.unwrap();
+    let got = consumer.wait_for(2, WAIT).await;
+    relay.stop().await;
+    assert_eq!(
+        got[1].id,
+        early.id(),
+        "A (seq {}) committed after B (seq {}) and must still arrive",
+        a.seq,
+        b.seq
+    );
+}
+
+#[tokio::test]
+async fn per_key_order_holds_under_a_steady_interleaved_stream_with_two_relays() {
+    const KEYS: usize = 24;
+    const PER_KEY: usize = 40;
+    let db = TestDb::new().await;
+    let t = topic("order");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let mut s = settings(&db);
+    s.relay.batch_size = 25;
+    let relays = [start_relay(&s).await, start_relay(&s).await];
+
+    // Four producers, each owning six keys and writing them interleaved, one message per
+    // transaction; a key's writes are serialised by its producer.
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (pool, t) = (db.pool.clone(), t.clone());
+            tokio::spawn(async move {
+                for i in 0..PER_KEY {
+                    for k in (p..KEYS).step_by(4) {
+                        let msg = Message::new(&t, format!("{k}:{i}").into_bytes())
+                            .unwrap()
+                            .with_key(format!("key-{k}"))
+                            .unwrap();
+                        let mut tx = pool.begin().await.unwrap();
+                        outbox::enqueue(&mut *tx, &msg).await.unwrap();
+                        tx.commit().await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let got = consumer
+        .wait_for(KEYS * PER_KEY, Duration::from_secs(60))
+        .await;
+    for r in relays {
+        r.stop().await;
+    }
+    assert_per_key_order(&got);
+    let by_key = first_arrivals_by_key(&got);
+    assert_eq!(by_key.len(), KEYS);
+    for (key, seqs) in by_key {
+        assert_eq!(seqs.len(), PER_KEY, "key {key} is missing messages");
+    }
+    // The payload says which write of its key it was: check it against arrival order too.
+    let mut next: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for r in got.iter().filter(|r| seen.insert(r.id)) {
+        let text = String::from_utf8(r.payload.clone()).unwrap();
+        let i: usize = text.split(':').nth(1).unwrap().parse().unwrap();
+        let expected = next.entry(r.key.clone().unwrap()).or_default();
+        assert_eq!(
+            i, *expected,
+            "key {:?}: write {i} arrived when write {expected} was due",
+            r.key
+        );
+        *expected += 1;
+    }
+}
+
+/// A message to an unroutable destination: retried with backoff, then dead with the
+/// broker's reason; other topics keep flowing; a later message of its key waits (block).
+#[tokio::test]
+async fn unroutable_message_retries_then_dies_while_others_flow_and_its_key_waits() {
+    let db = TestDb::new().await;
+    let good = topic("good");
+    let nowhere = topic("nowhere"); // no queue is bound to it
+    let consumer = Consumer::connect().await;
+    consumer.queue(&good).await;
+    let mut s = settings(&db);
+    s.retry.initial_delay = Duration::from_millis(200);
+    s.retry.factor = 2.0;
+    s.retry.max_delay = Duration::from_secs(1);
+    s.retry.max_attempts = 3;
+
+    let poison = Message::new(&nowhere, b"p".to_vec())
+        .unwrap()
+        .with_key("stuck")
+        .unwrap();
+    let behind = Message::new(&good, b"behind".to_vec())
+        .unwrap()
+        .with_key("stuck")
+        .unwrap();
+    let others: Vec<Message> = (0..20)
+        .map(|i| {
+            Message::new(&good, vec![i])
+                .unwrap()
+                .with_key(format!("free-{i}"))
+                .unwrap()
+        })
+        .collect();
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox::enqueue(&mut *tx, &poison).await.unwrap();
+    outbox::enqueue(&mut *tx, &behind).await.unwrap();
+    Outbox::default()
+        .enqueue_batch(&mut *tx, &others)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let started = Instant::now();
+    let relay = start_relay(&s).await;
+    let got = consumer.wait_for(others.len(), WAIT).await;
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox.messages WHERE id = $1")
+            .bind(poison.id())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        status == "pending" || attempts < 3,
+        "the other keys should flow before the poison message exhausts its retries"
+    );
+    assert!(
+        got.iter().all(|r| r.id != behind.id()),
+        "a message overtook its key's failing head"
+    );
+
+    // Wait for the poison message to die: 3 attempts with 200 ms + 400 ms of backoff between.
+    let died_after = loop {
+        let row: (String, i32, Option<String>) = sqlx::query_as(
+            "SELECT status, attempts, last_error FROM outbox.messages WHERE id = $1",
+        )
+        .bind(poison.id())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if row.0 == "dead" {
+            assert_eq!(row.1, 3, "dead after max_attempts");
+            let err = row.2.unwrap();
+            assert!(
+                err.contains("NO_ROUTE") && err.contains(&nowhere),
+                "last_error should carry the broker's reason: {err}"
+            );
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "poison message never died: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        died_after >= Duration::from_millis(600),
+        "retries must back off (died after {died_after:?})"
+    );
+
+    let got = consumer.settle(Duration::from_millis(800)).await;
+    relay.stop().await;
+    assert!(
+        got.iter().all(|r| r.id != behind.id()),
+        "with dead_key_policy=block, the key's next message must wait"
+    );
+    assert_eq!(db.count("dead").await, 1);
+    assert_eq!(
+        db.count("pending").await,
+        1,
+        "the blocked message is still pending"
+    );
+}
+
+#[tokio::test]
+async fn with_skip_policy_a_key_moves_past_its_dead_message() {
+    let db = TestDb::new().await;
+    let good = topic("good");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&good).await;
+    let s = with_policy(settings(&db), DeadKeyPolicy::Skip);
+    let poison = Message::new(topic("nowhere"), b"p".to_vec())
+        .unwrap()
+        .with_key("k")
+        .unwrap();
+    let behind = Message::new(&good, b"behind".to_vec())
+        .unwrap()
+        .with_key("k")
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox::enqueue(&mut *tx, &poison).await.unwrap();
+    outbox::enqueue(&mut *tx, &behind).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = start_relay(&s).await;
+    let got = consumer.wait_for(1, WAIT).await;
+    relay.stop().await;
+    assert_eq!(got[0].id, behind.id());
+    let status: String = sqlx::query_scalar("SELECT status FROM outbox.messages WHERE id = $1")
+        .bind(poison.id())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        status, "dead",
+        "the message behind may only pass once its head is dead"
+    );
+}
+
+/// The documented plain-SQL insert, read from the README, is relayed like a library write.
+#[tokio::test]
+async fn the_documented_plain_sql_insert_is_relayed() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let marker = "<!-- sql-contract:insert -->";
+    let after = &readme[readme
+        .find(marker)
+        .expect("README has the SQL contract insert")
+        + marker.len()..];
+    let sql = after
+        .split("```sql")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap()
+        .trim();
+
+    let db = TestDb::new().await;
+    let t = topic("plain");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let id = Uuid::new_v4();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(sql)
+        .bind(id)
+        .bind(&t)
+        .bind("order-7")
+        .bind(br#"{"order":7}"#.to_vec())
+        .bind(r#"{"traceparent":"00-1-2-01"}"#)
+        .bind("application/json")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = start_relay(&settings(&db)).await;
+    let got = consumer.wait_for(1, WAIT).await;
+    relay.stop().await;
+    let r = &got[0];
+    assert_eq!(
+        (r.id, r.key.as_deref(), r.payload.as_slice()),
+        (id, Some("order-7"), br#"{"order":7}"#.as_slice())
+    );
+    assert_eq!(
+        r.headers.get("traceparent").map(String::as_str),
+        Some("00-1-2-01")
+    );
+    assert_eq!(r.content_type.as_deref(), Some("application/json"));
+}
+
+/// `relay_once` on its own: one batch claimed, published and settled, with a report.
+#[tokio::test]
+async fn relay_once_reports_what_it_did() {
+    let db = TestDb::new().await;
+    let t = topic("once");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let msgs: Vec<Message> = (0..5).map(|i| Message::new(&t, vec![i]).unwrap()).collect();
+    Outbox::default()
+        .enqueue_batch(&db.pool, &msgs)
+        .await
+        .unwrap();
+    let mut s = settings(&db);
+    s.relay.batch_size = 3;
+    let relay = outbox_tests::relay(&s).await;
+    let never = CancellationToken::new();
+    let first = relay.relay_once(&never).await.unwrap();
+    assert_eq!((first.claimed, first.delivered), (3, 3), "{first:?}");
+    let second = relay.relay_once(&never).await.unwrap();
+    assert_eq!((second.claimed, second.delivered), (2, 2), "{second:?}");
+    let third = relay.relay_once(&never).await.unwrap();
+    assert_eq!(third.claimed, 0);
+    consumer.wait_for(5, WAIT).await;
+}
