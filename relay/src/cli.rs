@@ -280,7 +280,7 @@ async fn require_schema(pool: &PgPool, settings: &Settings) -> anyhow::Result<()
         .await
         .context("checking the outbox schema")?;
     if !found {
-        bail!("outbox table {schema}.messages does not exist; run `outbox-relay migrate` first (database.schema = {schema:?})");
+        bail!("outbox table {schema}.messages does not exist; run `outbox-relay migrate` first (database.schema = \"{schema}\")");
     }
     Ok(())
 }

@@ -10,7 +10,11 @@ pub fn init(settings: &LogSettings) {
         EnvFilter::try_new(with_quiet_dependencies(&settings.level))
             .unwrap_or_else(|_| EnvFilter::new("info"))
     });
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    use std::io::IsTerminal;
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::stdout().is_terminal());
     let _ = match settings.format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder

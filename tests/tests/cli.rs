@@ -1,0 +1,433 @@
+//! The `outbox-relay` binary as a process: bad input, unreachable servers, wrong
+//! credentials, and graceful shutdown.
+
+use std::{
+    collections::HashSet,
+    process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use outbox::{Message, Outbox};
+use outbox_tests::{amqp_url, settings, start_relay, topic, Consumer, TestDb};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// A relay process with its output collected line by line (stdout and stderr together).
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay-under-test"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTBOX__") || k == "RUST_LOG")
+        {
+            cmd.env_remove(k);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn relay");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let err = BufReader::new(child.stderr.take().unwrap());
+        for mut reader in [
+            Box::new(out) as Box<dyn tokio::io::AsyncBufRead + Unpin + Send>,
+            Box::new(err),
+        ] {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let mut line = String::new();
+                while reader.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    lines.lock().unwrap().push(std::mem::take(&mut line));
+                }
+            });
+        }
+        Self { child, lines }
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().unwrap().concat()
+    }
+
+    async fn wait_for_line(&self, needle: &str, count: usize, timeout: Duration) {
+        let start = Instant::now();
+        while self.output().matches(needle).count() < count {
+            assert!(
+                start.elapsed() < timeout,
+                "expected {count}× {needle:?} within {timeout:?}; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+    }
+
+    async fn exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "relay did not exit within {timeout:?}; output:\n{}",
+                    self.output()
+                )
+            })
+            .unwrap();
+        // Let the readers drain the pipes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn with_password(url: &str, password: &str) -> String {
+    let mut u = url::Url::parse(url).unwrap();
+    u.set_password(Some(password)).unwrap();
+    u.to_string()
+}
+
+#[tokio::test]
+async fn invalid_configuration_exits_2_naming_every_setting() {
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            (
+                "OUTBOX__DATABASE__URL",
+                "postgres://u:hunter2@127.0.0.1/db".into(),
+            ),
+            ("OUTBOX__RELAY__BATCH_SIZE", "0".into()),
+            ("OUTBOX__RETRY__JITTER", "3".into()),
+            ("OUTBOX__RELAY__DEAD_KEY_POLICY", "block".into()),
+        ],
+    );
+    let status = p.exit(Duration::from_secs(10)).await;
+    let out = p.output();
+    assert_eq!(status.code(), Some(2), "{out}");
+    for needle in [
+        "relay.batch_size must be between 1 and 10000 (got 0)",
+        "retry.jitter",
+        "rabbitmq.url is not set",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(!out.contains("hunter2"), "a password was printed:\n{out}");
+
+    let mut p = Proc::spawn(&["run"], &[("OUTBOX__RELAY__BACH_SIZE", "10".into())]);
+    assert_eq!(p.exit(Duration::from_secs(10)).await.code(), Some(2));
+    assert!(
+        p.output().contains("unknown field `bach_size`"),
+        "{}",
+        p.output()
+    );
+
+    let mut p = Proc::spawn(&["--config", "/nonexistent/relay.toml", "status"], &[]);
+    assert_eq!(p.exit(Duration::from_secs(10)).await.code(), Some(2));
+    assert!(
+        p.output()
+            .contains("configuration file /nonexistent/relay.toml does not exist"),
+        "{}",
+        p.output()
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_config_file_is_named() {
+    let dir = std::env::temp_dir().join(format!("outbox-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("relay.toml");
+    std::fs::write(&file, "[relay]\nbatch_size = \"many\"\n").unwrap();
+    let mut p = Proc::spawn(
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--database-url",
+            "postgres://h/db",
+            "status",
+        ],
+        &[],
+    );
+    assert_eq!(p.exit(Duration::from_secs(10)).await.code(), Some(2));
+    assert!(p.output().contains("relay.batch_size"), "{}", p.output());
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_retried_with_backoff_until_sigterm() {
+    let port = free_port();
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            (
+                "OUTBOX__DATABASE__URL",
+                format!("postgres://app:hunter2@127.0.0.1:{port}/app"),
+            ),
+            ("OUTBOX__RABBITMQ__URL", amqp_url()),
+            ("OUTBOX__RELAY__RECONNECT_MAX_DELAY", "400ms".into()),
+            ("OUTBOX__DATABASE__CONNECT_TIMEOUT", "1s".into()),
+        ],
+    );
+    p.wait_for_line(
+        "PostgreSQL unreachable; retrying",
+        3,
+        Duration::from_secs(15),
+    )
+    .await;
+    p.terminate();
+    let status = p.exit(Duration::from_secs(10)).await;
+    let out = p.output();
+    assert!(
+        status.success(),
+        "SIGTERM while retrying should exit 0: {status:?}\n{out}"
+    );
+    assert!(
+        out.contains(&format!("postgres://app:***@127.0.0.1:{port}/app")),
+        "server not named:\n{out}"
+    );
+    assert!(!out.contains("hunter2"), "password printed:\n{out}");
+}
+
+#[tokio::test]
+async fn wrong_postgres_password_is_fatal_and_says_so() {
+    let url = with_password(&outbox_tests::database_url(), "not-the-password");
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            ("OUTBOX__DATABASE__URL", url),
+            ("OUTBOX__RABBITMQ__URL", amqp_url()),
+        ],
+    );
+    let status = p.exit(Duration::from_secs(15)).await;
+    let out = p.output();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("refused the relay") && out.contains("password authentication failed"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("not-the-password"),
+        "password printed:\n{out}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_rabbitmq_credentials_are_fatal_and_say_so() {
+    let db = TestDb::new().await;
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            ("OUTBOX__DATABASE__URL", db.url.clone()),
+            ("OUTBOX__RABBITMQ__URL", with_password(&amqp_url(), "wrong")),
+        ],
+    );
+    let status = p.exit(Duration::from_secs(15)).await;
+    let out = p.output();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("refused the connection") && out.contains("ACCESS_REFUSED"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_rabbitmq_is_retried_without_spending_attempts() {
+    let db = TestDb::new().await;
+    let msg = Message::new(topic("t"), b"x".to_vec()).unwrap();
+    outbox::enqueue(&db.pool, &msg).await.unwrap();
+    let port = free_port();
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            ("OUTBOX__DATABASE__URL", db.url.clone()),
+            (
+                "OUTBOX__RABBITMQ__URL",
+                format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            ),
+            ("OUTBOX__RELAY__RECONNECT_MAX_DELAY", "300ms".into()),
+            ("OUTBOX__RELAY__WORKERS", "1".into()),
+        ],
+    );
+    p.wait_for_line("broker unavailable", 3, Duration::from_secs(15))
+        .await;
+    p.terminate();
+    assert!(
+        p.exit(Duration::from_secs(10)).await.success(),
+        "{}",
+        p.output()
+    );
+    assert!(
+        p.output().contains(&format!(
+            "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:{port}"
+        )),
+        "{}",
+        p.output()
+    );
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox.messages")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("pending", 0),
+        "a broker outage must not count as attempts"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_outbox_table_is_fatal_with_a_hint() {
+    let db = TestDb::empty().await;
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            ("OUTBOX__DATABASE__URL", db.url.clone()),
+            ("OUTBOX__RABBITMQ__URL", amqp_url()),
+        ],
+    );
+    assert_eq!(p.exit(Duration::from_secs(15)).await.code(), Some(1));
+    assert!(
+        p.output().contains("run `outbox-relay migrate` first"),
+        "{}",
+        p.output()
+    );
+}
+
+#[tokio::test]
+async fn migrate_then_status_report_the_outbox() {
+    let db = TestDb::empty().await;
+    let env = [("OUTBOX__DATABASE__URL", db.url.clone())];
+    let mut p = Proc::spawn(&["migrate"], &env);
+    assert!(
+        p.exit(Duration::from_secs(15)).await.success(),
+        "{}",
+        p.output()
+    );
+    assert!(
+        p.output().contains("applied migrations [1]"),
+        "{}",
+        p.output()
+    );
+    let msgs: Vec<Message> = (0..3)
+        .map(|_| Message::new("orders", vec![]).unwrap())
+        .collect();
+    Outbox::default()
+        .enqueue_batch(&db.pool, &msgs)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox.messages SET status = 'dead', last_error = 'x' WHERE seq = 1")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut p = Proc::spawn(&["status", "--json"], &env);
+    assert!(
+        p.exit(Duration::from_secs(15)).await.success(),
+        "{}",
+        p.output()
+    );
+    let out = p.output();
+    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert_eq!(json["total"]["pending"], 2, "{json}");
+    assert_eq!(json["total"]["dead"], 1, "{json}");
+    assert_eq!(json["topics"][0]["topic"], "orders", "{json}");
+}
+
+/// SIGTERM mid-stream: the relay exits 0 within its grace period, leaves no row leased,
+/// and a second relay delivers everything that was not confirmed, so nothing is lost.
+#[tokio::test]
+async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace() {
+    const N: usize = 3000;
+    let db = TestDb::new().await;
+    let t = topic("drain");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let msgs: Vec<Message> = (0..N)
+        .map(|i| {
+            Message::new(&t, i.to_string().into_bytes())
+                .unwrap()
+                .with_key(format!("k{}", i % 50))
+                .unwrap()
+        })
+        .collect();
+    Outbox::default()
+        .enqueue_batch(&db.pool, &msgs)
+        .await
+        .unwrap();
+
+    let grace = Duration::from_secs(5);
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            ("OUTBOX__DATABASE__URL", db.url.clone()),
+            ("OUTBOX__RABBITMQ__URL", amqp_url()),
+            ("OUTBOX__RELAY__BATCH_SIZE", "200".into()),
+            ("OUTBOX__RELAY__SHUTDOWN_GRACE", "5s".into()),
+        ],
+    );
+    consumer.wait_for(N / 10, Duration::from_secs(30)).await;
+    let signalled = Instant::now();
+    p.terminate();
+    let status = p.exit(grace + Duration::from_secs(5)).await;
+    let took = signalled.elapsed();
+    let out = p.output();
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(
+        took < grace + Duration::from_secs(2),
+        "shutdown took {took:?} with a {grace:?} grace period"
+    );
+    let leased: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE lease_until > now()")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(leased, 0, "rows left leased after a graceful shutdown");
+    let before = consumer.received().len();
+    assert!(
+        before < N,
+        "the stream should have been cut mid-way (all {N} arrived before SIGTERM took effect)"
+    );
+
+    let relay = start_relay(&settings(&db)).await;
+    consumer.wait_for(N, Duration::from_secs(60)).await;
+    relay.stop().await;
+    let got = consumer.settle(Duration::from_millis(300)).await;
+    let ids: HashSet<_> = got.iter().map(|r| r.id).collect();
+    let missing: Vec<_> = msgs
+        .iter()
+        .filter(|m| !ids.contains(&m.id()))
+        .map(|m| m.id())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    outbox_tests::assert_per_key_order(&got);
+    println!(
+        "graceful shutdown: {before} of {N} before SIGTERM, exit after {took:?}, {} duplicates",
+        got.len() - N
+    );
+}
