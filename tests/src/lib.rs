@@ -188,6 +188,10 @@ pub struct Received {
     pub delivery_mode: Option<u8>,
     /// The body.
     pub payload: Vec<u8>,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
 }
 
 /// Declares queues and records every delivery from them, in arrival order.
@@ -246,6 +250,11 @@ impl Consumer {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
         });
+    }
+
+    /// The consumer's channel, for declaring exchanges and bindings.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
     }
 
     /// Everything received so far, in arrival order.
@@ -308,6 +317,8 @@ fn decode(d: &lapin::message::Delivery) -> Received {
         delivery_mode: *d.properties.delivery_mode(),
         headers,
         payload: d.data.clone(),
+        exchange: d.exchange.to_string(),
+        routing_key: d.routing_key.to_string(),
     }
 }
 

@@ -420,3 +420,120 @@ async fn relay_once_reports_what_it_did() {
     assert_eq!(third.claimed, 0);
     consumer.wait_for(5, WAIT).await;
 }
+
+/// Per-topic routes and the default templates decide the exchange and routing key.
+#[tokio::test]
+async fn routes_map_topics_to_exchanges_and_routing_keys() {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+    let db = TestDb::new().await;
+    let exchange = format!("x.{}", Uuid::new_v4().simple());
+    let queue = topic("routed");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&queue).await;
+    let ch = consumer.channel();
+    ch.exchange_declare(
+        &exchange,
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        &queue,
+        &exchange,
+        "invoice.#",
+        QueueBindOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+
+    let mut s = settings(&db);
+    let route = outbox_relay::config::RouteSettings {
+        exchange: exchange.clone(),
+        routing_key: "invoice.{key}".into(),
+    };
+    s.rabbitmq.routes.insert("billing".into(), route);
+    let msg = Message::new("billing", b"inv".to_vec())
+        .unwrap()
+        .with_key("c-9")
+        .unwrap();
+    outbox::enqueue(&db.pool, &msg).await.unwrap();
+    let relay = start_relay(&s).await;
+    let got = consumer.wait_for(1, WAIT).await;
+    relay.stop().await;
+    assert_eq!(got[0].id, msg.id());
+    assert_eq!(got[0].routing_key, "invoice.c-9");
+    assert_eq!(got[0].exchange, exchange);
+}
+
+/// An idle relay registers as a waiter; an insert then wakes it through NOTIFY long before
+/// its poll interval.
+#[tokio::test]
+async fn an_idle_relay_is_woken_by_notify_not_by_polling() {
+    let db = TestDb::new().await;
+    let t = topic("wake");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let mut s = settings(&db);
+    s.relay.poll_interval = Duration::from_secs(30);
+    let relay = start_relay(&s).await;
+    // Wait until the relay has gone idle and registered.
+    let start = Instant::now();
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM outbox.relay_waiters WHERE expires_at > now()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "the idle relay never registered as a waiter"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = Instant::now();
+    outbox::enqueue(&db.pool, &Message::new(&t, vec![]).unwrap())
+        .await
+        .unwrap();
+    consumer.wait_for(1, Duration::from_secs(10)).await;
+    let took = sent.elapsed();
+    relay.stop().await;
+    assert!(
+        took < Duration::from_secs(5),
+        "arrived after {took:?}: woken by the 30 s poll, not by NOTIFY"
+    );
+}
+
+/// Inserts notify only while a relay waits, so busy systems do not pay NOTIFY's commit lock.
+#[tokio::test]
+async fn inserts_notify_only_while_a_relay_waits() {
+    let db = TestDb::new().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("outbox_wakeup_outbox").await.unwrap();
+    outbox::enqueue(&db.pool, &Message::new("t", vec![]).unwrap())
+        .await
+        .unwrap();
+    let none = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
+    assert!(
+        none.is_err(),
+        "an insert with no waiting relay sent a NOTIFY"
+    );
+
+    sqlx::query("INSERT INTO outbox.relay_waiters VALUES ($1, now() + interval '1 minute')")
+        .bind(Uuid::new_v4())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    outbox::enqueue(&db.pool, &Message::new("t", vec![]).unwrap())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "an insert with a waiting relay sent no NOTIFY: {got:?}"
+    );
+}

@@ -1,0 +1,128 @@
+//! The relay under connection failures, against the real servers. These tests cut
+//! connections that other tests would notice, so they live in their own test binary (cargo
+//! runs test binaries one after another).
+
+use std::{collections::HashSet, process::Command, time::Duration};
+
+use outbox::{Message, Outbox};
+use outbox_tests::{assert_per_key_order, settings, start_relay, topic, Consumer, TestDb};
+
+const N: usize = 2000;
+
+fn stream(t: &str) -> Vec<Message> {
+    (0..N)
+        .map(|i| {
+            Message::new(t, i.to_string().into_bytes())
+                .unwrap()
+                .with_key(format!("k{}", i % 40))
+                .unwrap()
+        })
+        .collect()
+}
+
+fn assert_all_arrived(msgs: &[Message], got: &[outbox_tests::Received]) {
+    let ids: HashSet<_> = got.iter().map(|r| r.id).collect();
+    let lost: Vec<_> = msgs
+        .iter()
+        .filter(|m| !ids.contains(&m.id()))
+        .map(Message::id)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert_per_key_order(got);
+}
+
+/// Runs `rabbitmqctl` against the test node.
+fn rabbitmqctl(args: &str) -> String {
+    let dir =
+        std::env::var("OUTBOX_STACK_DIR").expect("OUTBOX_STACK_DIR: run with scripts/test.sh");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            ". '{dir}/rabbitmq/rabbit.env' && /usr/lib/rabbitmq/bin/rabbitmqctl -q {args}"
+        ))
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn relay_recovers_when_the_broker_closes_its_connection() {
+    let db = TestDb::new().await;
+    let t = topic("broker-cut");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let msgs = stream(&t);
+    let relay = start_relay(&settings(&db)).await;
+    let mut closed = 0;
+    for chunk in msgs.chunks(N / 4) {
+        Outbox::default()
+            .enqueue_batch(&db.pool, chunk)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for line in rabbitmqctl("list_connections pid client_properties").lines() {
+            if line.contains("outbox-relay") {
+                let pid = line.split('\t').next().unwrap();
+                rabbitmqctl(&format!("close_connection '{pid}' 'fault injection'"));
+                closed += 1;
+            }
+        }
+    }
+    assert!(
+        closed >= 2,
+        "expected to cut the relay's connection at least twice, cut {closed}"
+    );
+    let got = consumer.wait_for(N, Duration::from_secs(60)).await;
+    relay.stop().await;
+    assert_all_arrived(&msgs, &got);
+    println!(
+        "broker cut {closed} times: {} arrivals for {N} messages",
+        got.len()
+    );
+}
+
+#[tokio::test]
+async fn relay_recovers_when_postgres_drops_its_connections() {
+    let db = TestDb::new().await;
+    let t = topic("pg-cut");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let msgs = stream(&t);
+    let relay = start_relay(&settings(&db)).await;
+    let mut killed = 0i64;
+    for chunk in msgs.chunks(N / 4) {
+        Outbox::default()
+            .enqueue_batch(&db.pool, chunk)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        killed += sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    }
+    assert!(
+        killed >= 2,
+        "expected to cut the relay's connections, cut {killed}"
+    );
+    let got = consumer.wait_for(N, Duration::from_secs(60)).await;
+    relay.stop().await;
+    assert_all_arrived(&msgs, &got);
+    println!(
+        "{killed} PostgreSQL connections cut: {} arrivals for {N} messages",
+        got.len()
+    );
+}
