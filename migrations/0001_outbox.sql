@@ -19,11 +19,12 @@ CREATE TABLE messages (
     created_at   timestamptz NOT NULL DEFAULT now(),
 
     -- Relay bookkeeping. Writers leave these at their defaults.
+    -- Which of the 64 partitions the row belongs to: a hash of its key (of its id when it
+    -- has none), so that all rows of a key are handled by the relay owning that partition.
+    partition    smallint    NOT NULL GENERATED ALWAYS AS (hashtext(coalesce(key, id::text)) & 63) STORED,
     status       text        NOT NULL DEFAULT 'pending',
     attempts     integer     NOT NULL DEFAULT 0,
     available_at timestamptz NOT NULL DEFAULT '-infinity',
-    lease_until  timestamptz,
-    claim_token  uuid,
     last_error   text,
     dead_at      timestamptz,
 
@@ -56,8 +57,30 @@ $$;
 ALTER TABLE messages
     ADD CONSTRAINT messages_header_values_check CHECK (headers_are_strings(headers));
 
--- Per-key ordering: the claim query looks for earlier rows of the same key.
-CREATE INDEX messages_key_seq_idx ON messages (key, seq) WHERE key IS NOT NULL;
+-- Rows that may hold back later rows of their key: those that failed at least once (in
+-- backoff, or dead). Only failures enter it, so it stays small however busy the outbox is.
+CREATE INDEX messages_failed_key_seq_idx ON messages (key, seq)
+    WHERE key IS NOT NULL AND (status = 'dead' OR attempts > 0);
+
+-- Pending rows in order, per partition.
+CREATE INDEX messages_pending_idx ON messages (partition, seq) WHERE status = 'pending';
+
+-- Live relays, for sharing the partitions out fairly.
+CREATE TABLE relays (
+    relay_id     uuid        PRIMARY KEY,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Each partition is leased to at most one relay at a time; only its owner reads and
+-- settles its rows. An owner that stops renewing loses it when lease_until passes.
+CREATE TABLE partitions (
+    partition   smallint    PRIMARY KEY,
+    owner       uuid,
+    lease_until timestamptz NOT NULL DEFAULT '-infinity',
+    CONSTRAINT partitions_range_check CHECK (partition BETWEEN 0 AND 63)
+);
+INSERT INTO partitions (partition) SELECT generate_series(0, 63);
 
 -- Relays that are idle and waiting for a wake-up. The insert trigger below sends a NOTIFY
 -- only while some relay waits, so a busy system never pays NOTIFY's commit-time lock.

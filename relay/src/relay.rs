@@ -46,10 +46,10 @@ pub struct BatchReport {
     pub retried: u64,
     /// Failed for the last time (or malformed) and parked as dead.
     pub dead: u64,
-    /// Put back untouched (not attempted, or the broker was unavailable).
+    /// Left untouched for a later batch (not attempted, or the broker was unavailable).
     pub released: u64,
-    /// Rows whose settle found another relay's claim (our lease had expired).
-    pub lost_lease: u64,
+    /// Failures not recorded because another relay took the partition over meanwhile.
+    pub not_owned: u64,
     /// Set when the broker could not be reached; the caller should back off.
     pub unavailable: Option<String>,
 }
@@ -68,6 +68,7 @@ pub struct Relay {
     policy: RetryPolicy,
     settings: RelaySettings,
     id: Uuid,
+    owned: tokio::sync::watch::Sender<Vec<i16>>,
 }
 
 impl Relay {
@@ -78,23 +79,44 @@ impl Relay {
         policy: RetryPolicy,
         settings: RelaySettings,
     ) -> Self {
+        let (owned, _) = tokio::sync::watch::channel(Vec::new());
         Self {
             store,
             publisher,
             policy,
             settings,
             id: Uuid::new_v4(),
+            owned,
         }
     }
 
-    /// This relay instance's id (used for its wake-up registration).
+    /// This relay instance's id (its partition leases and wake-up registration use it).
     pub fn id(&self) -> Uuid {
         self.id
     }
 
-    /// Claims, publishes and settles one batch. Publishing stops early (unconfirmed rows
-    /// are released) if `abort` fires.
-    pub async fn relay_once(&self, abort: &CancellationToken) -> Result<BatchReport, RelayError> {
+    /// Renews this relay's partition leases and takes or gives up partitions towards its
+    /// fair share; returns the partitions it holds now.
+    pub async fn rebalance(&self) -> Result<Vec<i16>, RelayError> {
+        let owned = self.store.rebalance(self.id, self.settings.lease).await?;
+        self.owned.send_if_modified(|current| {
+            let changed = *current != owned;
+            if changed {
+                tracing::info!(relay_id = %self.id, partitions = owned.len(), "partition share changed");
+                current.clone_from(&owned);
+            }
+            changed
+        });
+        Ok(owned)
+    }
+
+    /// Claims, publishes and settles one batch from `partitions` (as far as this relay holds
+    /// them). Publishing stops early, leaving unconfirmed rows for later, if `abort` fires.
+    pub async fn relay_once(
+        &self,
+        partitions: &[i16],
+        abort: &CancellationToken,
+    ) -> Result<BatchReport, RelayError> {
         match self.publisher.ready().await {
             Ok(()) => {}
             Err(PublishError::Fatal(e)) => return Err(RelayError::Fatal(e)),
@@ -105,29 +127,35 @@ impl Relay {
                 })
             }
         }
+        let started = std::time::Instant::now();
         let claim = self
             .store
-            .claim(self.settings.batch_size, self.settings.lease)
+            .claim(self.id, partitions, self.settings.batch_size)
             .await?;
         if claim.is_empty() {
             return Ok(BatchReport::default());
         }
+        let claimed = started.elapsed();
         let outcomes = self.publish_all(&claim.envelopes, abort).await;
-
+        let published = started.elapsed();
         let (settlement, mut report) = self.decide(&claim, &outcomes);
-        let settled = self.settle_with_retries(claim.token, &settlement).await?;
-        let asked = (settlement.delivered.len()
-            + settlement.failed.len()
-            + settlement.released.len()) as u64;
+        let settled = self.settle_with_retries(&settlement).await?;
         report.delivered = settled.delivered;
-        report.released = settled.released;
-        report.lost_lease = asked - (settled.delivered + settled.failed + settled.released);
-        if report.lost_lease > 0 {
+        report.not_owned = settlement.failed.len() as u64 - settled.failed;
+        if report.not_owned > 0 {
             tracing::warn!(
-                rows = report.lost_lease,
-                "lease expired before settle; another relay has these rows (they may be published twice)"
+                rows = report.not_owned,
+                "partition taken over before failures were recorded; the new owner retries them"
             );
         }
+        tracing::debug!(
+            rows = report.claimed,
+            delivered = report.delivered,
+            claim_ms = claimed.as_secs_f64() * 1e3,
+            publish_ms = (published - claimed).as_secs_f64() * 1e3,
+            settle_ms = (started.elapsed() - published).as_secs_f64() * 1e3,
+            "batch settled"
+        );
         Ok(report)
     }
 
@@ -172,12 +200,12 @@ impl Relay {
                     e @ (PublishError::Unavailable(_) | PublishError::Fatal(_)),
                 )) => {
                     report.unavailable.get_or_insert_with(|| e.to_string());
-                    settlement.released.push(env.seq);
+                    report.released += 1;
                 }
-                None => settlement.released.push(env.seq),
+                None => report.released += 1,
             }
         }
-        for (seq, _attempts, error) in &claim.malformed {
+        for (seq, error) in &claim.malformed {
             tracing::error!(seq, error = %error, "malformed outbox row; parking it as dead");
             settlement.failed.push(Failure {
                 seq: *seq,
@@ -240,13 +268,12 @@ impl Relay {
     /// the rows are another relay's to publish again).
     async fn settle_with_retries(
         &self,
-        token: Uuid,
         settlement: &Settlement,
     ) -> Result<crate::store::Settled, RelayError> {
         let deadline = tokio::time::Instant::now() + self.settings.lease;
         let mut backoff = Backoff::new(self.settings.reconnect_max_delay);
         loop {
-            match self.store.settle(token, settlement).await {
+            match self.store.settle(self.id, settlement).await {
                 Ok(done) => return Ok(done),
                 Err(e) if tokio::time::Instant::now() + backoff.peek() < deadline => {
                     let wait = backoff.next_delay();
@@ -268,6 +295,14 @@ impl Relay {
             let waker = self.clone().wake_on_notify(wake.clone(), shutdown.clone());
             tasks.spawn(async move {
                 waker.await;
+                Ok(())
+            });
+        }
+        {
+            let relay = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                relay.keep_partitions(shutdown).await;
                 Ok(())
             });
         }
@@ -308,8 +343,36 @@ impl Relay {
             }
         }
         self.publisher.close().await;
-        tracing::info!("relay stopped");
+        match self.store.release_all(self.id).await {
+            Ok(()) => tracing::info!("relay stopped; partitions released"),
+            Err(e) => {
+                tracing::warn!(error = %e, "relay stopped; partitions not released, they expire after relay.lease")
+            }
+        }
         result
+    }
+
+    /// Renews the partition leases every third of a lease, and rebalances.
+    async fn keep_partitions(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = self.settings.lease / 3;
+        let mut backoff = Backoff::new(every);
+        while !shutdown.is_cancelled() {
+            let wait = match self.rebalance().await {
+                Ok(_) => {
+                    backoff.reset();
+                    every
+                }
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %error_chain(&e), retry_in = ?wait, "cannot renew partition leases");
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
     }
 
     async fn worker(
@@ -321,11 +384,28 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let mut db_backoff = Backoff::new(self.settings.reconnect_max_delay);
         let mut broker_backoff = Backoff::new(self.settings.reconnect_max_delay);
+        let mut owned = self.owned.subscribe();
+        let workers = self.settings.workers as i16;
         while !shutdown.is_cancelled() {
             let woken = wake.notify.notified();
             let mut woken = std::pin::pin!(woken);
             woken.as_mut().enable();
-            let pause = match self.relay_once(&abort).await {
+            // Each worker serves a fixed subset of the partitions, so no two share a key.
+            let mine: Vec<i16> = owned
+                .borrow_and_update()
+                .iter()
+                .copied()
+                .filter(|p| p % workers == worker as i16)
+                .collect();
+            if mine.is_empty() {
+                tokio::select! {
+                    _ = owned.changed() => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            let pause = match self.relay_once(&mine, &abort).await {
                 Ok(report) => {
                     db_backoff.reset();
                     if let Some(reason) = &report.unavailable {

@@ -11,8 +11,6 @@ pub struct TopicStatus {
     pub topic: String,
     /// Rows not yet delivered and not dead (including in-flight and retrying ones).
     pub pending: i64,
-    /// Pending rows currently leased by a relay.
-    pub in_flight: i64,
     /// Pending rows that failed at least once.
     pub retrying: i64,
     /// Rows parked as dead.
@@ -30,6 +28,21 @@ pub struct Status {
     pub total: TopicStatus,
     /// One entry per topic that has rows.
     pub topics: Vec<TopicStatus>,
+    /// Relays that heartbeated within their lease, with the partitions they hold.
+    pub relays: Vec<RelayStatus>,
+    /// Partitions no live relay holds (their rows wait until one takes them).
+    pub unowned_partitions: i64,
+}
+
+/// One live relay.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
+pub struct RelayStatus {
+    /// The relay's instance id.
+    pub relay_id: uuid::Uuid,
+    /// Partitions it holds a live lease on.
+    pub partitions: i64,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_secs: f64,
 }
 
 /// Reads the outbox's counts.
@@ -37,7 +50,6 @@ pub async fn read(pool: &PgPool, schema: &Schema) -> Result<Status, sqlx::Error>
     let topics: Vec<TopicStatus> = sqlx::query_as(&format!(
         "SELECT topic,
                 count(*) FILTER (WHERE status = 'pending') AS pending,
-                count(*) FILTER (WHERE status = 'pending' AND lease_until > now()) AS in_flight,
                 count(*) FILTER (WHERE status = 'pending' AND attempts > 0) AS retrying,
                 count(*) FILTER (WHERE status = 'dead') AS dead,
                 extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8
@@ -54,7 +66,6 @@ pub async fn read(pool: &PgPool, schema: &Schema) -> Result<Status, sqlx::Error>
     };
     for t in &topics {
         total.pending += t.pending;
-        total.in_flight += t.in_flight;
         total.retrying += t.retrying;
         total.dead += t.dead;
         total.oldest_pending_secs = match (total.oldest_pending_secs, t.oldest_pending_secs) {
@@ -62,10 +73,29 @@ pub async fn read(pool: &PgPool, schema: &Schema) -> Result<Status, sqlx::Error>
             (a, b) => a.or(b),
         };
     }
+    let relays: Vec<RelayStatus> = sqlx::query_as(&format!(
+        "SELECT r.relay_id,
+                (SELECT count(*) FROM {schema}.partitions p
+                 WHERE p.owner = r.relay_id AND p.lease_until > now()) AS partitions,
+                extract(epoch FROM now() - r.heartbeat_at)::float8 AS heartbeat_age_secs
+         FROM {schema}.relays r
+         WHERE EXISTS (SELECT 1 FROM {schema}.partitions p
+                       WHERE p.owner = r.relay_id AND p.lease_until > now())
+         ORDER BY r.started_at"
+    ))
+    .fetch_all(pool)
+    .await?;
+    let unowned_partitions: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {schema}.partitions WHERE owner IS NULL OR lease_until <= now()"
+    ))
+    .fetch_one(pool)
+    .await?;
     Ok(Status {
         schema: schema.to_string(),
         total,
         topics,
+        relays,
+        unowned_partitions,
     })
 }
 
@@ -88,19 +118,36 @@ impl std::fmt::Display for Status {
         writeln!(f, "outbox schema {:?}", self.schema)?;
         writeln!(
             f,
-            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  OLDEST PENDING",
-            "TOPIC", "PENDING", "IN-FLIGHT", "RETRYING", "DEAD"
+            "{:<width$}  {:>9}  {:>9}  {:>9}  OLDEST PENDING",
+            "TOPIC", "PENDING", "RETRYING", "DEAD"
         )?;
         for t in self.topics.iter().chain(std::iter::once(&self.total)) {
             let name = if t.topic == "*" { "TOTAL" } else { &t.topic };
             writeln!(
                 f,
-                "{name:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {}",
+                "{name:<width$}  {:>9}  {:>9}  {:>9}  {}",
                 t.pending,
-                t.in_flight,
                 t.retrying,
                 t.dead,
                 age(t.oldest_pending_secs)
+            )?;
+        }
+        writeln!(f)?;
+        if self.relays.is_empty() {
+            writeln!(f, "no live relay holds a partition")?;
+        }
+        for r in &self.relays {
+            writeln!(
+                f,
+                "relay {}  {:>2} partitions  heartbeat {:.1}s ago",
+                r.relay_id, r.partitions, r.heartbeat_age_secs
+            )?;
+        }
+        if self.unowned_partitions > 0 {
+            writeln!(
+                f,
+                "{} of 64 partitions have no live owner",
+                self.unowned_partitions
             )?;
         }
         Ok(())

@@ -1,20 +1,28 @@
 //! Claim and settle: all the SQL the relay loop runs against the outbox. Knows nothing of
 //! brokers.
 //!
-//! ## How claims stay safe with several relays
+//! ## How several relays share one outbox
 //!
-//! - A claim leases rows (`lease_until`, `claim_token`) in a short transaction and commits;
-//!   no lock is held while the broker is asked. Settles are fenced by the claim token, so a
-//!   relay whose lease expired cannot overwrite the result of the relay that took over.
-//! - Rows are claimed by status, never by a `seq` cursor, so a row whose transaction
-//!   committed after a later `seq` was seen is still found.
-//! - Per-key order: a row is claimable only if every earlier row of its key is claimable
-//!   too (and, being earlier, is then in the same claim). A key whose head is leased by
-//!   another relay, waiting in backoff, or dead (with the `block` policy) is skipped whole.
-//! - Claims run one at a time across relays (a transaction-scoped advisory lock taken
-//!   before the claim's snapshot), so two relays never judge the same key's head at once.
-//!   Settles that make rows unclaimable (backoff, dead) take the same lock in shared mode,
-//!   so a claim never sees a head as claimable that a concurrent settle is parking.
+//! Every row belongs to one of [`PARTITIONS`] partitions, a hash of its key (of its id when it
+//! has none), so all rows of a key share a partition. Each partition is leased to at most one
+//! relay at a time (`partitions.owner`, `lease_until`), and relays share the partitions out
+//! evenly ([`Store::rebalance`]). Only a partition's owner reads its rows, so no two relays
+//! ever publish the same key at once in steady state, and claims need no row locks and no
+//! writes: a claim is a plain `SELECT`. Within a relay, each worker serves a fixed subset of
+//! the partitions, so workers never share a key either.
+//!
+//! - **No lock across broker I/O.** Reading takes no lock; a confirmed row is deleted; a
+//!   failed one is updated, fenced by the partition lease (`FOR SHARE` on the partition row,
+//!   so a takeover waits for the settle or the settle sees the new owner).
+//! - **Commit order.** Rows are read by status, never by a `seq` cursor, so a row whose
+//!   transaction committed after a later `seq` was seen is still found.
+//! - **Per-key order.** A row is read only if no earlier row of its key is waiting in
+//!   backoff or (with the `block` policy) dead; the relay publishes a key's rows in `seq`
+//!   order, each after the previous one's confirm.
+//! - **Takeover.** A relay that dies stops renewing; its partitions expire after
+//!   `relay.lease` and the others take them. A relay that is merely slow may still publish
+//!   rows it read before losing a partition: those arrive twice, never out of order, since
+//!   both relays publish each key from its oldest undelivered row onwards.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -24,15 +32,16 @@ use uuid::Uuid;
 
 use crate::{config::DeadKeyPolicy, envelope::Envelope};
 
-/// A batch of leased rows.
-#[derive(Debug)]
+/// Number of partitions; fixed by the schema (`partition = hashtext(key) & 63`).
+pub const PARTITIONS: i16 = 64;
+
+/// A batch of rows read for publishing.
+#[derive(Debug, Default)]
 pub struct Claim {
-    /// Fences this batch's settle.
-    pub token: Uuid,
     /// Rows ready to publish, in `seq` order.
     pub envelopes: Vec<Envelope>,
     /// Rows that cannot be published as stored (`seq`, what is wrong). They are dead-lettered.
-    pub malformed: Vec<(i64, u32, String)>,
+    pub malformed: Vec<(i64, String)>,
 }
 
 impl Claim {
@@ -58,26 +67,22 @@ pub struct Failure {
     pub retry_after: Option<Duration>,
 }
 
-/// The outcome of one claimed batch.
+/// The outcome of one claimed batch. Rows in neither list stay as they were.
 #[derive(Debug, Default)]
 pub struct Settlement {
     /// Confirmed by the broker: deleted.
     pub delivered: Vec<i64>,
     /// Failed attempts: retried later or dead.
     pub failed: Vec<Failure>,
-    /// Not attempted, or not this message's fault: back to claimable, attempts unchanged.
-    pub released: Vec<i64>,
 }
 
-/// Rows each part of a settle actually changed (fewer than asked means the lease was lost).
+/// Rows each part of a settle actually changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {
-    /// Rows deleted as delivered.
+    /// Rows deleted as delivered (fewer than asked if another relay deleted some first).
     pub delivered: u64,
-    /// Rows put back with a delay or parked as dead.
+    /// Failures recorded (fewer than asked if the partition was lost meanwhile).
     pub failed: u64,
-    /// Rows released.
-    pub released: u64,
 }
 
 /// The outbox tables of one schema.
@@ -85,77 +90,67 @@ pub struct Settled {
 pub struct Store {
     pool: PgPool,
     schema: Schema,
-    lock_key: String,
     claim_sql: String,
     delete_sql: String,
     fail_sql: String,
-    release_sql: String,
 }
 
 impl Store {
-    /// A store over `schema`, claiming under `policy`.
+    /// A store over `schema`, reading under `policy`.
     pub fn new(pool: PgPool, schema: Schema, policy: DeadKeyPolicy) -> Self {
         let s = &schema;
-        // An earlier row of the same key blocks a row unless it is itself claimable.
+        // Which earlier failed rows of the same key hold a row back.
         let blocking = match policy {
-            DeadKeyPolicy::Block => {
-                "NOT (e.status = 'pending' AND e.available_at <= now() \
-                                      AND (e.lease_until IS NULL OR e.lease_until <= now()))"
-            }
-            DeadKeyPolicy::Skip => {
-                "e.status = 'pending' AND (e.available_at > now() \
-                                     OR e.lease_until > now())"
-            }
+            DeadKeyPolicy::Block => "(e.status = 'dead' OR e.available_at > now())",
+            DeadKeyPolicy::Skip => "(e.status = 'pending' AND e.available_at > now())",
         };
+        // Per partition, the oldest rows that are due and not held back; only from
+        // partitions this relay holds a live lease on.
         let claim_sql = format!(
-            "WITH claimable AS (
-                 SELECT m.seq FROM {s}.messages m
-                 WHERE m.status = 'pending'
+            "SELECT r.* FROM {s}.partitions p
+             CROSS JOIN LATERAL (
+                 SELECT m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.content_type,
+                        floor(extract(epoch FROM m.created_at))::bigint AS created_at_unix,
+                        m.attempts
+                 FROM {s}.messages m
+                 WHERE m.partition = p.partition
+                   AND m.status = 'pending'
                    AND m.available_at <= now()
-                   AND (m.lease_until IS NULL OR m.lease_until <= now())
                    AND (m.key IS NULL OR NOT EXISTS (
                         SELECT 1 FROM {s}.messages e
-                        WHERE e.key = m.key AND e.seq < m.seq AND {blocking}))
+                        WHERE e.key = m.key AND e.seq < m.seq AND e.key IS NOT NULL
+                          AND (e.status = 'dead' OR e.attempts > 0)
+                          AND {blocking}))
                  ORDER BY m.seq
-                 LIMIT $1
-                 FOR UPDATE OF m
+                 LIMIT $3
+             ) r
+             WHERE p.partition = ANY($1) AND p.owner = $2 AND p.lease_until > now()"
+        );
+        let delete_sql = format!("DELETE FROM {s}.messages WHERE seq = ANY($1)");
+        let fail_sql = format!(
+            "WITH owned AS (
+                 SELECT partition FROM {s}.partitions
+                 WHERE owner = $5 AND lease_until > now()
+                 FOR SHARE
              )
              UPDATE {s}.messages m
-             SET lease_until = now() + make_interval(secs => $2), claim_token = $3
-             FROM claimable c
-             WHERE m.seq = c.seq
-             RETURNING m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.content_type,
-                       floor(extract(epoch FROM m.created_at))::bigint AS created_at_unix,
-                       m.attempts"
-        );
-        let delete_sql =
-            format!("DELETE FROM {s}.messages WHERE seq = ANY($1) AND claim_token = $2");
-        let fail_sql = format!(
-            "UPDATE {s}.messages m
              SET attempts = m.attempts + 1,
                  status = CASE WHEN f.dead THEN 'dead' ELSE 'pending' END,
                  dead_at = CASE WHEN f.dead THEN now() END,
                  available_at = CASE WHEN f.dead THEN m.available_at
                                      ELSE now() + make_interval(secs => f.delay) END,
-                 last_error = f.error,
-                 lease_until = NULL,
-                 claim_token = NULL
+                 last_error = f.error
              FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::bool[])
                   AS f(seq, error, delay, dead)
-             WHERE m.seq = f.seq AND m.claim_token = $5 AND m.lease_until > now()"
-        );
-        let release_sql = format!(
-            "UPDATE {s}.messages SET lease_until = NULL, claim_token = NULL
-             WHERE seq = ANY($1) AND claim_token = $2"
+             WHERE m.seq = f.seq AND m.status = 'pending'
+               AND m.partition IN (SELECT partition FROM owned)"
         );
         Self {
             pool,
-            lock_key: format!("outbox-claim:{s}"),
             schema,
             claim_sql,
             delete_sql,
             fail_sql,
-            release_sql,
         }
     }
 
@@ -169,53 +164,53 @@ impl Store {
         &self.schema
     }
 
-    /// Leases up to `limit` rows for `lease`.
-    #[tracing::instrument(skip_all, fields(limit), err)]
-    pub async fn claim(&self, limit: u32, lease: Duration) -> Result<Claim, sqlx::Error> {
-        let token = Uuid::new_v4();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(&self.lock_key)
-            .execute(&mut *tx)
-            .await?;
+    /// Reads up to about `limit` publishable rows from `partitions`, as far as `relay` holds
+    /// their leases, sharing the limit evenly between the partitions.
+    #[tracing::instrument(skip_all, fields(limit, partitions = partitions.len()), err)]
+    pub async fn claim(
+        &self,
+        relay: Uuid,
+        partitions: &[i16],
+        limit: u32,
+    ) -> Result<Claim, sqlx::Error> {
+        if partitions.is_empty() {
+            return Ok(Claim::default());
+        }
+        let n = partitions.len() as i64;
+        let per_partition = ((i64::from(limit) + n - 1) / n).max(1);
         let rows = sqlx::query(&self.claim_sql)
-            .bind(i64::from(limit))
-            .bind(lease.as_secs_f64())
-            .bind(token)
-            .fetch_all(&mut *tx)
+            .bind(partitions)
+            .bind(relay)
+            .bind(per_partition)
+            .fetch_all(&self.pool)
             .await?;
-        tx.commit().await?;
-
         let mut claim = Claim {
-            token,
             envelopes: Vec::with_capacity(rows.len()),
             malformed: Vec::new(),
         };
         for row in rows {
             match envelope(&row) {
                 Ok(env) => claim.envelopes.push(env),
-                Err(e) => {
-                    let seq: i64 = row.try_get("seq")?;
-                    let attempts: i32 = row.try_get("attempts")?;
-                    claim.malformed.push((seq, attempts.max(0) as u32, e));
-                }
+                Err(e) => claim.malformed.push((row.try_get("seq")?, e)),
             }
         }
-        // RETURNING does not promise an order; publishing relies on seq order.
         claim.envelopes.sort_unstable_by_key(|e| e.seq);
         Ok(claim)
     }
 
-    /// Records a batch's outcome, fenced by its claim token.
+    /// Records a batch's outcome: deletes what was delivered; records failures only in
+    /// partitions `relay` still holds.
     #[tracing::instrument(skip_all, err)]
-    pub async fn settle(&self, token: Uuid, s: &Settlement) -> Result<Settled, sqlx::Error> {
+    pub async fn settle(&self, relay: Uuid, s: &Settlement) -> Result<Settled, sqlx::Error> {
         let mut done = Settled::default();
-        let mut tx = self.pool.begin().await?;
+        if !s.delivered.is_empty() {
+            done.delivered = sqlx::query(&self.delete_sql)
+                .bind(&s.delivered)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
         if !s.failed.is_empty() {
-            sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtext($1))")
-                .bind(&self.lock_key)
-                .execute(&mut *tx)
-                .await?;
             let seqs: Vec<i64> = s.failed.iter().map(|f| f.seq).collect();
             let errors: Vec<&str> = s.failed.iter().map(|f| f.error.as_str()).collect();
             let delays: Vec<f64> = s
@@ -229,29 +224,102 @@ impl Store {
                 .bind(&errors)
                 .bind(&delays)
                 .bind(&dead)
-                .bind(token)
-                .execute(&mut *tx)
+                .bind(relay)
+                .execute(&self.pool)
                 .await?
                 .rows_affected();
         }
-        if !s.delivered.is_empty() {
-            done.delivered = sqlx::query(&self.delete_sql)
-                .bind(&s.delivered)
-                .bind(token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        if !s.released.is_empty() {
-            done.released = sqlx::query(&self.release_sql)
-                .bind(&s.released)
-                .bind(token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        tx.commit().await?;
         Ok(done)
+    }
+
+    /// Heartbeats `relay`, renews its partition leases for `lease`, and moves it towards its
+    /// fair share (all partitions divided by the live relays, rounded up): releases extra
+    /// partitions, takes free or expired ones. Returns the partitions it holds now.
+    #[tracing::instrument(skip_all, err)]
+    pub async fn rebalance(&self, relay: Uuid, lease: Duration) -> Result<Vec<i16>, sqlx::Error> {
+        let s = &self.schema;
+        let lease_secs = lease.as_secs_f64();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO {s}.relays (relay_id) VALUES ($1)
+             ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now()"
+        ))
+        .bind(relay)
+        .execute(&mut *tx)
+        .await?;
+        let live: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {s}.relays WHERE heartbeat_at > now() - make_interval(secs => $1)"
+        ))
+        .bind(lease_secs)
+        .fetch_one(&mut *tx)
+        .await?;
+        let live = live.max(1);
+        let share = (i64::from(PARTITIONS) + live - 1) / live;
+        let mut owned: Vec<i16> = sqlx::query_scalar(&format!(
+            "UPDATE {s}.partitions SET lease_until = now() + make_interval(secs => $2)
+             WHERE owner = $1 RETURNING partition"
+        ))
+        .bind(relay)
+        .bind(lease_secs)
+        .fetch_all(&mut *tx)
+        .await?;
+        owned.sort_unstable();
+        let have = owned.len() as i64;
+        if have > share {
+            let extra = owned.split_off(share as usize);
+            sqlx::query(&format!(
+                "UPDATE {s}.partitions SET owner = NULL, lease_until = '-infinity'
+                 WHERE partition = ANY($1) AND owner = $2"
+            ))
+            .bind(&extra)
+            .bind(relay)
+            .execute(&mut *tx)
+            .await?;
+        } else if have < share {
+            let taken: Vec<i16> = sqlx::query_scalar(&format!(
+                "UPDATE {s}.partitions SET owner = $1, lease_until = now() + make_interval(secs => $2)
+                 WHERE partition IN (
+                     SELECT partition FROM {s}.partitions
+                     WHERE owner IS NULL OR lease_until < now()
+                     ORDER BY partition
+                     LIMIT $3
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING partition"
+            ))
+            .bind(relay)
+            .bind(lease_secs)
+            .bind(share - have)
+            .fetch_all(&mut *tx)
+            .await?;
+            owned.extend(taken);
+            owned.sort_unstable();
+        }
+        sqlx::query(&format!(
+            "DELETE FROM {s}.relays WHERE heartbeat_at < now() - make_interval(secs => $1)"
+        ))
+        .bind(lease_secs * 10.0)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(owned)
+    }
+
+    /// Gives up every partition `relay` holds and forgets the relay (on shutdown), so the
+    /// others take over at once instead of after the lease.
+    pub async fn release_all(&self, relay: Uuid) -> Result<(), sqlx::Error> {
+        let s = &self.schema;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "UPDATE {s}.partitions SET owner = NULL, lease_until = '-infinity' WHERE owner = $1"
+        ))
+        .bind(relay)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!("DELETE FROM {s}.relays WHERE relay_id = $1"))
+            .bind(relay)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
     }
 
     /// Marks this relay as idle, so that inserts send a NOTIFY until `ttl` passes.

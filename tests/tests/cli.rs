@@ -397,12 +397,12 @@ async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace() {
         took < grace + Duration::from_secs(2),
         "shutdown took {took:?} with a {grace:?} grace period"
     );
-    let leased: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE lease_until > now()")
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox.partitions WHERE owner IS NOT NULL")
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(leased, 0, "rows left leased after a graceful shutdown");
+    assert_eq!(held, 0, "partitions still held after a graceful shutdown");
     let before = consumer.received().len();
     assert!(
         before < N,

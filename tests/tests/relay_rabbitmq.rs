@@ -412,12 +412,23 @@ async fn relay_once_reports_what_it_did() {
     s.relay.batch_size = 3;
     let relay = outbox_tests::relay(&s).await;
     let never = CancellationToken::new();
-    let first = relay.relay_once(&never).await.unwrap();
-    assert_eq!((first.claimed, first.delivered), (3, 3), "{first:?}");
-    let second = relay.relay_once(&never).await.unwrap();
-    assert_eq!((second.claimed, second.delivered), (2, 2), "{second:?}");
-    let third = relay.relay_once(&never).await.unwrap();
-    assert_eq!(third.claimed, 0);
+    let nothing = relay.relay_once(&[], &never).await.unwrap();
+    assert_eq!(nothing.claimed, 0, "no partitions, no rows");
+    let all = relay.rebalance().await.unwrap();
+    assert_eq!(all.len(), 64, "a lone relay takes every partition");
+    let first = relay.relay_once(&all, &never).await.unwrap();
+    assert!(
+        first.claimed >= 3 && first.delivered == first.claimed as u64,
+        "{first:?}"
+    );
+    let mut total = first.delivered;
+    while total < 5 {
+        let next = relay.relay_once(&all, &never).await.unwrap();
+        assert!(next.claimed > 0, "rows left behind: {next:?}");
+        total += next.delivered;
+    }
+    let last = relay.relay_once(&all, &never).await.unwrap();
+    assert_eq!((total, last.claimed), (5, 0));
     consumer.wait_for(5, WAIT).await;
 }
 
