@@ -398,11 +398,14 @@ impl Relay {
                 .filter(|p| p % workers == worker as i16)
                 .collect();
             if mine.is_empty() {
+                // Nothing to serve counts as idle, so the relay still registers for wake-ups.
+                wake.went_idle(self.settings.workers);
                 tokio::select! {
                     _ = owned.changed() => {}
                     _ = tokio::time::sleep(self.settings.poll_interval) => {}
                     _ = shutdown.cancelled() => {}
                 }
+                wake.busy();
                 continue;
             }
             let pause = match self.relay_once(&mine, &abort).await {
