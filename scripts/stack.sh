@@ -35,6 +35,8 @@ install() {
   command -v psql >/dev/null || pkgs+=(postgresql-client)
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || pkgs+=(rabbitmq-server)
   command -v python3 >/dev/null || pkgs+=(python3)
+  # Only to validate docker-compose.yml; no container runs here.
+  command -v docker-compose >/dev/null || pkgs+=(docker-compose)
   if [ ${#pkgs[@]} -gt 0 ]; then
     log "installing ${pkgs[*]}"
     as_root apt-get update -qq

@@ -10,6 +10,9 @@ export OUTBOX_STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack-test}
 scripts/stack.sh install
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 
+echo "== docker-compose.yml"
+docker-compose -f docker-compose.yml config -q
+
 echo "== build"
 cargo build --workspace --all-targets --locked
 
