@@ -65,6 +65,42 @@ CREATE INDEX messages_failed_key_seq_idx ON messages (key, seq)
 -- Pending rows in order, per partition.
 CREATE INDEX messages_pending_idx ON messages (partition, seq) WHERE status = 'pending';
 
+-- Queue tables churn: vacuum the hot table early instead of at 20% dead rows.
+ALTER TABLE messages SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000,
+                          autovacuum_vacuum_insert_scale_factor = 0.01);
+
+-- A slim record of each delivered message, kept for `retention.delivered` (off by
+-- default) for reconciliation; purged in bounded batches.
+CREATE TABLE delivered (
+    id           uuid        PRIMARY KEY,
+    seq          bigint      NOT NULL,
+    topic        text        NOT NULL,
+    key          text,
+    created_at   timestamptz NOT NULL,
+    delivered_at timestamptz NOT NULL DEFAULT now(),
+    attempts     integer     NOT NULL
+);
+CREATE INDEX delivered_delivered_at_idx ON delivered (delivered_at);
+
+-- Dead messages an operator discarded (`outbox-relay dead discard --reason`), with the
+-- reason; purged after `retention.discarded`.
+CREATE TABLE discarded (
+    id           uuid        PRIMARY KEY,
+    seq          bigint      NOT NULL,
+    topic        text        NOT NULL,
+    key          text,
+    payload      bytea       NOT NULL,
+    headers      jsonb       NOT NULL,
+    content_type text,
+    created_at   timestamptz NOT NULL,
+    attempts     integer     NOT NULL,
+    last_error   text,
+    dead_at      timestamptz,
+    discarded_at timestamptz NOT NULL DEFAULT now(),
+    reason       text        NOT NULL
+);
+CREATE INDEX discarded_discarded_at_idx ON discarded (discarded_at);
+
 -- Live relays, for sharing the partitions out fairly.
 CREATE TABLE relays (
     relay_id     uuid        PRIMARY KEY,

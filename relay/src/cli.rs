@@ -49,12 +49,90 @@ pub enum Command {
     Migrate,
     /// Relay messages until SIGTERM or SIGINT.
     Run,
-    /// Show pending, in-flight, retrying and dead messages per topic.
+    /// Show pending, retrying and dead messages per topic, and the live relays.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// List, retry or discard dead messages.
+    Dead {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: DeadAction,
+    },
+}
+
+/// `outbox-relay dead ...`
+#[derive(Debug, Subcommand)]
+pub enum DeadAction {
+    /// Show dead messages, oldest first.
+    List {
+        /// Which messages.
+        #[command(flatten)]
+        filter: DeadArgs,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead messages back in the queue with attempts reset; each stays at the head of
+    /// its key, so per-key order is kept.
+    Retry {
+        /// Which messages.
+        #[command(flatten)]
+        filter: DeadArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove dead messages from the queue for good, keeping them and the reason in the
+    /// `discarded` table.
+    Discard {
+        /// Which messages.
+        #[command(flatten)]
+        filter: DeadArgs,
+        /// Why (kept with each discarded message).
+        #[arg(long)]
+        reason: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which dead messages: criteria combine with AND.
+#[derive(Debug, clap::Args)]
+pub struct DeadArgs {
+    /// Only this message id (repeatable).
+    #[arg(long = "id", value_name = "UUID")]
+    pub ids: Vec<uuid::Uuid>,
+    /// Only this topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only this key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Only messages dead for longer than this (e.g. 1h, 30m).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub older_than: Option<std::time::Duration>,
+    /// Every dead message (needed by retry and discard when nothing else narrows it).
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl From<DeadArgs> for crate::dead::DeadFilter {
+    fn from(a: DeadArgs) -> Self {
+        Self {
+            ids: a.ids,
+            topic: a.topic,
+            key: a.key,
+            older_than: a.older_than,
+            all: a.all,
+        }
+    }
 }
 
 impl Cli {
@@ -144,6 +222,90 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => run(settings).await,
+        Command::Dead { action } => dead(action, settings).await,
+    }
+}
+
+async fn dead(action: DeadAction, settings: Settings) -> anyhow::Result<()> {
+    use crate::dead::{self, DeadFilter};
+    let pool = connect_once(&settings).await?;
+    require_schema(&pool, &settings).await?;
+    let schema = settings.schema();
+    let changing = |filter: &DeadFilter| {
+        if filter.is_narrowed() || filter.all {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "name the messages with --id, --topic, --key or --older-than, or pass --all"
+            ))
+        }
+    };
+    let print = |rows: &[dead::DeadMessage], json: bool, summary: String| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(rows)?);
+        } else {
+            if !rows.is_empty() {
+                print!("{}", dead::table(rows));
+            }
+            println!("{summary}");
+        }
+        Ok(())
+    };
+    match action {
+        DeadAction::List {
+            filter,
+            limit,
+            json,
+        } => {
+            let rows = dead::list(&pool, &schema, &filter.into(), limit)
+                .await
+                .context("listing dead messages")?;
+            let n = rows.len();
+            print(
+                &rows,
+                json,
+                format!("{n} dead message{}", if n == 1 { "" } else { "s" }),
+            )
+        }
+        DeadAction::Retry { filter, json } => {
+            let filter: DeadFilter = filter.into();
+            changing(&filter)?;
+            let rows = dead::retry(&pool, &schema, &filter)
+                .await
+                .context("re-queueing dead messages")?;
+            let n = rows.len();
+            print(
+                &rows,
+                json,
+                format!(
+                    "re-queued {n} dead message{}",
+                    if n == 1 { "" } else { "s" }
+                ),
+            )
+        }
+        DeadAction::Discard {
+            filter,
+            reason,
+            json,
+        } => {
+            let filter: DeadFilter = filter.into();
+            changing(&filter)?;
+            if reason.trim().is_empty() {
+                bail!("--reason must say why the messages are discarded");
+            }
+            let rows = dead::discard(&pool, &schema, &filter, &reason)
+                .await
+                .context("discarding dead messages")?;
+            let n = rows.len();
+            print(
+                &rows,
+                json,
+                format!(
+                    "discarded {n} dead message{} (reason: {reason})",
+                    if n == 1 { "" } else { "s" }
+                ),
+            )
+        }
     }
 }
 

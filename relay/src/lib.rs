@@ -13,6 +13,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dead;
 pub mod envelope;
 pub mod publish;
 pub mod relay;

@@ -6,6 +6,7 @@
 
 use std::{
     collections::BTreeMap,
+    process::{ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -23,7 +24,11 @@ use outbox_relay::{
     store::Store,
 };
 use sqlx::{postgres::PgPoolOptions, PgPool};
-use tokio::task::JoinHandle;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -348,5 +353,92 @@ pub fn assert_per_key_order(received: &[Received]) {
                 pair[0]
             );
         }
+    }
+}
+
+/// A relay process with its output collected line by line (stdout and stderr together).
+pub struct RelayProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl RelayProcess {
+    /// Starts `bin` with `args`, with only the `OUTBOX__*` variables in `env`.
+    pub fn spawn(bin: &str, args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTBOX__") || k == "RUST_LOG")
+        {
+            cmd.env_remove(k);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn relay");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let err = BufReader::new(child.stderr.take().unwrap());
+        for mut reader in [
+            Box::new(out) as Box<dyn tokio::io::AsyncBufRead + Unpin + Send>,
+            Box::new(err),
+        ] {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let mut line = String::new();
+                while reader.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    lines.lock().unwrap().push(std::mem::take(&mut line));
+                }
+            });
+        }
+        Self { child, lines }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().concat()
+    }
+
+    /// Waits until `needle` was printed `count` times.
+    pub async fn wait_for_line(&self, needle: &str, count: usize, timeout: Duration) {
+        let start = Instant::now();
+        while self.output().matches(needle).count() < count {
+            assert!(
+                start.elapsed() < timeout,
+                "expected {count}× {needle:?} within {timeout:?}; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+    }
+
+    /// Waits for the exit status.
+    pub async fn exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "relay did not exit within {timeout:?}; output:\n{}",
+                    self.output()
+                )
+            })
+            .unwrap();
+        // Let the readers drain the pipes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status
     }
 }

@@ -3,97 +3,18 @@
 
 use std::{
     collections::HashSet,
-    process::{ExitStatus, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use outbox::{Message, Outbox};
-use outbox_tests::{amqp_url, settings, start_relay, topic, Consumer, TestDb};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
+use outbox_tests::{amqp_url, settings, start_relay, topic, Consumer, RelayProcess, TestDb};
 
-/// A relay process with its output collected line by line (stdout and stderr together).
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
+/// A relay process built for these tests.
+struct Proc;
 
 impl Proc {
-    fn spawn(args: &[&str], env: &[(&str, String)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay-under-test"));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OUTBOX__") || k == "RUST_LOG")
-        {
-            cmd.env_remove(k);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn relay");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let err = BufReader::new(child.stderr.take().unwrap());
-        for mut reader in [
-            Box::new(out) as Box<dyn tokio::io::AsyncBufRead + Unpin + Send>,
-            Box::new(err),
-        ] {
-            let lines = lines.clone();
-            tokio::spawn(async move {
-                let mut line = String::new();
-                while reader.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    lines.lock().unwrap().push(std::mem::take(&mut line));
-                }
-            });
-        }
-        Self { child, lines }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().unwrap().concat()
-    }
-
-    async fn wait_for_line(&self, needle: &str, count: usize, timeout: Duration) {
-        let start = Instant::now();
-        while self.output().matches(needle).count() < count {
-            assert!(
-                start.elapsed() < timeout,
-                "expected {count}× {needle:?} within {timeout:?}; output:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    fn terminate(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM {pid}");
-    }
-
-    async fn exit(&mut self, timeout: Duration) -> ExitStatus {
-        let status = tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "relay did not exit within {timeout:?}; output:\n{}",
-                    self.output()
-                )
-            })
-            .unwrap();
-        // Let the readers drain the pipes.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        status
+    fn spawn(args: &[&str], env: &[(&str, String)]) -> RelayProcess {
+        RelayProcess::spawn(env!("CARGO_BIN_EXE_outbox-relay-under-test"), args, env)
     }
 }
 
