@@ -317,7 +317,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         return Ok(());
     };
     require_schema(&pool, &settings).await?;
-    let store = Store::new(pool, settings.schema(), settings.relay.dead_key_policy);
+    let store = Store::new(
+        pool,
+        settings.schema(),
+        settings.relay.dead_key_policy,
+        !settings.retention.delivered.is_zero(),
+    );
     let publisher: Arc<dyn Publisher> = match settings.broker {
         BrokerKind::Rabbitmq => Arc::new(crate::publish::rabbitmq::RabbitMqPublisher::new(
             &settings.rabbitmq,
@@ -328,6 +333,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         publisher,
         settings.retry_policy(),
         settings.relay.clone(),
+        settings.retention(),
     ));
     relay.run(shutdown).await?;
     Ok(())

@@ -27,8 +27,39 @@ pub struct Settings {
     pub retry: RetrySettings,
     /// The RabbitMQ broker.
     pub rabbitmq: RabbitMqSettings,
+    /// How long delivered and discarded records are kept.
+    pub retention: RetentionSettings,
     /// Logging.
     pub log: LogSettings,
+}
+
+/// `[retention]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Keep a slim record (id, seq, topic, key, times) of each delivered message in
+    /// `delivered` for this long; `0s` keeps none.
+    #[serde(with = "humantime_serde")]
+    pub delivered: Duration,
+    /// Keep discarded dead messages in `discarded` for this long.
+    #[serde(with = "humantime_serde")]
+    pub discarded: Duration,
+    /// How often expired records are purged.
+    #[serde(with = "humantime_serde")]
+    pub purge_interval: Duration,
+    /// Rows deleted per purge statement, so no purge holds locks for long.
+    pub purge_batch: u32,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            delivered: Duration::ZERO,
+            discarded: Duration::from_secs(30 * 24 * 3600),
+            purge_interval: Duration::from_secs(30),
+            purge_batch: 1000,
+        }
+    }
 }
 
 /// The broker to publish to.
@@ -347,6 +378,17 @@ impl Settings {
         }
         positive(&mut p, "relay.poll_interval", r.poll_interval);
         positive(&mut p, "relay.reconnect_max_delay", r.reconnect_max_delay);
+        positive(
+            &mut p,
+            "retention.purge_interval",
+            self.retention.purge_interval,
+        );
+        if !(1..=100_000).contains(&self.retention.purge_batch) {
+            p.push(format!(
+                "retention.purge_batch must be between 1 and 100000 (got {})",
+                self.retention.purge_batch
+            ));
+        }
         if let Err(e) = self.retry_policy().validate() {
             p.push(e);
         }
@@ -404,6 +446,16 @@ impl Settings {
             max_delay: self.retry.max_delay,
             jitter: self.retry.jitter,
             max_attempts: self.retry.max_attempts,
+        }
+    }
+
+    /// The retention windows these settings describe.
+    pub fn retention(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            delivered: self.retention.delivered,
+            discarded: self.retention.discarded,
+            batch: self.retention.purge_batch,
+            interval: self.retention.purge_interval,
         }
     }
 

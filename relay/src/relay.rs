@@ -20,7 +20,7 @@ use crate::{
     envelope::Envelope,
     publish::{PublishError, Publisher},
     retry::{Next, RetryPolicy},
-    store::{Failure, Settlement, Store},
+    store::{Failure, Retention, Settlement, Store},
 };
 
 /// Why the relay stopped with an error.
@@ -67,6 +67,7 @@ pub struct Relay {
     publisher: Arc<dyn Publisher>,
     policy: RetryPolicy,
     settings: RelaySettings,
+    retention: Retention,
     id: Uuid,
     owned: tokio::sync::watch::Sender<Vec<i16>>,
 }
@@ -78,6 +79,7 @@ impl Relay {
         publisher: Arc<dyn Publisher>,
         policy: RetryPolicy,
         settings: RelaySettings,
+        retention: Retention,
     ) -> Self {
         let (owned, _) = tokio::sync::watch::channel(Vec::new());
         Self {
@@ -85,6 +87,7 @@ impl Relay {
             publisher,
             policy,
             settings,
+            retention,
             id: Uuid::new_v4(),
             owned,
         }
@@ -306,6 +309,14 @@ impl Relay {
                 Ok(())
             });
         }
+        {
+            let relay = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                relay.purge_expired(shutdown).await;
+                Ok(())
+            });
+        }
         for worker in 0..self.settings.workers {
             let relay = self.clone();
             let (wake, shutdown, abort) = (wake.clone(), shutdown.clone(), abort.clone());
@@ -350,6 +361,31 @@ impl Relay {
             }
         }
         result
+    }
+
+    /// Purges `delivered` and `discarded` records past their retention windows once;
+    /// returns how many of each went.
+    pub async fn purge(&self) -> Result<(u64, u64), RelayError> {
+        Ok(self.store.purge(self.retention).await?)
+    }
+
+    /// Purges expired `delivered` and `discarded` records every `retention.purge_interval`.
+    async fn purge_expired(self: Arc<Self>, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            match self.purge().await {
+                Ok((0, 0)) => {}
+                Ok((delivered, discarded)) => {
+                    tracing::info!(delivered, discarded, "purged expired records")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "purge failed; trying again later")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.retention.interval) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
     }
 
     /// Renews the partition leases every third of a lease, and rebalances.

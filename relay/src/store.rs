@@ -95,9 +95,23 @@ pub struct Store {
     fail_sql: String,
 }
 
+/// Retention windows for [`Store::purge`].
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// How long `delivered` records are kept (zero: none are written).
+    pub delivered: Duration,
+    /// How long `discarded` messages are kept.
+    pub discarded: Duration,
+    /// Rows per purge statement.
+    pub batch: u32,
+    /// Time between purges.
+    pub interval: Duration,
+}
+
 impl Store {
-    /// A store over `schema`, reading under `policy`.
-    pub fn new(pool: PgPool, schema: Schema, policy: DeadKeyPolicy) -> Self {
+    /// A store over `schema`, reading under `policy`; with `archive`, each delivered row
+    /// leaves a record in `delivered`.
+    pub fn new(pool: PgPool, schema: Schema, policy: DeadKeyPolicy, archive: bool) -> Self {
         let s = &schema;
         // Which earlier failed rows of the same key hold a row back.
         let blocking = match policy {
@@ -126,7 +140,21 @@ impl Store {
              ) r
              WHERE p.partition = ANY($1) AND p.owner = $2 AND p.lease_until > now()"
         );
-        let delete_sql = format!("DELETE FROM {s}.messages WHERE seq = ANY($1)");
+        let delete_sql = if archive {
+            format!(
+                "WITH gone AS (
+                     DELETE FROM {s}.messages WHERE seq = ANY($1)
+                     RETURNING id, seq, topic, key, created_at, attempts
+                 ), kept AS (
+                     INSERT INTO {s}.delivered (id, seq, topic, key, created_at, attempts)
+                     SELECT id, seq, topic, key, created_at, attempts FROM gone
+                     ON CONFLICT (id) DO NOTHING
+                 )
+                 SELECT count(*) FROM gone"
+            )
+        } else {
+            format!("WITH gone AS (DELETE FROM {s}.messages WHERE seq = ANY($1) RETURNING 1) SELECT count(*) FROM gone")
+        };
         let fail_sql = format!(
             "WITH owned AS (
                  SELECT partition FROM {s}.partitions
@@ -204,11 +232,11 @@ impl Store {
     pub async fn settle(&self, relay: Uuid, s: &Settlement) -> Result<Settled, sqlx::Error> {
         let mut done = Settled::default();
         if !s.delivered.is_empty() {
-            done.delivered = sqlx::query(&self.delete_sql)
+            let deleted: i64 = sqlx::query_scalar(&self.delete_sql)
                 .bind(&s.delivered)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+                .fetch_one(&self.pool)
+                .await?;
+            done.delivered = deleted as u64;
         }
         if !s.failed.is_empty() {
             let seqs: Vec<i64> = s.failed.iter().map(|f| f.seq).collect();
@@ -320,6 +348,43 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await
+    }
+
+    /// Deletes `delivered` and `discarded` records older than their windows, `batch` rows
+    /// per statement (each its own short transaction, skipping rows another purger holds).
+    /// Returns how many of each were deleted.
+    pub async fn purge(&self, r: Retention) -> Result<(u64, u64), sqlx::Error> {
+        let mut counts = [0u64; 2];
+        for (i, (table, column, window)) in [
+            ("delivered", "delivered_at", r.delivered),
+            ("discarded", "discarded_at", r.discarded),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let sql = format!(
+                "DELETE FROM {s}.{table} WHERE id IN (
+                     SELECT id FROM {s}.{table}
+                     WHERE {column} < now() - make_interval(secs => $1)
+                     ORDER BY {column}
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED)",
+                s = self.schema
+            );
+            loop {
+                let n = sqlx::query(&sql)
+                    .bind(window.as_secs_f64())
+                    .bind(i64::from(r.batch))
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                counts[i] += n;
+                if n < u64::from(r.batch) {
+                    break;
+                }
+            }
+        }
+        Ok((counts[0], counts[1]))
     }
 
     /// Marks this relay as idle, so that inserts send a NOTIFY until `ttl` passes.

@@ -143,13 +143,19 @@ pub async fn relay(settings: &Settings) -> Arc<Relay> {
         .connect(&url)
         .await
         .expect("relay pool");
-    let store = Store::new(pool, settings.schema(), settings.relay.dead_key_policy);
+    let store = Store::new(
+        pool,
+        settings.schema(),
+        settings.relay.dead_key_policy,
+        !settings.retention.delivered.is_zero(),
+    );
     let publisher = Arc::new(RabbitMqPublisher::new(&settings.rabbitmq));
     Arc::new(Relay::new(
         store,
         publisher,
         settings.retry_policy(),
         settings.relay.clone(),
+        settings.retention(),
     ))
 }
 
