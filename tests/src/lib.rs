@@ -421,6 +421,11 @@ impl RelayProcess {
         }
     }
 
+    /// Sends SIGKILL, as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        self.child.start_kill().expect("SIGKILL");
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let pid = self.child.id().expect("running").to_string();

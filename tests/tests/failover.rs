@@ -1,0 +1,124 @@
+//! Several relay processes on one outbox: one is killed with SIGKILL mid-stream; the other
+//! takes its partitions over within the lease, nothing is lost and per-key order holds.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use outbox::Message;
+use outbox_tests::{amqp_url, assert_per_key_order, topic, Consumer, RelayProcess, TestDb};
+use uuid::Uuid;
+
+async fn owners(db: &TestDb) -> Vec<(Uuid, i64)> {
+    sqlx::query_as(
+        "SELECT owner, count(*) FROM outbox.partitions
+         WHERE owner IS NOT NULL AND lease_until > now() GROUP BY owner ORDER BY owner",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_relay_is_taken_over_within_its_lease_without_loss() {
+    let db = TestDb::new().await;
+    let t = topic("failover");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let lease = Duration::from_secs(2);
+    let env = vec![
+        ("OUTBOX__DATABASE__URL", db.url.clone()),
+        ("OUTBOX__RABBITMQ__URL", amqp_url()),
+        ("OUTBOX__RELAY__LEASE", "2s".to_owned()),
+        ("OUTBOX__RELAY__POLL_INTERVAL", "100ms".to_owned()),
+    ];
+    let bin = env!("CARGO_BIN_EXE_outbox-relay-under-test");
+    let mut a = RelayProcess::spawn(bin, &["run"], &env);
+    let mut b = RelayProcess::spawn(bin, &["run"], &env);
+    let start = Instant::now();
+    while owners(&db).await.iter().map(|o| o.1).collect::<Vec<_>>() != [32, 32] {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "relays never split the partitions: {:?}",
+            owners(&db).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A steady stream over 128 keys, one message per transaction.
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (pool, t, stop) = (db.pool.clone(), t.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let msg = Message::new(&t, i.to_string().into_bytes())
+                    .unwrap()
+                    .with_key(format!("k{}", i % 128))
+                    .unwrap();
+                outbox::enqueue(&pool, &msg).await.unwrap();
+                written.push(msg.id());
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            written
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    a.kill();
+    let killed = Instant::now();
+    // B alone is left: wait until it holds everything.
+    let takeover = loop {
+        let o = owners(&db).await;
+        if o.len() == 1 && o[0].1 == 64 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "no takeover after {:?}: {o:?}",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = producer.await.unwrap();
+    let got = consumer
+        .wait_for(written.len(), Duration::from_secs(30))
+        .await;
+    b.terminate();
+    assert!(
+        b.exit(Duration::from_secs(30)).await.success(),
+        "{}",
+        b.output()
+    );
+    let _ = a.exit(Duration::from_secs(5)).await;
+
+    let arrived: std::collections::HashSet<Uuid> = got.iter().map(|r| r.id).collect();
+    let lost: Vec<_> = written.iter().filter(|id| !arrived.contains(id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} messages lost",
+        lost.len(),
+        written.len()
+    );
+    assert_per_key_order(&got);
+    // The lease is 2 s and renewals come every third of it, so a takeover needs at most
+    // lease + lease/3, plus the time for this test to notice.
+    assert!(
+        takeover <= lease + lease / 3 + Duration::from_millis(700),
+        "takeover took {takeover:?}"
+    );
+    println!(
+        "killed one of two relays: takeover after {takeover:?} (lease {lease:?}); {} messages, {} arrivals ({} duplicates)",
+        written.len(),
+        got.len(),
+        got.len() - arrived.len()
+    );
+}
