@@ -6,6 +6,8 @@
 #   scripts/stack.sh up        install, start both servers, write $OUTBOX_STACK_DIR/env
 #   scripts/stack.sh down      stop what `up` started (by PID) and remove the state
 #   scripts/stack.sh env       print the exports for the running stack
+#   scripts/stack.sh restart rabbitmq|postgres
+#                              restart one server in place (same port and data)
 #
 # `up` is safe to run twice: a running stack is reused. Everything listens on 127.0.0.1.
 set -euo pipefail
@@ -98,7 +100,6 @@ start_rabbitmq() {
   port=$(free_port); dist=$(free_port); epmd=$(free_port)
   rdir=$STACK_DIR/rabbitmq
   mkdir -p "$rdir/mnesia" "$rdir/log" "$rdir/home"
-  : >"$rdir/enabled_plugins.erl"
   echo '[].' >"$rdir/enabled_plugins.erl"
   cat >"$rdir/rabbit.env" <<EOF
 export HOME=$rdir/home
@@ -116,16 +117,21 @@ export RABBITMQ_PID_FILE=$rdir/beam.pid
 EOF
   # Guest may log in over loopback only, which is where the tests connect.
   printf 'loopback_users.guest = true\nlog.console = false\n' >"$rdir/rabbitmq.conf"
+  echo "$port" >"$STACK_DIR/rabbitmq.port"
+  boot_rabbitmq
+  log "RabbitMQ $(rabbit_ctl version 2>/dev/null | tail -1) on 127.0.0.1:$port"
+}
+
+# Starts the node configured in $STACK_DIR/rabbitmq (same ports and data every time).
+boot_rabbitmq() {
+  local rdir=$STACK_DIR/rabbitmq i
   # shellcheck disable=SC1091
   ( . "$rdir/rabbit.env"
     cd "$rdir"
-    setsid /usr/lib/rabbitmq/bin/rabbitmq-server >"$rdir/log/stdout.log" 2>&1 &
+    setsid /usr/lib/rabbitmq/bin/rabbitmq-server >>"$rdir/log/stdout.log" 2>&1 &
     echo $! >"$STACK_DIR/rabbitmq.pid" )
-  echo "$port" >"$STACK_DIR/rabbitmq.port"
-  local i
   for i in $(seq 1 120); do
-    if ( . "$rdir/rabbit.env"; /usr/lib/rabbitmq/bin/rabbitmqctl -q await_startup --timeout 2 ) >/dev/null 2>&1; then
-      log "RabbitMQ $(rabbit_ctl version 2>/dev/null | tail -1) on 127.0.0.1:$port"
+    if rabbit_ctl -q await_startup --timeout 2 >/dev/null 2>&1; then
       return 0
     fi
     pid_alive "$STACK_DIR/rabbitmq.pid" || break
@@ -133,6 +139,34 @@ EOF
   done
   tail -30 "$rdir/log/stdout.log" >&2 || true
   die "RabbitMQ did not start"
+}
+
+pg_ctl_as() {
+  local bindir
+  bindir=$(pg_bindir) || die "PostgreSQL server binaries not found"
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$bindir/pg_ctl" "$@"
+  else
+    "$bindir/pg_ctl" "$@"
+  fi
+}
+
+# Restarts one server in place (same port, same data), for fault-injection tests.
+restart() {
+  [ -f "$ENV_FILE" ] || die "no stack is running under $STACK_DIR"
+  case "${1:-}" in
+    rabbitmq)
+      rabbit_ctl -q stop >/dev/null 2>&1 || true
+      stop_pid "$STACK_DIR/rabbitmq.pid" RabbitMQ
+      boot_rabbitmq
+      log "RabbitMQ restarted" ;;
+    postgres)
+      pg_ctl_as -D "$STACK_DIR/pg" -l "$STACK_DIR/pg/server.log" -m fast -w -t 60 restart >/dev/null \
+        || die "PostgreSQL did not restart"
+      head -1 "$STACK_DIR/pg/postmaster.pid" >"$STACK_DIR/pg.pid"
+      log "PostgreSQL restarted" ;;
+    *) die "usage: $0 restart rabbitmq|postgres" ;;
+  esac
 }
 
 rabbit_ctl() {
@@ -191,14 +225,8 @@ down_quiet() {
     fi
   fi
   if [ -f "$STACK_DIR/pg.pid" ]; then
-    local bindir
-    bindir=$(pg_bindir || true)
-    if [ -n "$bindir" ] && [ -d "$STACK_DIR/pg" ]; then
-      if [ "$(id -u)" = 0 ]; then
-        runuser -u postgres -- "$bindir/pg_ctl" -D "$STACK_DIR/pg" -m fast -w stop >/dev/null 2>&1 || true
-      else
-        "$bindir/pg_ctl" -D "$STACK_DIR/pg" -m fast -w stop >/dev/null 2>&1 || true
-      fi
+    if [ -d "$STACK_DIR/pg" ]; then
+      pg_ctl_as -D "$STACK_DIR/pg" -m fast -w stop >/dev/null 2>&1 || true
     fi
     stop_pid "$STACK_DIR/pg.pid" PostgreSQL
   fi
@@ -210,5 +238,6 @@ case "${1:-}" in
   up) up ;;
   down) down_quiet; log "stopped" ;;
   env) cat "$ENV_FILE" ;;
-  *) echo "usage: $0 install|up|down|env" >&2; exit 2 ;;
+  restart) restart "${2:-}" ;;
+  *) echo "usage: $0 install|up|down|env|restart rabbitmq|postgres" >&2; exit 2 ;;
 esac

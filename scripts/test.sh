@@ -24,3 +24,9 @@ scripts/stack.sh up
 
 echo "== test"
 cargo test --workspace --locked --no-fail-fast "$@"
+
+# The chaos suite, small: relays killed, RabbitMQ and PostgreSQL restarted mid-stream.
+# (scripts/chaos.sh runs the full configuration.)
+echo "== chaos (small)"
+target/debug/outbox-chaos --messages 5000 --keys 200 --rate 250 --relays 3 \
+  --kills 10 --broker-restarts 2 --db-restarts 1

@@ -1,0 +1,694 @@
+//! The chaos suite: proves no loss and per-key order while relays are killed and the
+//! servers restart under a stream of writes.
+//!
+//! Runs against the stack of `scripts/stack.sh` (reads `DATABASE_URL`, `AMQP_URL` and
+//! `OUTBOX_STACK_DIR`, and restarts servers through `scripts/stack.sh restart`). It creates a
+//! database of its own, starts `--relays` relay processes, and from several producers writes
+//! `--messages` messages over `--keys` keys, each in a transaction with a business row, some
+//! rolled back on purpose. Meanwhile it kills relays with SIGKILL (and restarts them),
+//! restarts RabbitMQ and PostgreSQL. Then it drains and checks what reached the broker:
+//!
+//! - every committed message arrived (the business rows say which committed: a message
+//!   exists iff its transaction committed, so the `chaos_orders` table is the ground truth,
+//!   even for commits whose outcome the producer never learned);
+//! - no rolled-back message arrived;
+//! - for every key, first arrivals are in `seq` order;
+//! - duplicates are counted (at-least-once delivery allows them).
+//!
+//! Prints a summary table and exits 1 on any loss, phantom or order violation.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Connection, ConnectionProperties,
+};
+use outbox::{Message, Outbox};
+use rand::{Rng, SeedableRng};
+use sqlx::{postgres::PgPoolOptions, PgPool};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+struct Options {
+    messages: usize,
+    keys: usize,
+    producers: usize,
+    relays: usize,
+    kills: usize,
+    broker_restarts: usize,
+    db_restarts: usize,
+    rate: f64,
+    seed: u64,
+}
+
+impl Options {
+    /// How long the writes are spread over; faults are scheduled within it.
+    fn planned(&self) -> Duration {
+        Duration::from_secs_f64(self.messages as f64 / self.rate)
+    }
+}
+
+impl Options {
+    fn parse() -> anyhow::Result<Self> {
+        let mut o = Options {
+            messages: 50_000,
+            keys: 200,
+            producers: 4,
+            relays: 3,
+            kills: 10,
+            broker_restarts: 2,
+            db_restarts: 1,
+            rate: 1000.0,
+            seed: rand::random(),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(flag) = args.next() {
+            let value = args
+                .next()
+                .with_context(|| format!("{flag} needs a value"))?;
+            let n = || {
+                value
+                    .parse::<usize>()
+                    .with_context(|| format!("{flag}: {value:?} is not a number"))
+            };
+            match flag.as_str() {
+                "--messages" => o.messages = n()?,
+                "--keys" => o.keys = n()?,
+                "--producers" => o.producers = n()?,
+                "--relays" => o.relays = n()?,
+                "--kills" => o.kills = n()?,
+                "--broker-restarts" => o.broker_restarts = n()?,
+                "--db-restarts" => o.db_restarts = n()?,
+                "--rate" => o.rate = value.parse().context("--rate")?,
+                "--seed" => o.seed = value.parse().context("--seed")?,
+                other => bail!(
+                    "unknown option {other}; use --messages --keys --producers --relays --kills \
+                     --broker-restarts --db-restarts --rate --seed"
+                ),
+            }
+        }
+        if !(o.rate.is_finite() && o.rate > 0.0) {
+            bail!("--rate must be a positive number of messages per second");
+        }
+        if o.keys < o.producers || o.producers == 0 || o.relays == 0 {
+            bail!("need at least one producer, one relay, and as many keys as producers");
+        }
+        Ok(o)
+    }
+}
+
+/// One arrival at the consumer.
+struct Arrival {
+    id: Uuid,
+    key: String,
+    seq: i64,
+}
+
+#[derive(Default)]
+struct Counters {
+    committed_known: AtomicU64,
+    rolled_back: AtomicU64,
+    unknown: AtomicU64,
+    written: AtomicU64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("chaos: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<bool> {
+    let o = Options::parse()?;
+    let admin_url =
+        std::env::var("DATABASE_URL").context("DATABASE_URL (run through scripts/chaos.sh)")?;
+    let amqp_url = std::env::var("AMQP_URL").context("AMQP_URL")?;
+    let stack_dir = std::env::var("OUTBOX_STACK_DIR").context("OUTBOX_STACK_DIR")?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let relay_bin = std::env::current_exe()?.with_file_name("outbox-relay");
+    if !relay_bin.exists() {
+        bail!(
+            "{} not found: build the workspace first",
+            relay_bin.display()
+        );
+    }
+    println!(
+        "chaos: {} messages over {} keys from {} producers at {} msg/s (~{:.0} s); {} relays; {} relay \
+         kills, {} RabbitMQ restarts, {} PostgreSQL restarts; seed {}",
+        o.messages,
+        o.keys,
+        o.producers,
+        o.rate,
+        o.planned().as_secs_f64(),
+        o.relays,
+        o.kills,
+        o.broker_restarts,
+        o.db_restarts,
+        o.seed
+    );
+
+    // A database and a queue of our own.
+    let name = format!("chaos_{}", Uuid::new_v4().simple());
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin_url)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let mut db_url = url::Url::parse(&admin_url)?;
+    db_url.set_path(&name);
+    let db_url = db_url.to_string();
+    let pool = PgPoolOptions::new()
+        .max_connections(o.producers as u32 + 2)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(&db_url)
+        .await?;
+    outbox::migrate(&pool).await?;
+    sqlx::query("CREATE TABLE chaos_orders (id uuid PRIMARY KEY, key text NOT NULL)")
+        .execute(&pool)
+        .await?;
+    let queue = format!("chaos.{}", Uuid::new_v4().simple());
+
+    let arrivals = Arc::new(Mutex::new(Vec::<Arrival>::new()));
+    let consumer_stop = Arc::new(AtomicBool::new(false));
+    let consumer = tokio::spawn(consume(
+        amqp_url.clone(),
+        queue.clone(),
+        arrivals.clone(),
+        consumer_stop.clone(),
+    ));
+    // The queue must exist before anything is published to it.
+    let declared = Instant::now();
+    while !declared_queue(&amqp_url, &queue).await {
+        if declared.elapsed() > Duration::from_secs(30) {
+            bail!("could not declare queue {queue}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let relay_env = vec![
+        ("OUTBOX__DATABASE__URL", db_url.clone()),
+        ("OUTBOX__RABBITMQ__URL", amqp_url.clone()),
+        ("OUTBOX__RELAY__LEASE", "2s".to_owned()),
+        ("OUTBOX__RELAY__POLL_INTERVAL", "200ms".to_owned()),
+        ("OUTBOX__RELAY__RECONNECT_MAX_DELAY", "1s".to_owned()),
+        ("OUTBOX__RABBITMQ__CONFIRM_TIMEOUT", "5s".to_owned()),
+        ("OUTBOX__LOG__LEVEL", "warn".to_owned()),
+    ];
+    let log_dir = PathBuf::from(&stack_dir).join(format!("chaos-logs-{name}"));
+    std::fs::create_dir_all(&log_dir)?;
+    let mut relays = Vec::new();
+    for i in 0..o.relays {
+        relays.push(spawn_relay(&relay_bin, &relay_env, &log_dir, i, 0)?);
+    }
+
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let rolled_back_ids = Arc::new(Mutex::new(HashSet::new()));
+    let producers: Vec<_> = (0..o.producers)
+        .map(|p| {
+            tokio::spawn(produce(
+                p,
+                o.clone(),
+                pool.clone(),
+                queue.clone(),
+                counters.clone(),
+                rolled_back_ids.clone(),
+            ))
+        })
+        .collect();
+
+    // Faults, spread over the time the producers need. The schedule is drawn up front so a
+    // run with the same seed injects the same faults in the same order.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
+    let mut events: Vec<(f64, Fault)> = Vec::new();
+    for _ in 0..o.kills {
+        events.push((
+            rng.random_range(0.05..0.95),
+            Fault::KillRelay(rng.random_range(0..o.relays)),
+        ));
+    }
+    for i in 0..o.broker_restarts {
+        events.push((
+            (i as f64 + 1.0) / (o.broker_restarts as f64 + 1.0),
+            Fault::RestartBroker,
+        ));
+    }
+    for i in 0..o.db_restarts {
+        events.push((
+            (i as f64 + 0.5) / (o.db_restarts as f64 + 0.5) * 0.9,
+            Fault::RestartDb,
+        ));
+    }
+    events.sort_by(|a, b| a.0.total_cmp(&b.0));
+
+    let (mut kills, mut broker_restarts, mut db_restarts) = (0, 0, 0);
+    let total = o.messages as u64;
+    let planned = o.planned().as_secs_f64();
+    let mut next_progress = Instant::now();
+    let mut pending_events = events.into_iter().peekable();
+    loop {
+        let progress = started.elapsed().as_secs_f64() / planned;
+        while let Some((at, _)) = pending_events.peek() {
+            if progress < *at {
+                break;
+            }
+            let (_, fault) = pending_events.next().unwrap();
+            match fault {
+                Fault::KillRelay(i) => {
+                    relays[i].start_kill().ok();
+                    let _ = relays[i].wait().await;
+                    kills += 1;
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
+                    relays[i] = spawn_relay(&relay_bin, &relay_env, &log_dir, i, kills)?;
+                    println!(
+                        "[{:>6.1}s] killed relay {i} with SIGKILL and restarted it",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                Fault::RestartBroker => {
+                    stack(&root, "rabbitmq").await?;
+                    broker_restarts += 1;
+                    println!(
+                        "[{:>6.1}s] restarted RabbitMQ",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                Fault::RestartDb => {
+                    stack(&root, "postgres").await?;
+                    db_restarts += 1;
+                    println!(
+                        "[{:>6.1}s] restarted PostgreSQL",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+        if producers.iter().all(|p| p.is_finished()) && pending_events.peek().is_none() {
+            break;
+        }
+        if Instant::now() >= next_progress {
+            next_progress = Instant::now() + Duration::from_secs(5);
+            println!(
+                "[{:>6.1}s] committed {}/{total}, arrivals {}",
+                started.elapsed().as_secs_f64(),
+                counters.written.load(Ordering::Relaxed),
+                arrivals.lock().unwrap().len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in producers {
+        p.await??;
+    }
+
+    // Ground truth: which messages committed.
+    let committed: HashSet<Uuid> = loop {
+        match sqlx::query_scalar::<_, Uuid>("SELECT id FROM chaos_orders")
+            .fetch_all(&pool)
+            .await
+        {
+            Ok(ids) => break ids.into_iter().collect(),
+            Err(e) => {
+                eprintln!("reading chaos_orders: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+
+    // Drain: wait until every committed message arrived, or give up after a quiet spell.
+    let drain_started = Instant::now();
+    let mut last_count = 0;
+    let mut last_change = Instant::now();
+    loop {
+        let arrived: HashSet<Uuid> = arrivals.lock().unwrap().iter().map(|a| a.id).collect();
+        if committed.is_subset(&arrived) {
+            break;
+        }
+        if arrived.len() != last_count {
+            last_count = arrived.len();
+            last_change = Instant::now();
+        }
+        if last_change.elapsed() > Duration::from_secs(60) {
+            println!("no new arrivals for 60 s; stopping the drain");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drain = drain_started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await; // late duplicates
+    for r in &mut relays {
+        if let Some(pid) = r.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for r in &mut relays {
+        let _ = tokio::time::timeout(Duration::from_secs(30), r.wait()).await;
+    }
+    consumer_stop.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(5), consumer).await;
+    let wall = started.elapsed();
+
+    // Verdict.
+    let arrivals = arrivals.lock().unwrap();
+    let mut first: HashSet<Uuid> = HashSet::new();
+    let mut last_seq: HashMap<&str, i64> = HashMap::new();
+    let mut violations = Vec::new();
+    for a in arrivals.iter() {
+        if first.insert(a.id) {
+            let last = last_seq.entry(&a.key).or_insert(i64::MIN);
+            if a.seq < *last {
+                violations.push(format!(
+                    "key {}: seq {} arrived after seq {}",
+                    a.key, a.seq, last
+                ));
+            }
+            *last = (*last).max(a.seq);
+        }
+    }
+    let lost: Vec<&Uuid> = committed.iter().filter(|id| !first.contains(id)).collect();
+    let rolled_back = rolled_back_ids.lock().unwrap();
+    let phantoms: Vec<&Uuid> = first.iter().filter(|id| !committed.contains(id)).collect();
+    let phantom_rolled_back = phantoms
+        .iter()
+        .filter(|id| rolled_back.contains(**id))
+        .count();
+    let duplicates = arrivals.len() - first.len();
+
+    let rows: BTreeMap<usize, (&str, String)> = [
+        (0, ("committed", committed.len().to_string())),
+        (
+            1,
+            (
+                "rolled back (on purpose)",
+                counters.rolled_back.load(Ordering::Relaxed).to_string(),
+            ),
+        ),
+        (
+            2,
+            (
+                "commit outcome unknown to producer",
+                counters.unknown.load(Ordering::Relaxed).to_string(),
+            ),
+        ),
+        (3, ("arrived (distinct)", first.len().to_string())),
+        (4, ("lost", lost.len().to_string())),
+        (
+            5,
+            (
+                "arrived but never committed",
+                format!(
+                    "{} ({} rolled back on purpose)",
+                    phantoms.len(),
+                    phantom_rolled_back
+                ),
+            ),
+        ),
+        (6, ("duplicates at the broker", duplicates.to_string())),
+        (
+            7,
+            ("per-key order violations", violations.len().to_string()),
+        ),
+        (8, ("relay kills (SIGKILL)", kills.to_string())),
+        (9, ("RabbitMQ restarts", broker_restarts.to_string())),
+        (10, ("PostgreSQL restarts", db_restarts.to_string())),
+        (
+            11,
+            (
+                "drain after last write",
+                format!("{:.1} s", drain.as_secs_f64()),
+            ),
+        ),
+        (12, ("wall time", format!("{:.1} s", wall.as_secs_f64()))),
+    ]
+    .into_iter()
+    .collect();
+    println!();
+    println!("| {:<36} | {:>30} |", "chaos summary", "");
+    println!("|{:-<38}|{:->32}|", "", "");
+    for (label, value) in rows.values() {
+        println!("| {label:<36} | {value:>30} |");
+    }
+    for v in violations.iter().take(10) {
+        println!("order violation: {v}");
+    }
+    for id in lost.iter().take(10) {
+        println!("lost: {id}");
+    }
+    let ok = lost.is_empty() && phantoms.is_empty() && violations.is_empty();
+    println!("{}", if ok { "chaos: PASSED" } else { "chaos: FAILED" });
+    if ok {
+        let _ = std::fs::remove_dir_all(&log_dir);
+    } else {
+        println!("relay logs: {}", log_dir.display());
+    }
+    Ok(ok)
+}
+
+enum Fault {
+    KillRelay(usize),
+    RestartBroker,
+    RestartDb,
+}
+
+fn spawn_relay(
+    bin: &PathBuf,
+    env: &[(&str, String)],
+    log_dir: &std::path::Path,
+    i: usize,
+    generation: usize,
+) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log_dir.join(format!("relay-{i}-{generation}.log")))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(cmd.spawn()?)
+}
+
+async fn stack(root: &std::path::Path, server: &str) -> anyhow::Result<()> {
+    let status = Command::new("bash")
+        .arg(root.join("scripts/stack.sh"))
+        .args(["restart", server])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("scripts/stack.sh restart {server} failed");
+    }
+    Ok(())
+}
+
+/// Producer `p` owns the keys `k ≡ p (mod producers)` and writes them round-robin, one
+/// transaction at a time, so each key's writes are serialised.
+async fn produce(
+    p: usize,
+    o: Options,
+    pool: PgPool,
+    topic: String,
+    counters: Arc<Counters>,
+    rolled_back_ids: Arc<Mutex<HashSet<Uuid>>>,
+) -> anyhow::Result<()> {
+    let mine: Vec<usize> = (p..o.keys).step_by(o.producers).collect();
+    let quota = o.messages / o.producers + usize::from(p < o.messages % o.producers);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed ^ (p as u64 + 1));
+    let outbox = Outbox::default();
+    let per_producer_rate = o.rate / o.producers as f64;
+    let start = tokio::time::Instant::now();
+    let mut done = 0;
+    let mut tx_no = 0usize;
+    while done < quota {
+        // Keep to the planned rate so the writes span the fault schedule.
+        tokio::time::sleep_until(start + Duration::from_secs_f64(done as f64 / per_producer_rate))
+            .await;
+        tx_no += 1;
+        let key = format!("key-{}", mine[tx_no % mine.len()]);
+        let n = rng.random_range(1..=3).min(quota - done);
+        let msgs: Vec<Message> = (0..n)
+            .map(|i| {
+                Message::new(&topic, format!("{key}/{tx_no}/{i}").into_bytes())
+                    .unwrap()
+                    .with_key(&key)
+                    .unwrap()
+            })
+            .collect();
+        let rollback = tx_no % 10 == 0;
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            for m in &msgs {
+                sqlx::query("INSERT INTO chaos_orders (id, key) VALUES ($1, $2)")
+                    .bind(m.id())
+                    .bind(&key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            outbox.enqueue_batch(&mut *tx, &msgs).await?;
+            if rollback {
+                tx.rollback().await?;
+            } else {
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) if rollback => {
+                counters.rolled_back.fetch_add(n as u64, Ordering::Relaxed);
+                rolled_back_ids
+                    .lock()
+                    .unwrap()
+                    .extend(msgs.iter().map(Message::id));
+            }
+            Ok(()) => {
+                counters
+                    .committed_known
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                counters.written.fetch_add(n as u64, Ordering::Relaxed);
+                done += n;
+            }
+            Err(_) => {
+                // The database went away mid-transaction: the outcome may be either. The
+                // chaos_orders table decides at the end; the key's order stays serialised
+                // because the next write waits for this one to have failed.
+                counters.unknown.fetch_add(n as u64, Ordering::Relaxed);
+                if rollback {
+                    rolled_back_ids
+                        .lock()
+                        .unwrap()
+                        .extend(msgs.iter().map(Message::id));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn amqp(url: &str) -> Result<Connection, lapin::Error> {
+    Connection::connect(
+        url,
+        ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio),
+    )
+    .await
+}
+
+async fn declared_queue(url: &str, queue: &str) -> bool {
+    let Ok(conn) = amqp(url).await else {
+        return false;
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return false;
+    };
+    let ok = ch
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, "declared").await;
+    ok
+}
+
+/// Consumes `queue` until told to stop, reconnecting after broker restarts. Acks after
+/// recording, so a message lost in a restart is redelivered (and counted as a duplicate).
+async fn consume(
+    url: String,
+    queue: String,
+    arrivals: Arc<Mutex<Vec<Arrival>>>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let session = async {
+            let conn = amqp(&url).await?;
+            let ch = conn.create_channel().await?;
+            ch.queue_declare(
+                &queue,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            ch.basic_qos(500, BasicQosOptions::default()).await?;
+            let mut deliveries = ch
+                .basic_consume(
+                    &queue,
+                    "chaos",
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            loop {
+                let next =
+                    tokio::time::timeout(Duration::from_millis(200), deliveries.next()).await;
+                if stop.load(Ordering::Relaxed) {
+                    return Ok::<(), lapin::Error>(());
+                }
+                let Ok(next) = next else { continue };
+                let Some(delivery) = next else { return Ok(()) };
+                let d = delivery?;
+                let header = |name: &str| {
+                    d.properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| match h.inner().get(name) {
+                            Some(AMQPValue::LongString(s)) => {
+                                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                            }
+                            _ => None,
+                        })
+                };
+                let arrival = Arrival {
+                    id: header("outbox-id")
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_default(),
+                    key: header("outbox-key").unwrap_or_default(),
+                    seq: header("outbox-seq")
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_default(),
+                };
+                arrivals.lock().unwrap().push(arrival);
+                d.ack(BasicAckOptions::default()).await?;
+            }
+        };
+        if let Err(e) = session.await {
+            if !stop.load(Ordering::Relaxed) {
+                eprintln!("consumer: {e}; reconnecting");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
