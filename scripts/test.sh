@@ -23,10 +23,23 @@ scripts/stack.sh up
 . "$OUTBOX_STACK_DIR/env"
 
 echo "== test"
-cargo test --workspace --locked --no-fail-fast "$@"
+log=$OUTBOX_STACK_DIR/cargo-test.log
+set +e
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
+tests_rc=${PIPESTATUS[0]}
+set -e
 
 # The chaos suite, small: relays killed, RabbitMQ and PostgreSQL restarted mid-stream.
 # (scripts/chaos.sh runs the full configuration.)
 echo "== chaos (small)"
+chaos_rc=0
 target/debug/outbox-chaos --messages 5000 --keys 200 --rate 250 --relays 3 \
-  --kills 10 --broker-restarts 2 --db-restarts 1
+  --kills 10 --broker-restarts 2 --db-restarts 1 || chaos_rc=$?
+
+count() { awk -v word="$1;" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i == word) n += $(i - 1) } END { print n + 0 }' "$log"; }
+passed=$(count passed)
+failed=$(count failed)
+if [ "$chaos_rc" = 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+echo
+echo "total: $passed passed, $failed failed"
+[ "$tests_rc" = 0 ] && [ "$chaos_rc" = 0 ]
