@@ -3,8 +3,10 @@
 # run the relay as a sidecar process, write a stream of orders with their messages (some
 # transactions rolled back) and watch them arrive at a RabbitMQ consumer.
 #
-#   scripts/demo.sh [MESSAGES] [KEYS]      (defaults: 20000 messages over 100 keys)
+#   scripts/demo.sh [--kafka] [MESSAGES] [KEYS]   (defaults: RabbitMQ, 20000 messages, 100 keys)
 set -euo pipefail
+broker=rabbitmq
+if [ "${1:-}" = "--kafka" ]; then broker=kafka; shift; fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export OUTBOX_STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack}
@@ -27,6 +29,8 @@ scripts/stack.sh up
 # shellcheck disable=SC1091
 . "$OUTBOX_STACK_DIR/env"
 export OUTBOX__DATABASE__URL=$DATABASE_URL OUTBOX__RABBITMQ__URL=$AMQP_URL
+export OUTBOX__BROKER=$broker OUTBOX__KAFKA__BROKERS=$KAFKA_BROKERS DEMO_BROKER=$broker
+echo "== broker: $broker"
 
 echo "== migrate"
 target/release/outbox-relay migrate

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Throwaway local stack for the demo and the tests: a PostgreSQL cluster and a RabbitMQ
-# node on free loopback ports, with all state under $OUTBOX_STACK_DIR (default .stack/).
+# Throwaway local stack for the demo and the tests: a PostgreSQL cluster, a RabbitMQ node
+# and a Kafka-protocol broker (tansu) on free loopback ports, with all state under
+# $OUTBOX_STACK_DIR (default .stack/).
 #
 #   scripts/stack.sh install   install missing Debian packages (idempotent)
 #   scripts/stack.sh up        install, start both servers, write $OUTBOX_STACK_DIR/env
 #   scripts/stack.sh down      stop what `up` started (by PID) and remove the state
 #   scripts/stack.sh env       print the exports for the running stack
-#   scripts/stack.sh restart rabbitmq|postgres
+#   scripts/stack.sh restart rabbitmq|kafka|postgres
 #                              restart one server in place (same port and data)
 #
 # `up` is safe to run twice: a running stack is reused. Everything listens on 127.0.0.1.
@@ -15,6 +16,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack}
 ENV_FILE=$STACK_DIR/env
+
+TANSU_VERSION=0.6.0
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
@@ -39,11 +42,16 @@ install() {
   command -v python3 >/dev/null || pkgs+=(python3)
   # Only to validate docker-compose.yml; no container runs here.
   command -v docker-compose >/dev/null || pkgs+=(docker-compose)
+  # rdkafka's bundled librdkafka builds with cmake and needs these headers.
+  command -v cmake >/dev/null || pkgs+=(cmake)
+  dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || pkgs+=(libcurl4-openssl-dev)
+  dpkg -s libsasl2-dev >/dev/null 2>&1 || pkgs+=(libsasl2-dev)
   if [ ${#pkgs[@]} -gt 0 ]; then
     log "installing ${pkgs[*]}"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${pkgs[@]}" >/dev/null
   fi
+  install_tansu
   # Debian starts the packaged services where it can; ours run on private ports, and a
   # packaged node would only hold on to memory.
   if command -v service >/dev/null && [ -e /etc/init.d/rabbitmq-server ]; then
@@ -141,6 +149,56 @@ boot_rabbitmq() {
   die "RabbitMQ did not start"
 }
 
+tansu_bin() {
+  if command -v tansu >/dev/null; then command -v tansu; return 0; fi
+  [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ] && { echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu"; return 0; }
+  return 1
+}
+
+# tansu, an Apache-2.0 Kafka-protocol broker, from crates.io. Built once (10-15 minutes on
+# two cores) and reused from ~/.cargo/bin afterwards. dynostore gives it storage engines;
+# libsql lets it keep data in SQLite across restarts.
+install_tansu() {
+  tansu_bin >/dev/null && return 0
+  command -v cargo >/dev/null || die "cargo is needed to build the Kafka-protocol broker (tansu)"
+  log "building the Kafka-protocol broker (cargo install tansu $TANSU_VERSION); this takes 10-15 minutes once"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >"${TMPDIR:-/tmp}/tansu-install.log" 2>&1 \
+    || { tail -30 "${TMPDIR:-/tmp}/tansu-install.log" >&2; die "cargo install tansu failed"; }
+}
+
+start_kafka() {
+  local port kdir
+  port=$(free_port)
+  kdir=$STACK_DIR/kafka
+  mkdir -p "$kdir"
+  echo "$port" >"$STACK_DIR/kafka.port"
+  boot_kafka
+  log "Kafka-protocol broker (tansu $("$(tansu_bin)" --version 2>/dev/null | awk '{print $2}')) on 127.0.0.1:$port"
+}
+
+# Starts the broker on its port with its SQLite data (same every time).
+boot_kafka() {
+  local port kdir bin i
+  port=$(cat "$STACK_DIR/kafka.port")
+  kdir=$STACK_DIR/kafka
+  bin=$(tansu_bin) || die "tansu not found; run $0 install"
+  ( cd "$kdir"
+    RUST_LOG=${TANSU_LOG:-warn} setsid "$bin" broker \
+      --listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --storage-engine "sqlite://$kdir/tansu.db" >>"$kdir/broker.log" 2>&1 &
+    echo $! >"$STACK_DIR/kafka.pid" )
+  for i in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    pid_alive "$STACK_DIR/kafka.pid" || break
+    sleep 0.2
+  done
+  tail -30 "$kdir/broker.log" >&2 || true
+  die "the Kafka-protocol broker did not start"
+}
+
 pg_ctl_as() {
   local bindir
   bindir=$(pg_bindir) || die "PostgreSQL server binaries not found"
@@ -160,12 +218,16 @@ restart() {
       stop_pid "$STACK_DIR/rabbitmq.pid" RabbitMQ
       boot_rabbitmq
       log "RabbitMQ restarted" ;;
+    kafka)
+      stop_pid "$STACK_DIR/kafka.pid" "Kafka-protocol broker"
+      boot_kafka
+      log "Kafka-protocol broker restarted" ;;
     postgres)
       pg_ctl_as -D "$STACK_DIR/pg" -l "$STACK_DIR/pg/server.log" -m fast -w -t 60 restart >/dev/null \
         || die "PostgreSQL did not restart"
       head -1 "$STACK_DIR/pg/postmaster.pid" >"$STACK_DIR/pg.pid"
       log "PostgreSQL restarted" ;;
-    *) die "usage: $0 restart rabbitmq|postgres" ;;
+    *) die "usage: $0 restart rabbitmq|kafka|postgres" ;;
   esac
 }
 
@@ -174,21 +236,23 @@ rabbit_ctl() {
 }
 
 write_env() {
-  local pg rb
-  pg=$(cat "$STACK_DIR/pg.port"); rb=$(cat "$STACK_DIR/rabbitmq.port")
+  local pg rb kf
+  pg=$(cat "$STACK_DIR/pg.port"); rb=$(cat "$STACK_DIR/rabbitmq.port"); kf=$(cat "$STACK_DIR/kafka.port")
   cat >"$ENV_FILE" <<EOF
 export OUTBOX_STACK_DIR=$STACK_DIR
 export DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$pg/postgres
 export AMQP_URL=amqp://guest:guest@127.0.0.1:$rb/%2f
 export OUTBOX_TEST_PG_PORT=$pg
 export OUTBOX_TEST_AMQP_PORT=$rb
+export KAFKA_BROKERS=127.0.0.1:$kf
 EOF
 }
 
 up() {
   install
   mkdir -p "$STACK_DIR"
-  if pid_alive "$STACK_DIR/pg.pid" && pid_alive "$STACK_DIR/rabbitmq.pid" && [ -f "$ENV_FILE" ]; then
+  if pid_alive "$STACK_DIR/pg.pid" && pid_alive "$STACK_DIR/rabbitmq.pid" \
+     && pid_alive "$STACK_DIR/kafka.pid" && [ -f "$ENV_FILE" ]; then
     log "stack already running ($ENV_FILE)"
     return 0
   fi
@@ -196,6 +260,7 @@ up() {
   mkdir -p "$STACK_DIR"
   start_postgres
   start_rabbitmq
+  start_kafka
   write_env
   log "ready: . $ENV_FILE"
 }
@@ -214,6 +279,7 @@ stop_pid() {
 
 down_quiet() {
   [ -d "$STACK_DIR" ] || return 0
+  stop_pid "$STACK_DIR/kafka.pid" "Kafka-protocol broker"
   if [ -f "$STACK_DIR/rabbitmq.pid" ]; then
     rabbit_ctl -q shutdown >/dev/null 2>&1 || true
     stop_pid "$STACK_DIR/rabbitmq.pid" RabbitMQ
@@ -239,5 +305,5 @@ case "${1:-}" in
   down) down_quiet; log "stopped" ;;
   env) cat "$ENV_FILE" ;;
   restart) restart "${2:-}" ;;
-  *) echo "usage: $0 install|up|down|env|restart rabbitmq|postgres" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up|down|env|restart rabbitmq|kafka|postgres" >&2; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ use sqlx::{postgres::PgConnectOptions, postgres::PgPoolOptions, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{redact_url, BrokerKind, Overrides, Settings},
+    config::{redact_url, Overrides, Settings},
     publish::Publisher,
     relay::{error_chain, Backoff, Relay},
     store::Store,
@@ -34,6 +34,12 @@ pub struct Cli {
     /// RabbitMQ URL (rabbitmq.url).
     #[arg(long, global = true, value_name = "URL")]
     pub rabbitmq_url: Option<String>,
+    /// Broker to publish to, rabbitmq or kafka (broker).
+    #[arg(long, global = true, value_name = "KIND")]
+    pub broker: Option<String>,
+    /// Kafka bootstrap servers, host:port[,...] (kafka.brokers).
+    #[arg(long, global = true, value_name = "LIST")]
+    pub kafka_brokers: Option<String>,
     /// Log format, text or json (log.format).
     #[arg(long, global = true, value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -146,6 +152,8 @@ impl Cli {
         put("database.url", &self.database_url);
         put("database.schema", &self.schema);
         put("rabbitmq.url", &self.rabbitmq_url);
+        put("broker", &self.broker);
+        put("kafka.brokers", &self.kafka_brokers);
         put("log.format", &self.log_format);
         o
     }
@@ -323,11 +331,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.relay.dead_key_policy,
         !settings.retention.delivered.is_zero(),
     );
-    let publisher: Arc<dyn Publisher> = match settings.broker {
-        BrokerKind::Rabbitmq => Arc::new(crate::publish::rabbitmq::RabbitMqPublisher::new(
-            &settings.rabbitmq,
-        )),
-    };
+    let publisher: Arc<dyn Publisher> = crate::publish::from_settings(&settings)?;
     let relay = Arc::new(Relay::new(
         store,
         publisher,
@@ -363,6 +367,7 @@ fn log_settings(s: &Settings) {
         database = %redact_url(s.database.url.as_ref().map(|u| u.expose_secret()).unwrap_or("")),
         schema = %s.database.schema,
         rabbitmq = %redact_url(s.rabbitmq.url.as_ref().map(|u| u.expose_secret()).unwrap_or("")),
+        kafka = s.kafka.brokers.as_deref().unwrap_or(""),
         batch_size = s.relay.batch_size,
         workers = s.relay.workers,
         lease = ?s.relay.lease,

@@ -27,6 +27,8 @@ pub struct Settings {
     pub retry: RetrySettings,
     /// The RabbitMQ broker.
     pub rabbitmq: RabbitMqSettings,
+    /// The Kafka cluster.
+    pub kafka: KafkaSettings,
     /// How long delivered and discarded records are kept.
     pub retention: RetentionSettings,
     /// Logging.
@@ -69,6 +71,8 @@ pub enum BrokerKind {
     /// RabbitMQ, through AMQP 0.9.1 with publisher confirms.
     #[default]
     Rabbitmq,
+    /// Kafka, through the idempotent producer with `acks=all`.
+    Kafka,
 }
 
 /// `[database]`
@@ -208,6 +212,46 @@ impl Default for RabbitMqSettings {
             confirm_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, `host:port[,host:port...]`; required when `broker = "kafka"`.
+    pub brokers: Option<String>,
+    /// Kafka topic for an outbox topic without a route; `{topic}` and `{key}` are replaced.
+    pub topic: String,
+    /// Per-topic Kafka topic, overriding `topic`.
+    pub routes: BTreeMap<String, KafkaRouteSettings>,
+    /// How long the producer may try to deliver one message (`message.timeout.ms`). A
+    /// timeout counts as "broker unavailable", not as a failed attempt.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// librdkafka producer properties, passed through (e.g. `compression.type`,
+    /// `security.protocol`, `sasl.username`). Properties that would break the relay's
+    /// guarantees (`enable.idempotence`, `acks`, `max.in.flight...` above 5) are refused.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            topic: "{topic}".to_owned(),
+            routes: BTreeMap::new(),
+            delivery_timeout: Duration::from_secs(30),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[kafka.routes."<topic>"]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaRouteSettings {
+    /// Kafka topic for this outbox topic (`{topic}`, `{key}` are replaced).
+    pub topic: String,
 }
 
 /// `[rabbitmq.routes."<topic>"]`
@@ -425,6 +469,42 @@ impl Settings {
                 }
             }
         }
+        if with_broker && self.broker == BrokerKind::Kafka {
+            let k = &self.kafka;
+            match k.brokers.as_deref().map(str::trim) {
+                None | Some("") => p.push(
+                    "kafka.brokers is not set (OUTBOX__KAFKA__BROKERS or --kafka-brokers)"
+                        .to_owned(),
+                ),
+                Some(list) => {
+                    for b in list.split(',') {
+                        let ok = b.trim().rsplit_once(':').is_some_and(|(h, port)| {
+                            !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                        });
+                        if !ok {
+                            p.push(format!("kafka.brokers: {b:?} is not host:port"));
+                        }
+                    }
+                }
+            }
+            if k.delivery_timeout < Duration::from_secs(1) {
+                p.push("kafka.delivery_timeout must be at least 1s".to_owned());
+            }
+            let mut templates = vec![("kafka.topic".to_owned(), &k.topic)];
+            for (topic, route) in &k.routes {
+                templates.push((format!("kafka.routes.\"{topic}\".topic"), &route.topic));
+            }
+            for (name, value) in templates {
+                if let Err(e) = Template::parse(value) {
+                    p.push(format!("{name}: {e}"));
+                }
+            }
+            for (name, value) in &k.properties {
+                if let Err(e) = crate::config::check_kafka_property(name, value) {
+                    p.push(format!("kafka.properties.\"{name}\": {e}"));
+                }
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(format!(
                 "log.level {:?} is not a valid filter: {e}",
@@ -462,6 +542,29 @@ impl Settings {
     /// The validated schema name.
     pub fn schema(&self) -> Schema {
         Schema::parse(&self.database.schema).expect("validated at load")
+    }
+}
+
+/// Refuses producer properties that would break per-key order or no-loss, or that the
+/// relay sets itself.
+pub fn check_kafka_property(name: &str, value: &str) -> Result<(), String> {
+    match name {
+        "enable.idempotence" if value != "true" => {
+            Err("must stay true: the idempotent producer keeps per-key order across retries".into())
+        }
+        "acks" | "request.required.acks" if !matches!(value, "all" | "-1") => Err(
+            "must stay all: a message is confirmed only once every in-sync replica has it".into(),
+        ),
+        "max.in.flight.requests.per.connection" | "max.in.flight"
+            if value.parse::<u32>().map_or(true, |n| n > 5) =>
+        {
+            Err("must be 1 to 5 with the idempotent producer".into())
+        }
+        "bootstrap.servers" | "metadata.broker.list" => Err("set kafka.brokers instead".into()),
+        "message.timeout.ms" | "delivery.timeout.ms" => {
+            Err("set kafka.delivery_timeout instead".into())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -616,6 +719,28 @@ mod tests {
     fn lease_has_a_floor() {
         let err = problems(&[("OUTBOX__RELAY__LEASE", "200ms")]);
         assert!(err.contains("relay.lease must be at least 1s"), "{err}");
+    }
+
+    #[test]
+    fn kafka_needs_brokers_and_keeps_its_guarantees() {
+        let err = problems(&[("OUTBOX__BROKER", "kafka")]);
+        assert!(err.contains("kafka.brokers is not set"), "{err}");
+        assert!(
+            !err.contains("rabbitmq.url"),
+            "RabbitMQ settings are not needed for Kafka: {err}"
+        );
+        let err = problems(&[
+            ("OUTBOX__BROKER", "kafka"),
+            ("OUTBOX__KAFKA__BROKERS", "localhost:9092,nohost"),
+        ]);
+        assert!(err.contains("\"nohost\" is not host:port"), "{err}");
+        assert_eq!(
+            check_kafka_property("acks", "1").unwrap_err(),
+            "must stay all: a message is confirmed only once every in-sync replica has it"
+        );
+        assert!(check_kafka_property("enable.idempotence", "false").is_err());
+        assert!(check_kafka_property("max.in.flight.requests.per.connection", "10").is_err());
+        assert!(check_kafka_property("compression.type", "zstd").is_ok());
     }
 
     #[test]

@@ -19,7 +19,6 @@ use lapin::{
 };
 use outbox_relay::{
     config::{DeadKeyPolicy, Settings},
-    publish::rabbitmq::RabbitMqPublisher,
     relay::Relay,
     store::Store,
 };
@@ -94,7 +93,109 @@ impl TestDb {
     }
 }
 
-/// Relay settings for tests: both URLs set and short timings.
+/// `KAFKA_BROKERS`, or a panic that says how to get one.
+pub fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKERS")
+        .expect("KAFKA_BROKERS is not set: run the tests with scripts/test.sh")
+}
+
+/// The broker a test runs against. Tests of the relay's guarantees run against both (see
+/// [`for_each_broker!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// RabbitMQ, through the default exchange: the topic names the queue.
+    RabbitMq,
+    /// Kafka: the topic names the Kafka topic (3 partitions).
+    Kafka,
+}
+
+impl Broker {
+    /// Relay settings for this broker against `db`, with short timings.
+    pub fn settings(self, db: &TestDb) -> Settings {
+        let mut s = settings(db);
+        if self == Broker::Kafka {
+            s.broker = outbox_relay::config::BrokerKind::Kafka;
+            s.kafka.brokers = Some(kafka_brokers());
+            s.kafka.delivery_timeout = Duration::from_secs(10);
+            s.validate(true).expect("test settings are valid");
+        }
+        s
+    }
+
+    /// `OUTBOX__*` variables for a relay process on this broker against `db`.
+    pub fn env(self, db: &TestDb) -> Vec<(&'static str, String)> {
+        let mut env = vec![("OUTBOX__DATABASE__URL", db.url.clone())];
+        match self {
+            Broker::RabbitMq => env.push(("OUTBOX__RABBITMQ__URL", amqp_url())),
+            Broker::Kafka => {
+                env.push(("OUTBOX__BROKER", "kafka".to_owned()));
+                env.push(("OUTBOX__KAFKA__BROKERS", kafka_brokers()));
+            }
+        }
+        env
+    }
+
+    /// A consumer on this broker.
+    pub async fn consumer(self) -> Consumer {
+        match self {
+            Broker::RabbitMq => Consumer::connect().await,
+            Broker::Kafka => Consumer::kafka(),
+        }
+    }
+
+    /// A message this broker refuses for good or keeps refusing, with a fragment of the
+    /// reason the relay must record: RabbitMQ cannot route a topic without a queue; Kafka
+    /// refuses a message larger than `message.max.bytes`.
+    pub fn poison(self, key: &str) -> (outbox::Message, &'static str) {
+        match self {
+            Broker::RabbitMq => (
+                outbox::Message::new(topic("nowhere"), b"p".to_vec())
+                    .unwrap()
+                    .with_key(key)
+                    .unwrap(),
+                "NO_ROUTE",
+            ),
+            Broker::Kafka => (
+                outbox::Message::new(topic("oversize"), vec![0u8; 2_000_000])
+                    .unwrap()
+                    .with_key(key)
+                    .unwrap(),
+                "too large",
+            ),
+        }
+    }
+
+    /// Failed attempts before the poison message is dead: RabbitMQ's refusal is retried up
+    /// to `retry.max_attempts`; Kafka's is permanent.
+    pub fn poison_attempts(self, max_attempts: u32) -> i32 {
+        match self {
+            Broker::RabbitMq => max_attempts as i32,
+            Broker::Kafka => 1,
+        }
+    }
+}
+
+/// Runs each listed `async fn name(broker: Broker)` once per broker, as
+/// `rabbitmq::name` and `kafka::name`.
+#[macro_export]
+macro_rules! for_each_broker {
+    ($($name:ident),* $(,)?) => {
+        mod rabbitmq {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::Broker::RabbitMq).await
+            })*
+        }
+        mod kafka {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::Broker::Kafka).await
+            })*
+        }
+    };
+}
+
+/// Relay settings for tests: both URLs set and short timings (RabbitMQ).
 pub fn settings(db: &TestDb) -> Settings {
     let mut s = Settings::default();
     s.database.url = Some(db.url.clone().into());
@@ -149,7 +250,7 @@ pub async fn relay(settings: &Settings) -> Arc<Relay> {
         settings.relay.dead_key_policy,
         !settings.retention.delivered.is_zero(),
     );
-    let publisher = Arc::new(RabbitMqPublisher::new(&settings.rabbitmq));
+    let publisher = outbox_relay::publish::from_settings(settings).expect("publisher");
     Arc::new(Relay::new(
         store,
         publisher,
@@ -201,15 +302,24 @@ pub struct Received {
     pub payload: Vec<u8>,
     /// The exchange it was published to.
     pub exchange: String,
-    /// The routing key it was published with.
+    /// The routing key it was published with (Kafka: the topic).
     pub routing_key: String,
+    /// The Kafka partition it was read from.
+    pub partition: Option<i32>,
 }
 
 /// Declares queues and records every delivery from them, in arrival order.
 pub struct Consumer {
-    _connection: Connection,
-    channel: Channel,
+    inner: Inner,
     received: Arc<Mutex<Vec<Received>>>,
+}
+
+enum Inner {
+    Rabbit {
+        _connection: Connection,
+        channel: Channel,
+    },
+    Kafka,
 }
 
 impl Consumer {
@@ -225,15 +335,30 @@ impl Consumer {
         .expect("consumer connect");
         let channel = connection.create_channel().await.expect("consumer channel");
         Self {
-            _connection: connection,
-            channel,
+            inner: Inner::Rabbit {
+                _connection: connection,
+                channel,
+            },
             received: Arc::default(),
         }
     }
 
-    /// Declares queue `name` (durable, deleted with the broker's data) and consumes it.
+    /// A Kafka consumer (topics are created and read by [`Consumer::queue`]).
+    pub fn kafka() -> Self {
+        Self {
+            inner: Inner::Kafka,
+            received: Arc::default(),
+        }
+    }
+
+    /// RabbitMQ: declares queue `name` (durable) and consumes it. Kafka: creates topic
+    /// `name` with 3 partitions and reads every partition from the beginning.
     pub async fn queue(&self, name: &str) {
-        self.channel
+        let channel = match &self.inner {
+            Inner::Rabbit { channel, .. } => channel,
+            Inner::Kafka => return kafka_read(name, self.received.clone()).await,
+        };
+        channel
             .queue_declare(
                 name,
                 QueueDeclareOptions {
@@ -244,8 +369,7 @@ impl Consumer {
             )
             .await
             .expect("queue_declare");
-        let mut consumer = self
-            .channel
+        let mut consumer = channel
             .basic_consume(
                 name,
                 &format!("test-{name}"),
@@ -263,9 +387,12 @@ impl Consumer {
         });
     }
 
-    /// The consumer's channel, for declaring exchanges and bindings.
+    /// The consumer's channel, for declaring exchanges and bindings (RabbitMQ only).
     pub fn channel(&self) -> &Channel {
-        &self.channel
+        match &self.inner {
+            Inner::Rabbit { channel, .. } => channel,
+            Inner::Kafka => panic!("a Kafka consumer has no channel"),
+        }
     }
 
     /// Everything received so far, in arrival order.
@@ -330,6 +457,7 @@ fn decode(d: &lapin::message::Delivery) -> Received {
         payload: d.data.clone(),
         exchange: d.exchange.to_string(),
         routing_key: d.routing_key.to_string(),
+        partition: None,
     }
 }
 
@@ -452,4 +580,90 @@ impl RelayProcess {
         tokio::time::sleep(Duration::from_millis(50)).await;
         status
     }
+}
+
+/// Creates `topic` (3 partitions) and records every message in it, from the beginning.
+async fn kafka_read(topic: &str, received: Arc<Mutex<Vec<Received>>>) {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+        consumer::{Consumer as _, StreamConsumer},
+        message::{Headers, Message as _},
+        ClientConfig, Offset, TopicPartitionList,
+    };
+    let brokers = kafka_brokers();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create_topics");
+    for r in created {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("test-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..3 {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    tokio::spawn(async move {
+        loop {
+            let m = match consumer.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("kafka consumer: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let mut headers = BTreeMap::new();
+            if let Some(h) = m.headers() {
+                for header in h.iter() {
+                    let value = header
+                        .value
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default();
+                    headers.insert(header.key.to_owned(), value);
+                }
+            }
+            let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+            received.lock().unwrap().push(Received {
+                message_id: headers.get("outbox-id").cloned(),
+                id: headers
+                    .get("outbox-id")
+                    .and_then(|s| s.parse().ok())
+                    .expect("outbox-id header"),
+                key: headers.get("outbox-key").cloned().or(key),
+                seq: headers
+                    .get("outbox-seq")
+                    .and_then(|s| s.parse().ok())
+                    .expect("outbox-seq header"),
+                topic: headers
+                    .get("outbox-topic")
+                    .cloned()
+                    .expect("outbox-topic header"),
+                content_type: headers.get("content-type").cloned(),
+                delivery_mode: None,
+                payload: m.payload().unwrap_or_default().to_vec(),
+                exchange: String::new(),
+                routing_key: m.topic().to_owned(),
+                partition: Some(m.partition()),
+                headers,
+            });
+        }
+    });
 }

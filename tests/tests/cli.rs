@@ -7,7 +7,7 @@ use std::{
 };
 
 use outbox::{Message, Outbox};
-use outbox_tests::{amqp_url, settings, start_relay, topic, Consumer, RelayProcess, TestDb};
+use outbox_tests::{amqp_url, for_each_broker, start_relay, topic, Broker, RelayProcess, TestDb};
 
 /// A relay process built for these tests.
 struct Proc;
@@ -277,12 +277,11 @@ async fn migrate_then_status_report_the_outbox() {
 
 /// SIGTERM mid-stream: the relay exits 0 within its grace period, leaves no row leased,
 /// and a second relay delivers everything that was not confirmed, so nothing is lost.
-#[tokio::test]
-async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace() {
+async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace(b: Broker) {
     const N: usize = 3000;
     let db = TestDb::new().await;
     let t = topic("drain");
-    let consumer = Consumer::connect().await;
+    let consumer = b.consumer().await;
     consumer.queue(&t).await;
     let msgs: Vec<Message> = (0..N)
         .map(|i| {
@@ -298,15 +297,10 @@ async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace() {
         .unwrap();
 
     let grace = Duration::from_secs(5);
-    let mut p = Proc::spawn(
-        &["run"],
-        &[
-            ("OUTBOX__DATABASE__URL", db.url.clone()),
-            ("OUTBOX__RABBITMQ__URL", amqp_url()),
-            ("OUTBOX__RELAY__BATCH_SIZE", "200".into()),
-            ("OUTBOX__RELAY__SHUTDOWN_GRACE", "5s".into()),
-        ],
-    );
+    let mut env = b.env(&db);
+    env.push(("OUTBOX__RELAY__BATCH_SIZE", "200".into()));
+    env.push(("OUTBOX__RELAY__SHUTDOWN_GRACE", "5s".into()));
+    let mut p = Proc::spawn(&["run"], &env);
     consumer.wait_for(N / 10, Duration::from_secs(30)).await;
     let signalled = Instant::now();
     p.terminate();
@@ -330,7 +324,7 @@ async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace() {
         "the stream should have been cut mid-way (all {N} arrived before SIGTERM took effect)"
     );
 
-    let relay = start_relay(&settings(&db)).await;
+    let relay = start_relay(&b.settings(&db)).await;
     consumer.wait_for(N, Duration::from_secs(60)).await;
     relay.stop().await;
     let got = consumer.settle(Duration::from_millis(300)).await;
@@ -352,3 +346,74 @@ async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace() {
         got.len() - N
     );
 }
+
+/// A Kafka cluster that cannot be reached shows up as delivery timeouts: retried, logged,
+/// and never counted as attempts.
+#[tokio::test]
+async fn unreachable_kafka_is_retried_without_spending_attempts() {
+    let db = TestDb::new().await;
+    let msg = Message::new(topic("t"), b"x".to_vec()).unwrap();
+    outbox::enqueue(&db.pool, &msg).await.unwrap();
+    let port = free_port();
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            ("OUTBOX__DATABASE__URL", db.url.clone()),
+            ("OUTBOX__BROKER", "kafka".into()),
+            ("OUTBOX__KAFKA__BROKERS", format!("127.0.0.1:{port}")),
+            ("OUTBOX__KAFKA__DELIVERY_TIMEOUT", "1s".into()),
+            ("OUTBOX__RELAY__RECONNECT_MAX_DELAY", "300ms".into()),
+            ("OUTBOX__RELAY__WORKERS", "1".into()),
+        ],
+    );
+    p.wait_for_line("broker unavailable", 2, Duration::from_secs(20))
+        .await;
+    p.terminate();
+    assert!(
+        p.exit(Duration::from_secs(15)).await.success(),
+        "{}",
+        p.output()
+    );
+    assert!(
+        p.output().contains(&format!("Kafka at 127.0.0.1:{port}")),
+        "{}",
+        p.output()
+    );
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox.messages")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("pending", 0),
+        "an unreachable cluster must not count as attempts"
+    );
+}
+
+#[tokio::test]
+async fn kafka_settings_that_would_break_guarantees_are_refused() {
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            ("OUTBOX__DATABASE__URL", "postgres://h/db".into()),
+            ("OUTBOX__BROKER", "kafka".into()),
+            ("OUTBOX__KAFKA__BROKERS", "127.0.0.1:9092".into()),
+            ("OUTBOX__KAFKA__PROPERTIES__ACKS", "1".into()),
+        ],
+    );
+    assert_eq!(
+        p.exit(Duration::from_secs(10)).await.code(),
+        Some(2),
+        "{}",
+        p.output()
+    );
+    assert!(
+        p.output()
+            .contains("kafka.properties.\"acks\": must stay all"),
+        "{}",
+        p.output()
+    );
+}
+
+for_each_broker!(graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace);

@@ -5,7 +5,7 @@
 use std::{collections::HashSet, process::Command, time::Duration};
 
 use outbox::{Message, Outbox};
-use outbox_tests::{assert_per_key_order, settings, start_relay, topic, Consumer, TestDb};
+use outbox_tests::{assert_per_key_order, settings, start_relay, topic, Broker, Consumer, TestDb};
 
 const N: usize = 2000;
 
@@ -123,6 +123,52 @@ async fn relay_recovers_when_postgres_drops_its_connections() {
     assert_all_arrived(&msgs, &got);
     println!(
         "{killed} PostgreSQL connections cut: {} arrivals for {N} messages",
+        got.len()
+    );
+}
+
+/// Restarts the Kafka-protocol broker in place (its data is kept in SQLite).
+async fn restart_kafka() {
+    let dir =
+        std::env::var("OUTBOX_STACK_DIR").expect("OUTBOX_STACK_DIR: run with scripts/test.sh");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack.sh");
+    let status = tokio::process::Command::new("bash")
+        .arg(script)
+        .args(["restart", "kafka"])
+        .env("OUTBOX_STACK_DIR", dir)
+        .status()
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "restarting the Kafka-protocol broker failed"
+    );
+}
+
+#[tokio::test]
+async fn kafka_broker_restart_mid_stream_loses_nothing() {
+    let db = TestDb::new().await;
+    let t = topic("kafka-restart");
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&t).await;
+    let msgs = stream(&t);
+    let relay = start_relay(&Broker::Kafka.settings(&db)).await;
+    let (first, second) = msgs.split_at(N / 2);
+    Outbox::default()
+        .enqueue_batch(&db.pool, first)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    restart_kafka().await;
+    Outbox::default()
+        .enqueue_batch(&db.pool, second)
+        .await
+        .unwrap();
+    let got = consumer.wait_for(N, Duration::from_secs(90)).await;
+    relay.stop().await;
+    assert_all_arrived(&msgs, &got);
+    println!(
+        "Kafka broker restarted mid-stream: {} arrivals for {N} messages",
         got.len()
     );
 }

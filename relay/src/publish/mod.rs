@@ -6,6 +6,8 @@ use futures::future::BoxFuture;
 
 use crate::envelope::Envelope;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
@@ -42,4 +44,26 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Closes the connection cleanly; called once, after the last publish.
     fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// The publisher the settings ask for.
+pub fn from_settings(
+    settings: &crate::config::Settings,
+) -> Result<std::sync::Arc<dyn Publisher>, PublishError> {
+    use crate::config::BrokerKind;
+    match settings.broker {
+        #[cfg(feature = "rabbitmq")]
+        BrokerKind::Rabbitmq => Ok(std::sync::Arc::new(rabbitmq::RabbitMqPublisher::new(
+            &settings.rabbitmq,
+        ))),
+        #[cfg(feature = "kafka")]
+        BrokerKind::Kafka => Ok(std::sync::Arc::new(kafka::KafkaPublisher::new(
+            &settings.kafka,
+        )?)),
+        #[allow(unreachable_patterns)]
+        other => Err(PublishError::Fatal(format!(
+            "this build of outbox-relay has no {other:?} support (cargo feature {:?})",
+            format!("{other:?}").to_lowercase()
+        ))),
+    }
 }

@@ -52,6 +52,7 @@ struct Options {
     db_restarts: usize,
     rate: f64,
     seed: u64,
+    kafka: bool,
 }
 
 impl Options {
@@ -73,6 +74,7 @@ impl Options {
             db_restarts: 1,
             rate: 1000.0,
             seed: rand::random(),
+            kafka: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -94,9 +96,16 @@ impl Options {
                 "--db-restarts" => o.db_restarts = n()?,
                 "--rate" => o.rate = value.parse().context("--rate")?,
                 "--seed" => o.seed = value.parse().context("--seed")?,
+                "--broker" => {
+                    o.kafka = match value.as_str() {
+                        "rabbitmq" => false,
+                        "kafka" => true,
+                        other => bail!("--broker: {other:?} is neither rabbitmq nor kafka"),
+                    }
+                }
                 other => bail!(
                     "unknown option {other}; use --messages --keys --producers --relays --kills \
-                     --broker-restarts --db-restarts --rate --seed"
+                     --broker-restarts --db-restarts --rate --seed --broker"
                 ),
             }
         }
@@ -151,9 +160,10 @@ async fn run() -> anyhow::Result<bool> {
             relay_bin.display()
         );
     }
+    let broker_name = if o.kafka { "Kafka" } else { "RabbitMQ" };
     println!(
-        "chaos: {} messages over {} keys from {} producers at {} msg/s (~{:.0} s); {} relays; {} relay \
-         kills, {} RabbitMQ restarts, {} PostgreSQL restarts; seed {}",
+        "chaos ({broker_name}): {} messages over {} keys from {} producers at {} msg/s (~{:.0} s); {} \
+         relays; {} relay kills, {} broker restarts, {} PostgreSQL restarts; seed {}",
         o.messages,
         o.keys,
         o.producers,
@@ -192,22 +202,33 @@ async fn run() -> anyhow::Result<bool> {
 
     let arrivals = Arc::new(Mutex::new(Vec::<Arrival>::new()));
     let consumer_stop = Arc::new(AtomicBool::new(false));
-    let consumer = tokio::spawn(consume(
-        amqp_url.clone(),
-        queue.clone(),
-        arrivals.clone(),
-        consumer_stop.clone(),
-    ));
-    // The queue must exist before anything is published to it.
-    let declared = Instant::now();
-    while !declared_queue(&amqp_url, &queue).await {
-        if declared.elapsed() > Duration::from_secs(30) {
-            bail!("could not declare queue {queue}");
+    let kafka_brokers = std::env::var("KAFKA_BROKERS").unwrap_or_default();
+    let consumer = if o.kafka {
+        create_topic(&kafka_brokers, &queue).await?;
+        tokio::spawn(consume_kafka(
+            kafka_brokers.clone(),
+            queue.clone(),
+            arrivals.clone(),
+            consumer_stop.clone(),
+        ))
+    } else {
+        // The queue must exist before anything is published to it.
+        let declared = Instant::now();
+        while !declared_queue(&amqp_url, &queue).await {
+            if declared.elapsed() > Duration::from_secs(30) {
+                bail!("could not declare queue {queue}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        tokio::spawn(consume(
+            amqp_url.clone(),
+            queue.clone(),
+            arrivals.clone(),
+            consumer_stop.clone(),
+        ))
+    };
 
-    let relay_env = vec![
+    let mut relay_env = vec![
         ("OUTBOX__DATABASE__URL", db_url.clone()),
         ("OUTBOX__RABBITMQ__URL", amqp_url.clone()),
         ("OUTBOX__RELAY__LEASE", "2s".to_owned()),
@@ -216,6 +237,10 @@ async fn run() -> anyhow::Result<bool> {
         ("OUTBOX__RABBITMQ__CONFIRM_TIMEOUT", "5s".to_owned()),
         ("OUTBOX__LOG__LEVEL", "warn".to_owned()),
     ];
+    if o.kafka {
+        relay_env.push(("OUTBOX__BROKER", "kafka".to_owned()));
+        relay_env.push(("OUTBOX__KAFKA__BROKERS", kafka_brokers.clone()));
+    }
     let log_dir = PathBuf::from(&stack_dir).join(format!("chaos-logs-{name}"));
     std::fs::create_dir_all(&log_dir)?;
     let mut relays = Vec::new();
@@ -433,7 +458,17 @@ async fn run() -> anyhow::Result<bool> {
             ("per-key order violations", violations.len().to_string()),
         ),
         (8, ("relay kills (SIGKILL)", kills.to_string())),
-        (9, ("RabbitMQ restarts", broker_restarts.to_string())),
+        (
+            9,
+            (
+                if o.kafka {
+                    "Kafka broker restarts"
+                } else {
+                    "RabbitMQ restarts"
+                },
+                broker_restarts.to_string(),
+            ),
+        ),
         (10, ("PostgreSQL restarts", db_restarts.to_string())),
         (
             11,
@@ -690,5 +725,86 @@ async fn consume(
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+        ClientConfig,
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Reads every partition of `topic` from the beginning until told to stop; librdkafka
+/// reconnects by itself after a broker restart.
+async fn consume_kafka(
+    brokers: String,
+    topic: String,
+    arrivals: Arc<Mutex<Vec<Arrival>>>,
+    stop: Arc<AtomicBool>,
+) {
+    use rdkafka::{
+        consumer::{Consumer as _, StreamConsumer},
+        message::{Headers, Message as _},
+        ClientConfig, Offset, TopicPartitionList,
+    };
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("chaos-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("kafka consumer");
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..3 {
+        assignment
+            .add_partition_offset(&topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(next) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        else {
+            continue;
+        };
+        let m = match next {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("kafka consumer: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let header = |name: &str| {
+            m.headers().and_then(|h| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+        };
+        let arrival = Arrival {
+            id: header("outbox-id")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
+            key: header("outbox-key").unwrap_or_default(),
+            seq: header("outbox-seq")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
+        };
+        arrivals.lock().unwrap().push(arrival);
     }
 }

@@ -3,7 +3,8 @@
 //! what arrives. Prints progress every second and a summary; exits non-zero if a committed
 //! message was lost, a rolled-back one arrived, or a key's order broke.
 //!
-//! Reads `DATABASE_URL` and `AMQP_URL`. Usage: `outbox-demo [MESSAGES] [KEYS]`.
+//! Reads `DATABASE_URL`, and `AMQP_URL` or (with `DEMO_BROKER=kafka`) `KAFKA_BROKERS`.
+//! Usage: `outbox-demo [MESSAGES] [KEYS]`.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -60,7 +61,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         .unwrap_or(20_000);
     let keys: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(100);
     let db_url = std::env::var("DATABASE_URL")?;
-    let amqp_url = std::env::var("AMQP_URL")?;
+    let amqp_url = std::env::var("AMQP_URL").unwrap_or_default();
 
     let pool = PgPoolOptions::new()
         .max_connections(PRODUCERS as u32 + 2)
@@ -70,80 +71,13 @@ async fn main() -> anyhow::Result<ExitCode> {
         .execute(&pool)
         .await?;
 
-    let conn = Connection::connect(
-        &amqp_url,
-        ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio),
-    )
-    .await?;
-    let channel = conn.create_channel().await?;
-    channel
-        .queue_declare(
-            TOPIC,
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_purge(TOPIC, QueuePurgeOptions::default())
-        .await?;
-    channel.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut deliveries = channel
-        .basic_consume(
-            TOPIC,
-            "outbox-demo",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
     let seen = Arc::new(Mutex::new(Seen::default()));
     let rolled_back_ids = Arc::new(Mutex::new(HashSet::new()));
-    {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(d)) = deliveries.next().await {
-                let header = |name: &str| {
-                    d.properties
-                        .headers()
-                        .as_ref()
-                        .and_then(|h| match h.inner().get(name) {
-                            Some(AMQPValue::LongString(s)) => {
-                                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                            }
-                            _ => None,
-                        })
-                };
-                let id: Uuid = header("outbox-id")
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_default();
-                let seq: i64 = header("outbox-seq")
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or_default();
-                let key = header("outbox-key").unwrap_or_default();
-                let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
-                let written = body["written_ms"].as_f64().unwrap_or(0.0);
-                {
-                    let mut guard = seen.lock().unwrap();
-                    let s = &mut *guard;
-                    if s.ids.insert(id) {
-                        s.latencies_ms.push(now_ms() - written);
-                        let last = s.last_seq.entry(key).or_insert(i64::MIN);
-                        if seq < *last {
-                            s.order_violations += 1;
-                        }
-                        *last = seq.max(*last);
-                    } else {
-                        s.duplicates += 1;
-                    }
-                }
-                let _ = d.ack(BasicAckOptions::default()).await;
-            }
-        });
+    let kafka = std::env::var("DEMO_BROKER").is_ok_and(|b| b == "kafka");
+    if kafka {
+        consume_kafka(&std::env::var("KAFKA_BROKERS")?, seen.clone()).await?;
+    } else {
+        consume_rabbitmq(&amqp_url, seen.clone()).await?;
     }
 
     println!("writing {total} messages over {keys} keys from {PRODUCERS} producers, {PER_TX} per transaction, every {ROLLBACK_EVERY}th transaction rolled back");
@@ -269,4 +203,136 @@ async fn main() -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+impl Seen {
+    /// Records one delivery: first arrivals per key must come in `seq` order.
+    fn record(&mut self, id: Uuid, key: String, seq: i64, body: &[u8]) {
+        let body: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let written = body["written_ms"].as_f64().unwrap_or(0.0);
+        if self.ids.insert(id) {
+            self.latencies_ms.push(now_ms() - written);
+            let last = self.last_seq.entry(key).or_insert(i64::MIN);
+            if seq < *last {
+                self.order_violations += 1;
+            }
+            *last = seq.max(*last);
+        } else {
+            self.duplicates += 1;
+        }
+    }
+}
+
+fn parse<T: std::str::FromStr + Default>(value: Option<String>) -> T {
+    value.and_then(|s| s.parse().ok()).unwrap_or_default()
+}
+
+async fn consume_rabbitmq(amqp_url: &str, seen: Arc<Mutex<Seen>>) -> anyhow::Result<()> {
+    let conn = Connection::connect(
+        amqp_url,
+        ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio),
+    )
+    .await?;
+    let channel = conn.create_channel().await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(TOPIC, durable, FieldTable::default())
+        .await?;
+    channel
+        .queue_purge(TOPIC, QueuePurgeOptions::default())
+        .await?;
+    channel.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut deliveries = channel
+        .basic_consume(
+            TOPIC,
+            "outbox-demo",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tokio::spawn(async move {
+        let _conn = conn;
+        while let Some(Ok(d)) = deliveries.next().await {
+            let header = |name: &str| {
+                d.properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| match h.inner().get(name) {
+                        Some(AMQPValue::LongString(s)) => {
+                            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                        }
+                        _ => None,
+                    })
+            };
+            let (id, seq, key) = (
+                parse(header("outbox-id")),
+                parse(header("outbox-seq")),
+                parse(header("outbox-key")),
+            );
+            seen.lock().unwrap().record(id, key, seq, &d.data);
+            let _ = d.ack(BasicAckOptions::default()).await;
+        }
+    });
+    Ok(())
+}
+
+/// Creates the demo topic (3 partitions) and reads it from the beginning (the local stack is
+/// new for every demo run, so the topic holds only this run).
+async fn consume_kafka(brokers: &str, seen: Arc<Mutex<Seen>>) -> anyhow::Result<()> {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+        consumer::{Consumer as _, StreamConsumer},
+        message::{Headers, Message as _},
+        ClientConfig, Offset, TopicPartitionList,
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    // An existing topic is fine: the demo reads only what it writes from here on.
+    let _ = admin
+        .create_topics(
+            &[NewTopic::new(TOPIC, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "outbox-demo")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..3 {
+        assignment.add_partition_offset(TOPIC, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(m) = consumer.recv().await else {
+                continue;
+            };
+            let header = |name: &str| {
+                m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == name)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+            };
+            let (id, seq, key) = (
+                parse(header("outbox-id")),
+                parse(header("outbox-seq")),
+                parse(header("outbox-key")),
+            );
+            seen.lock()
+                .unwrap()
+                .record(id, key, seq, m.payload().unwrap_or_default());
+        }
+    });
+    Ok(())
 }

@@ -1,0 +1,195 @@
+//! Kafka through rdkafka: the idempotent producer with `acks=all`.
+//!
+//! A message is confirmed when its delivery report says it was written (every in-sync
+//! replica has it). The outbox key is the Kafka message key, so a key's messages share a
+//! partition and per-key order becomes partition order. Delivery failures are classified:
+//! a message too large, an unknown topic or a refused authorization is permanent (dead at
+//! once, with the broker's reason); a timeout or a transport failure is "broker
+//! unavailable" (no attempt counted); anything else the broker rejected counts as a failed
+//! attempt and is retried with the relay's policy.
+
+use std::time::Duration;
+
+use futures::{future::BoxFuture, FutureExt};
+use rdkafka::{
+    config::ClientConfig,
+    error::{KafkaError, RDKafkaErrorCode},
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord, Producer},
+    util::Timeout,
+};
+
+use super::{PublishError, Publisher};
+use crate::{
+    config::KafkaSettings,
+    envelope::{Envelope, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
+    route::Template,
+};
+
+/// Publishes to one Kafka cluster.
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    brokers: String,
+    default_topic: Template,
+    routes: std::collections::BTreeMap<String, Template>,
+}
+
+impl KafkaPublisher {
+    /// A producer for validated settings. librdkafka connects in the background; an
+    /// unreachable cluster shows up as delivery timeouts ("broker unavailable").
+    pub fn new(settings: &KafkaSettings) -> Result<Self, PublishError> {
+        let brokers = settings
+            .brokers
+            .clone()
+            .expect("kafka.brokers is checked at load");
+        let mut config = ClientConfig::new();
+        // Safe defaults first; user properties (checked at load) may tune the rest.
+        config
+            .set("bootstrap.servers", &brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("linger.ms", "2")
+            .set("client.id", "outbox-relay")
+            .set("queue.buffering.max.messages", "1000000");
+        for (name, value) in &settings.properties {
+            config.set(name, value);
+        }
+        config.set(
+            "message.timeout.ms",
+            settings.delivery_timeout.as_millis().to_string(),
+        );
+        let producer: FutureProducer = config
+            .create()
+            .map_err(|e| PublishError::Fatal(format!("cannot create the Kafka producer: {e}")))?;
+        let template = |s: &str| Template::parse(s).expect("templates are checked at load");
+        Ok(Self {
+            producer,
+            brokers,
+            default_topic: template(&settings.topic),
+            routes: settings
+                .routes
+                .iter()
+                .map(|(t, r)| (t.clone(), template(&r.topic)))
+                .collect(),
+        })
+    }
+
+    fn topic_for(&self, env: &Envelope) -> String {
+        self.routes
+            .get(&env.topic)
+            .unwrap_or(&self.default_topic)
+            .render(&env.topic, env.key.as_deref())
+    }
+
+    async fn publish_one(&self, env: &Envelope) -> Result<(), PublishError> {
+        let topic = self.topic_for(env);
+        let id = env.id.to_string();
+        let seq = env.seq.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(env.headers.len() + 4);
+        for (name, value) in &env.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_str()),
+            });
+        }
+        headers = headers
+            .insert(Header {
+                key: HEADER_ID,
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_TOPIC,
+                value: Some(env.topic.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_SEQ,
+                value: Some(seq.as_str()),
+            });
+        if let Some(key) = &env.key {
+            headers = headers.insert(Header {
+                key: HEADER_KEY,
+                value: Some(key.as_str()),
+            });
+        }
+        if let Some(ct) = &env.content_type {
+            headers = headers.insert(Header {
+                key: "content-type",
+                value: Some(ct.as_str()),
+            });
+        }
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic)
+            .payload(env.payload.as_slice())
+            .headers(headers)
+            .timestamp(env.created_at_unix.saturating_mul(1000));
+        if let Some(key) = &env.key {
+            record = record.key(key.as_str());
+        }
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| self.classify(&e, &topic))?;
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(self.classify(&e, &topic)),
+            Err(_) => Err(PublishError::Unavailable(
+                "the Kafka producer dropped the delivery report".into(),
+            )),
+        }
+    }
+
+    fn classify(&self, e: &KafkaError, topic: &str) -> PublishError {
+        use RDKafkaErrorCode as C;
+        let reason = format!("{e} (Kafka topic {topic:?})");
+        match e.rdkafka_error_code() {
+            Some(
+                C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidRecord
+                | C::MessageBatchTooLarge,
+            ) => PublishError::Permanent(reason),
+            Some(
+                C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed,
+            ) => PublishError::Permanent(reason),
+            Some(C::InvalidTopic) => PublishError::Permanent(reason),
+            Some(
+                C::MessageTimedOut
+                | C::AllBrokersDown
+                | C::QueueFull
+                | C::RequestTimedOut
+                | C::BrokerTransportFailure
+                | C::NetworkException,
+            ) => PublishError::Unavailable(format!("Kafka at {}: {reason}", self.brokers)),
+            Some(C::SaslAuthenticationFailed | C::Authentication) => PublishError::Fatal(format!(
+                "Kafka at {} refused the relay: {reason} (check kafka.properties' credentials)",
+                self.brokers
+            )),
+            _ => PublishError::Rejected(reason),
+        }
+    }
+}
+
+impl Publisher for KafkaPublisher {
+    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
+        // librdkafka (re)connects on its own; unreachable brokers surface per message.
+        async { Ok(()) }.boxed()
+    }
+
+    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
+        self.publish_one(envelope).boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let producer = self.producer.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                producer.flush(Timeout::After(Duration::from_secs(5)))
+            })
+            .await;
+        }
+        .boxed()
+    }
+}
