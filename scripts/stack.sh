@@ -186,7 +186,7 @@ boot_kafka() {
     RUST_LOG=${TANSU_LOG:-warn} setsid "$bin" broker \
       --listener-url "tcp://127.0.0.1:$port" \
       --advertised-listener-url "tcp://127.0.0.1:$port" \
-      --storage-engine "sqlite://$kdir/tansu.db" >>"$kdir/broker.log" 2>&1 &
+      --storage-engine "sqlite://tansu.db" >>"$kdir/broker.log" 2>&1 &
     echo $! >"$STACK_DIR/kafka.pid" )
   for i in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then

@@ -313,10 +313,10 @@ async fn run() -> anyhow::Result<bool> {
                     );
                 }
                 Fault::RestartBroker => {
-                    stack(&root, "rabbitmq").await?;
+                    stack(&root, if o.kafka { "kafka" } else { "rabbitmq" }).await?;
                     broker_restarts += 1;
                     println!(
-                        "[{:>6.1}s] restarted RabbitMQ",
+                        "[{:>6.1}s] restarted {broker_name}",
                         started.elapsed().as_secs_f64()
                     );
                 }
