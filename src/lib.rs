@@ -34,7 +34,7 @@
 
 mod error;
 mod message;
-mod migrate;
+pub mod migrate;
 mod schema;
 
 pub use error::{Error, InvalidMessage, InvalidSchema};

@@ -1,14 +1,19 @@
-//! Applies the SQL files in `migrations/` to the outbox schema.
+//! Applies SQL migrations to a schema: the outbox's own (`migrations/`), and, through
+//! [`apply`], those of the libraries built on it.
 
 use sqlx::{Connection, PgConnection};
 
 use crate::{Error, Schema};
 
-/// One migration file, compiled into the library.
-struct Migration {
-    version: i32,
-    name: &'static str,
-    sql: &'static str,
+/// One migration file, compiled into a library.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Its version; migrations apply in ascending order.
+    pub version: i32,
+    /// Its file name, for messages.
+    pub name: &'static str,
+    /// Its SQL, with unqualified names (it runs with the schema first on the search path).
+    pub sql: &'static str,
 }
 
 const MIGRATIONS: &[Migration] = &[Migration {
@@ -25,8 +30,19 @@ pub const LATEST_VERSION: i32 = 1;
 /// processes at once: a transaction-scoped advisory lock serialises them. Returns the
 /// versions applied by this call.
 pub(crate) async fn run(conn: &mut PgConnection, schema: &Schema) -> Result<Vec<i32>, Error> {
+    apply(conn, schema, MIGRATIONS).await
+}
+
+/// Creates `schema` if needed and applies those of `migrations` (in ascending version order)
+/// that it has not seen yet, as [`crate::Outbox::migrate`] does for the outbox's own.
+pub async fn apply(
+    conn: &mut PgConnection,
+    schema: &Schema,
+    migrations: &[Migration],
+) -> Result<Vec<i32>, Error> {
+    let latest = migrations.iter().map(|m| m.version).max().unwrap_or(0);
     let mut applied_now = Vec::new();
-    for migration in MIGRATIONS {
+    for migration in migrations {
         let mut tx = conn.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("outbox-migrate:{schema}"))
@@ -48,11 +64,11 @@ pub(crate) async fn run(conn: &mut PgConnection, schema: &Schema) -> Result<Vec<
         ))
         .fetch_one(&mut *tx)
         .await?;
-        if let Some(found) = newest.filter(|v| *v > LATEST_VERSION) {
+        if let Some(found) = newest.filter(|v| *v > latest) {
             return Err(Error::SchemaTooNew {
                 schema: schema.to_string(),
                 found,
-                known: LATEST_VERSION,
+                known: latest,
             });
         }
         let same: Option<bool> = sqlx::query_scalar(&format!(
@@ -85,7 +101,7 @@ pub(crate) async fn run(conn: &mut PgConnection, schema: &Schema) -> Result<Vec<
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        tracing::info!(%schema, version = migration.version, name = migration.name, "applied outbox migration");
+        tracing::info!(%schema, version = migration.version, name = migration.name, "applied migration");
         applied_now.push(migration.version);
     }
     Ok(applied_now)

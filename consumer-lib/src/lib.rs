@@ -1,13 +1,45 @@
-//! # outbox-consumer: idempotent handling of relayed messages
+//! # outbox-consumer: exactly-once effects from at-least-once delivery
 //!
-//! The receiving half of the outbox pattern. Brokers deliver at least once, so a consumer
-//! must make a second delivery of the same message a no-op. This crate will record
-//! `(consumer group, message id)` in a dedup table in the same PostgreSQL transaction as the
-//! handler's writes and acknowledge only after that transaction commits.
+//! Brokers deliver at least once: after a crash, a rebalance or a lost ack, a message comes
+//! again. This crate makes the second delivery a no-op. [`Deduplicator::handle`] opens a
+//! PostgreSQL transaction, records `(consumer group, message id)` in the `processed` table,
+//! runs your [`Handler`] **in that same transaction**, and commits; only then does the
+//! source acknowledge the message (RabbitMQ ack, Kafka offset). A delivery whose id is
+//! already recorded is acknowledged and skipped.
 //!
-//! Until then, consumers in any language can deduplicate on the `outbox-id` header that the
-//! relay sets on every message (see the README's "What arrives at the broker").
+//! So the *effects* of a message happen once, as long as they are writes in the handler's
+//! transaction. Effects outside the database (an e-mail, an HTTP call) are not covered: make
+//! those idempotent themselves, or write them to an outbox in the same transaction.
+//!
+//! - **Failures**: a handler returns [`HandlerError::Retryable`] (rolled back, tried again
+//!   with capped backoff) or [`HandlerError::Permanent`]. After `max_attempts` retryable
+//!   failures, or at once for a permanent one, the message is parked in `dead_letters`
+//!   (payload, headers, error, attempts), marked processed and acknowledged, so one poison
+//!   message does not block its queue or partition.
+//! - **Order**: the sources handle messages of one key (RabbitMQ) or one partition (Kafka)
+//!   one at a time, retrying in place, so effects of a key follow the relay's `seq` order.
+//!   A parked message is skipped: the key's later messages go on without it.
+//! - **Message ids** come from the relay's `outbox-id` header (or the AMQP `message-id`
+//!   property). A message without one is dead-lettered by default, or keyed by a hash of
+//!   its topic, key and payload ([`MissingId::DeriveFromContent`]); it is never handled
+//!   without dedup.
+//! - **Retention**: [`Deduplicator::purge`] deletes `processed` rows older than a window in
+//!   bounded batches. The window must exceed the longest time a broker may redeliver a
+//!   message (unacked redelivery, Kafka retention for a consumer that rewinds); a delivery
+//!   older than the window would be handled again.
 #![deny(missing_docs)]
+
+mod dedup;
+mod error;
+mod incoming;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
+
+pub use dedup::{Deduplicator, Handler, MissingId, Outcome, RetryPolicy};
+pub use error::{ConsumerError, HandlerError};
+pub use incoming::Incoming;
 
 /// The header every relayed message carries its id in; deduplicate on it.
 pub const MESSAGE_ID_HEADER: &str = "outbox-id";

@@ -352,6 +352,27 @@ impl Consumer {
         }
     }
 
+    /// Declares queue `name` (RabbitMQ) or creates topic `name` (Kafka) without reading it,
+    /// for tests whose reader is the code under test.
+    pub async fn declare(&self, name: &str) {
+        match &self.inner {
+            Inner::Rabbit { channel, .. } => {
+                channel
+                    .queue_declare(
+                        name,
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .expect("queue_declare");
+            }
+            Inner::Kafka => create_kafka_topic(name).await,
+        }
+    }
+
     /// RabbitMQ: declares queue `name` (durable) and consumes it. Kafka: creates topic
     /// `name` with 3 partitions (unless it exists) and reads every partition from the
     /// beginning.
@@ -587,30 +608,12 @@ impl RelayProcess {
 /// Creates `topic` (3 partitions) and records every message in it, from the beginning.
 async fn kafka_read(topic: &str, received: Arc<Mutex<Vec<Received>>>) {
     use rdkafka::{
-        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-        client::DefaultClientContext,
         consumer::{Consumer as _, StreamConsumer},
         message::{Headers, Message as _},
         ClientConfig, Offset, TopicPartitionList,
     };
+    create_kafka_topic(topic).await;
     let brokers = kafka_brokers();
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("admin client");
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create_topics");
-    for r in created {
-        match r {
-            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => panic!("creating topic {t}: {e}"),
-        }
-    }
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", format!("test-{topic}"))
@@ -671,4 +674,30 @@ async fn kafka_read(topic: &str, received: Arc<Mutex<Vec<Received>>>) {
             });
         }
     });
+}
+
+/// Creates `topic` with 3 partitions, unless it exists.
+async fn create_kafka_topic(topic: &str) {
+    use rdkafka::{
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+        ClientConfig,
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .expect("admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create_topics");
+    for r in created {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => panic!("creating topic {t}: {e}"),
+        }
+    }
 }

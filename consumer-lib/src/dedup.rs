@@ -1,0 +1,373 @@
+//! The handling step: dedup row and handler writes in one transaction.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use outbox::{migrate::Migration, Schema};
+use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{ConsumerError, HandlerError, Incoming};
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_consumer.sql",
+    sql: include_str!("../migrations/0001_consumer.sql"),
+}];
+
+/// Namespace of the ids derived from content ([`MissingId::DeriveFromContent`]).
+const DERIVED_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f75_7462_6f78_2d63_6f6e_7375_6d65_7200);
+
+/// A message handler. It receives the open transaction: write the message's effects through
+/// it (`&mut *tx`), and they commit together with the dedup row, or not at all.
+pub trait Handler: Send + Sync {
+    /// Handles one message inside `tx`.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        message: &'a Incoming,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// What to do with a message that carries no message id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingId {
+    /// Park it in `dead_letters` and acknowledge it (the default): it is never handled
+    /// without dedup.
+    #[default]
+    DeadLetter,
+    /// Dedup on a UUIDv5 of its source, key and payload: two deliveries of the same bytes
+    /// count as one message (so two genuinely different messages with the same bytes do too).
+    DeriveFromContent,
+}
+
+/// Retries of retryable handler failures: `initial × factor^(n-1)`, capped, then dead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Delay after the first failure. Default 200 ms.
+    pub initial_delay: Duration,
+    /// Growth per failure. Default 2.
+    pub factor: f64,
+    /// Cap on the delay. Default 30 s.
+    pub max_delay: Duration,
+    /// Failed attempts after which the message is dead-lettered. Default 5.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_delay: Duration::from_millis(200),
+            factor: 2.0,
+            max_delay: Duration::from_secs(30),
+            max_attempts: 5,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay after `failures` failed attempts (≥ 1).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let secs = self.initial_delay.as_secs_f64()
+            * self
+                .factor
+                .powi(failures.saturating_sub(1).min(1024) as i32);
+        Duration::from_secs_f64(secs.min(self.max_delay.as_secs_f64()))
+    }
+}
+
+/// What happened to one delivery. Every outcome but [`Outcome::Retry`] means "acknowledge".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler ran and its writes committed with the dedup row.
+    Processed,
+    /// Already processed by this group: skipped.
+    Duplicate,
+    /// Parked in `dead_letters` with this error.
+    DeadLettered {
+        /// Why.
+        error: String,
+    },
+    /// A retryable failure: handle it again after `delay`.
+    Retry {
+        /// Failed attempts so far.
+        attempts: u32,
+        /// How long to wait.
+        delay: Duration,
+        /// The handler's error.
+        error: String,
+    },
+}
+
+impl Outcome {
+    /// True when the delivery may be acknowledged.
+    pub fn is_settled(&self) -> bool {
+        !matches!(self, Outcome::Retry { .. })
+    }
+}
+
+/// Handles messages for one consumer group with dedup. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Deduplicator {
+    pool: PgPool,
+    schema: Schema,
+    group: String,
+    missing_id: MissingId,
+    retry: RetryPolicy,
+}
+
+impl Deduplicator {
+    /// A deduplicator for `group` with its tables in the schema `outbox_consumer`.
+    pub fn new(pool: PgPool, group: impl Into<String>) -> Result<Self, ConsumerError> {
+        let group = group.into();
+        if group.is_empty() || group.len() > 255 {
+            return Err(ConsumerError::InvalidGroup(group));
+        }
+        Ok(Self {
+            pool,
+            schema: Schema::parse("outbox_consumer").expect("a valid name"),
+            group,
+            missing_id: MissingId::default(),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    /// Keeps the tables in `schema` instead of `outbox_consumer`.
+    pub fn with_schema(mut self, schema: Schema) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// What to do with messages without an id (default: dead-letter them).
+    pub fn with_missing_id(mut self, policy: MissingId) -> Self {
+        self.missing_id = policy;
+        self
+    }
+
+    /// Retries of retryable failures (default: [`RetryPolicy::default`]).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The retry policy.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// Creates the consumer schema and applies pending migrations.
+    pub async fn migrate(&self) -> Result<Vec<i32>, ConsumerError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(outbox::migrate::apply(&mut conn, &self.schema, MIGRATIONS).await?)
+    }
+
+    /// Handles one delivery: records the id, runs `handler` in the same transaction,
+    /// commits. Acknowledge the delivery only when the outcome [`Outcome::is_settled`]; a
+    /// database error means "do not acknowledge".
+    ///
+    /// Two concurrent deliveries of one message serialise on the dedup row: the second
+    /// waits for the first transaction and then sees a duplicate (or, if the first rolled
+    /// back, handles it).
+    pub async fn handle<H: Handler + ?Sized>(
+        &self,
+        message: &Incoming,
+        handler: &H,
+    ) -> Result<Outcome, ConsumerError> {
+        let span = tracing::info_span!(
+            "handle",
+            group = %self.group,
+            source = %message.source,
+            message_id = tracing::field::Empty,
+            traceparent = message.traceparent().unwrap_or(""),
+        );
+        async {
+            let id = match (message.message_id, self.missing_id) {
+                (Some(id), _) => id,
+                (None, MissingId::DeriveFromContent) => derived_id(message),
+                (None, MissingId::DeadLetter) => {
+                    let error = format!(
+                        "message from {} has no {} header; dead-lettered instead of handled without dedup",
+                        message.source,
+                        crate::MESSAGE_ID_HEADER
+                    );
+                    self.dead_letter(message, None, &error, 0).await?;
+                    return Ok(Outcome::DeadLettered { error });
+                }
+            };
+            tracing::Span::current().record("message_id", tracing::field::display(id));
+            let s = &self.schema;
+            let mut tx = self.pool.begin().await?;
+            let fresh = sqlx::query(&format!(
+                "INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+            ))
+            .bind(&self.group)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !fresh {
+                tx.rollback().await?;
+                tracing::debug!("duplicate delivery skipped");
+                return Ok(Outcome::Duplicate);
+            }
+            match handler.handle(&mut tx, message).await {
+                Ok(()) => {
+                    sqlx::query(&format!("DELETE FROM {s}.attempts WHERE consumer_group = $1 AND message_id = $2"))
+                        .bind(&self.group)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Ok(Outcome::Processed)
+                }
+                Err(e) => {
+                    tx.rollback().await?;
+                    let error = e.to_string();
+                    let attempts = self.record_attempt(id, &error).await?;
+                    match e {
+                        HandlerError::Retryable(_) if attempts < self.retry.max_attempts => {
+                            let delay = self.retry.delay(attempts);
+                            tracing::warn!(attempts, retry_in = ?delay, error = %error, "handler failed; will retry");
+                            Ok(Outcome::Retry { attempts, delay, error })
+                        }
+                        _ => {
+                            tracing::error!(attempts, error = %error, "handler failed; dead-lettering the message");
+                            self.dead_letter(message, Some(id), &error, attempts).await?;
+                            Ok(Outcome::DeadLettered { error })
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn record_attempt(&self, id: Uuid, error: &str) -> Result<u32, sqlx::Error> {
+        let attempts: i32 = sqlx::query_scalar(&format!(
+            "INSERT INTO {}.attempts (consumer_group, message_id, attempts, last_error) VALUES ($1, $2, 1, $3)
+             ON CONFLICT (consumer_group, message_id)
+             DO UPDATE SET attempts = attempts.attempts + 1, last_error = EXCLUDED.last_error, updated_at = now()
+             RETURNING attempts",
+            self.schema
+        ))
+        .bind(&self.group)
+        .bind(id)
+        .bind(error)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(attempts.max(0) as u32)
+    }
+
+    /// Parks the message and marks it processed, in one transaction.
+    async fn dead_letter(
+        &self,
+        m: &Incoming,
+        id: Option<Uuid>,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), sqlx::Error> {
+        let s = &self.schema;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO {s}.dead_letters (consumer_group, message_id, source, key, payload, headers, error, attempts)
+             VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)"
+        ))
+        .bind(&self.group)
+        .bind(id)
+        .bind(&m.source)
+        .bind(m.key.as_deref())
+        .bind(&m.payload)
+        .bind(serde_json::to_string(&m.headers).expect("a map of strings serialises"))
+        .bind(error)
+        .bind(attempts as i32)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(id) = id {
+            sqlx::query(&format!(
+                "INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+            ))
+            .bind(&self.group)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "DELETE FROM {s}.attempts WHERE consumer_group = $1 AND message_id = $2"
+            ))
+            .bind(&self.group)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Deletes this group's `processed` rows older than `older_than`, `batch` rows per
+    /// statement. Returns how many went. `older_than` must exceed the broker's redelivery
+    /// horizon, or a late redelivery is handled again.
+    pub async fn purge(&self, older_than: Duration, batch: u32) -> Result<u64, ConsumerError> {
+        let sql = format!(
+            "DELETE FROM {s}.processed WHERE (consumer_group, message_id) IN (
+                 SELECT consumer_group, message_id FROM {s}.processed
+                 WHERE consumer_group = $1 AND processed_at < now() - make_interval(secs => $2)
+                 LIMIT $3
+                 FOR UPDATE SKIP LOCKED)",
+            s = self.schema
+        );
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(&sql)
+                .bind(&self.group)
+                .bind(older_than.as_secs_f64())
+                .bind(i64::from(batch.max(1)))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            total += n;
+            if n < u64::from(batch.max(1)) {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn derived_id(m: &Incoming) -> Uuid {
+    let mut name = Vec::with_capacity(m.source.len() + m.payload.len() + 64);
+    name.extend_from_slice(m.source.as_bytes());
+    name.push(0);
+    name.extend_from_slice(m.key.as_deref().unwrap_or("").as_bytes());
+    name.push(0);
+    name.extend_from_slice(&m.payload);
+    Uuid::new_v5(&DERIVED_ID_NAMESPACE, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_cap() {
+        let p = RetryPolicy {
+            initial_delay: Duration::from_millis(100),
+            factor: 2.0,
+            max_delay: Duration::from_millis(350),
+            max_attempts: 9,
+        };
+        let d: Vec<u128> = (1..=4).map(|n| p.delay(n).as_millis()).collect();
+        assert_eq!(d, [100, 200, 350, 350]);
+    }
+
+    #[test]
+    fn derived_ids_depend_on_content_only() {
+        let m = |p: &[u8]| Incoming::new("q", p.to_vec(), Default::default());
+        assert_eq!(derived_id(&m(b"a")), derived_id(&m(b"a")));
+        assert_ne!(derived_id(&m(b"a")), derived_id(&m(b"b")));
+    }
+}

@@ -1,0 +1,213 @@
+//! Consuming a RabbitMQ queue with dedup.
+//!
+//! Deliveries are spread over `concurrency` lanes by key (by message id when there is no
+//! key); a lane handles its messages one at a time and retries in place, so a key's effects
+//! happen in delivery order, while different keys run concurrently. A delivery is acked only
+//! after its transaction committed (or it was a duplicate, or it was dead-lettered); a crash
+//! before the ack makes RabbitMQ redeliver it, and the dedup row makes that a no-op.
+
+use std::{
+    collections::hash_map::DefaultHasher,
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable},
+    Connection, ConnectionProperties,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ConsumerError, Deduplicator, Handler, Incoming};
+
+/// A queue to consume.
+#[derive(Debug, Clone)]
+pub struct RabbitMqSource {
+    url: String,
+    queue: String,
+    prefetch: u16,
+    concurrency: usize,
+}
+
+impl RabbitMqSource {
+    /// Consumes `queue` on the broker at `url` (prefetch 100, 4 lanes).
+    pub fn new(url: impl Into<String>, queue: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            queue: queue.into(),
+            prefetch: 100,
+            concurrency: 4,
+        }
+    }
+
+    /// Unacknowledged deliveries the broker may send ahead (basic.qos). Default 100.
+    pub fn with_prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Lanes that handle messages concurrently (one key stays in one lane). Default 4.
+    pub fn with_concurrency(mut self, lanes: usize) -> Self {
+        self.concurrency = lanes.max(1);
+        self
+    }
+
+    /// Consumes until `shutdown` fires, reconnecting with capped backoff when the broker
+    /// goes away. Messages being handled when it fires are finished first.
+    pub async fn run<H: Handler + 'static>(
+        &self,
+        dedup: Deduplicator,
+        handler: Arc<H>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ConsumerError> {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.session(&dedup, &handler, &shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, retry_in = ?backoff, "RabbitMQ consumer lost; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn session<H: Handler + 'static>(
+        &self,
+        dedup: &Deduplicator,
+        handler: &Arc<H>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ConsumerError> {
+        let broker = |e: lapin::Error| ConsumerError::Broker(e.to_string());
+        let connection = Connection::connect(
+            &self.url,
+            ConnectionProperties::default()
+                .with_executor(tokio_executor_trait::Tokio::current())
+                .with_reactor(tokio_reactor_trait::Tokio)
+                .with_connection_name("outbox-consumer".into()),
+        )
+        .await
+        .map_err(broker)?;
+        let channel = connection.create_channel().await.map_err(broker)?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(broker)?;
+        let mut deliveries = channel
+            .basic_consume(
+                &self.queue,
+                "",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(broker)?;
+
+        let mut lanes = Vec::with_capacity(self.concurrency);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.concurrency {
+            let (tx, rx) = mpsc::channel::<Delivery>(usize::from(self.prefetch));
+            lanes.push(tx);
+            tasks.spawn(lane(rx, self.queue.clone(), dedup.clone(), handler.clone()));
+        }
+        let result = loop {
+            tokio::select! {
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let lane = lane_of(&delivery, lanes.len());
+                        if lanes[lane].send(delivery).await.is_err() {
+                            break Err(ConsumerError::Broker("a handling lane stopped".into()));
+                        }
+                    }
+                    Some(Err(e)) => break Err(broker(e)),
+                    None => break Err(ConsumerError::Broker("the consumer was cancelled by the broker".into())),
+                },
+                _ = shutdown.cancelled() => break Ok(()),
+            }
+        };
+        drop(lanes);
+        while tasks.join_next().await.is_some() {}
+        let _ = connection.close(200, "outbox-consumer stopping").await;
+        result
+    }
+}
+
+fn lane_of(d: &Delivery, lanes: usize) -> usize {
+    let headers = d.properties.headers();
+    let header = |name: &str| match headers.as_ref().and_then(|h| h.inner().get(name)) {
+        Some(AMQPValue::LongString(s)) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    };
+    let mut h = DefaultHasher::new();
+    header("outbox-key")
+        .or_else(|| header(crate::MESSAGE_ID_HEADER))
+        .unwrap_or_else(|| d.delivery_tag.to_be_bytes().to_vec())
+        .hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// Handles one lane's deliveries in order; retries in place; acks after commit.
+async fn lane<H: Handler + 'static>(
+    mut rx: mpsc::Receiver<Delivery>,
+    queue: String,
+    dedup: Deduplicator,
+    handler: Arc<H>,
+) {
+    while let Some(delivery) = rx.recv().await {
+        let incoming = incoming(&queue, &delivery);
+        let mut db_backoff = Duration::from_millis(100);
+        loop {
+            match dedup.handle(&incoming, handler.as_ref()).await {
+                Ok(outcome) if outcome.is_settled() => {
+                    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                        // The channel is gone; the broker redelivers, dedup skips it.
+                        tracing::warn!(error = %e, "ack failed after commit; the redelivery will be skipped");
+                    }
+                    break;
+                }
+                Ok(crate::Outcome::Retry { delay, .. }) => tokio::time::sleep(delay).await,
+                Ok(_) => unreachable!("settled outcomes are handled above"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?db_backoff, "handling failed on the database; retrying");
+                    tokio::time::sleep(db_backoff).await;
+                    db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}
+
+/// The delivery as the handling step sees it: headers as strings, the id from `outbox-id`
+/// or else the `message-id` property.
+pub fn incoming(queue: &str, d: &Delivery) -> Incoming {
+    let mut headers = std::collections::BTreeMap::new();
+    if let Some(table) = d.properties.headers() {
+        for (k, v) in table.inner() {
+            let value = match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::ShortString(s) => s.to_string(),
+                other => format!("{other:?}"),
+            };
+            headers.insert(k.to_string(), value);
+        }
+    }
+    let mut m = Incoming::new(queue, d.data.clone(), headers);
+    if m.message_id.is_none() {
+        m.message_id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| id.as_str().parse().ok());
+    }
+    m
+}

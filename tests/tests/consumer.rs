@@ -1,0 +1,494 @@
+//! The consumer library: one effect per message however often it is delivered, retries and
+//! dead letters, and the RabbitMQ and Kafka sources end to end (outbox → relay → broker →
+//! consumer).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures::future::BoxFuture;
+use outbox::{Message, Outbox};
+use outbox_consumer::{
+    Deduplicator, Handler, HandlerError, Incoming, MissingId, Outcome, RetryPolicy,
+};
+use outbox_tests::{amqp_url, kafka_brokers, start_relay, topic, Broker, Consumer, TestDb};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Records each message's effect as a row; fails on demand.
+#[derive(Default)]
+struct Recorder {
+    /// Retryable failures still to inject.
+    flaky: AtomicU32,
+    /// How long to hold the transaction open.
+    hold: Duration,
+}
+
+impl Handler for Recorder {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        m: &'a Incoming,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if m.payload == b"poison" {
+                return Err(HandlerError::permanent("payload is not an order"));
+            }
+            if self
+                .flaky
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(HandlerError::retryable("inventory service unavailable"));
+            }
+            let seq: Option<i64> = m.headers.get("outbox-seq").and_then(|s| s.parse().ok());
+            sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
+                .bind(m.message_id)
+                .bind(m.key.as_deref())
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(HandlerError::retryable)?;
+            if !self.hold.is_zero() {
+                tokio::time::sleep(self.hold).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn setup(db: &TestDb, group: &str) -> Deduplicator {
+    sqlx::query("CREATE TABLE IF NOT EXISTS effects (n bigserial PRIMARY KEY, message_id uuid, key text, seq bigint)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let dedup = Deduplicator::new(db.pool.clone(), group)
+        .unwrap()
+        .with_retry(RetryPolicy {
+            initial_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+            ..Default::default()
+        });
+    dedup.migrate().await.unwrap();
+    dedup
+}
+
+async fn effects(pool: &PgPool, id: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM effects WHERE message_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn incoming(id: Uuid, payload: &[u8]) -> Incoming {
+    Incoming::new(
+        "orders",
+        payload.to_vec(),
+        BTreeMap::from([("outbox-id".to_owned(), id.to_string())]),
+    )
+}
+
+#[tokio::test]
+async fn the_same_message_delivered_three_times_and_concurrently_has_one_effect() {
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "billing").await;
+    let handler = Recorder::default();
+    let m = incoming(Uuid::new_v4(), b"order 1");
+    let outcomes = [
+        dedup.handle(&m, &handler).await.unwrap(),
+        dedup.handle(&m, &handler).await.unwrap(),
+        dedup.handle(&m, &handler).await.unwrap(),
+    ];
+    assert_eq!(
+        outcomes,
+        [Outcome::Processed, Outcome::Duplicate, Outcome::Duplicate]
+    );
+    assert_eq!(effects(&db.pool, m.message_id.unwrap()).await, 1);
+
+    // Two consumers at once: the second waits on the first's dedup row, then skips.
+    let slow = Recorder {
+        hold: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let m = incoming(Uuid::new_v4(), b"order 2");
+    let other = Deduplicator::new(db.pool.clone(), "billing").unwrap();
+    let (a, b) = tokio::join!(dedup.handle(&m, &slow), other.handle(&m, &slow));
+    let mut both = [a.unwrap(), b.unwrap()];
+    both.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(both, [Outcome::Duplicate, Outcome::Processed]);
+    assert_eq!(
+        effects(&db.pool, m.message_id.unwrap()).await,
+        1,
+        "two concurrent deliveries, one effect"
+    );
+
+    // Another group handles the same message on its own.
+    let shipping = Deduplicator::new(db.pool.clone(), "shipping").unwrap();
+    assert_eq!(
+        shipping.handle(&m, &handler).await.unwrap(),
+        Outcome::Processed
+    );
+}
+
+#[tokio::test]
+async fn retryable_failures_then_success_and_permanent_failures_dead_letter() {
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "billing").await;
+    let handler = Recorder {
+        flaky: AtomicU32::new(2),
+        ..Default::default()
+    };
+    let m = incoming(Uuid::new_v4(), b"order");
+    let first = dedup.handle(&m, &handler).await.unwrap();
+    assert!(
+        matches!(first, Outcome::Retry { attempts: 1, .. }),
+        "{first:?}"
+    );
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM outbox_consumer.attempts WHERE message_id = $1")
+            .bind(m.message_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 1, "the failed attempt is recorded");
+    assert!(matches!(
+        dedup.handle(&m, &handler).await.unwrap(),
+        Outcome::Retry { attempts: 2, .. }
+    ));
+    assert_eq!(
+        dedup.handle(&m, &handler).await.unwrap(),
+        Outcome::Processed
+    );
+    assert_eq!(
+        effects(&db.pool, m.message_id.unwrap()).await,
+        1,
+        "failed attempts left no effect"
+    );
+
+    let poison = incoming(Uuid::new_v4(), b"poison");
+    let out = dedup.handle(&poison, &handler).await.unwrap();
+    assert_eq!(
+        out,
+        Outcome::DeadLettered {
+            error: "permanent: payload is not an order".into()
+        }
+    );
+    let (error, payload): (String, Vec<u8>) = sqlx::query_as(
+        "SELECT error, payload FROM outbox_consumer.dead_letters WHERE message_id = $1",
+    )
+    .bind(poison.message_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (error.as_str(), payload.as_slice()),
+        ("permanent: payload is not an order", b"poison".as_slice())
+    );
+    assert_eq!(
+        dedup.handle(&poison, &handler).await.unwrap(),
+        Outcome::Duplicate,
+        "a parked message is settled"
+    );
+
+    // Retryable failures past max_attempts are parked too.
+    let always = Recorder {
+        flaky: AtomicU32::new(u32::MAX),
+        ..Default::default()
+    };
+    let stubborn = incoming(Uuid::new_v4(), b"order");
+    let policy = dedup.retry_policy();
+    let dedup = dedup.with_retry(RetryPolicy {
+        max_attempts: 3,
+        ..policy
+    });
+    let outcomes: Vec<Outcome> = vec![
+        dedup.handle(&stubborn, &always).await.unwrap(),
+        dedup.handle(&stubborn, &always).await.unwrap(),
+        dedup.handle(&stubborn, &always).await.unwrap(),
+    ];
+    assert!(
+        matches!(outcomes[2], Outcome::DeadLettered { .. }),
+        "{outcomes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_message_without_an_id_is_dead_lettered_or_keyed_by_content() {
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "billing").await;
+    let handler = Recorder::default();
+    let anonymous = Incoming::new("orders", b"no id".to_vec(), BTreeMap::new());
+    let out = dedup.handle(&anonymous, &handler).await.unwrap();
+    assert!(
+        matches!(&out, Outcome::DeadLettered { error } if error.contains("has no outbox-id header")),
+        "{out:?}"
+    );
+    let derived = dedup.clone().with_missing_id(MissingId::DeriveFromContent);
+    assert_eq!(
+        derived.handle(&anonymous, &handler).await.unwrap(),
+        Outcome::Processed
+    );
+    assert_eq!(
+        derived.handle(&anonymous, &handler).await.unwrap(),
+        Outcome::Duplicate
+    );
+}
+
+#[tokio::test]
+async fn purge_removes_only_dedup_rows_past_the_window() {
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "billing").await;
+    sqlx::query(
+        "INSERT INTO outbox_consumer.processed (consumer_group, message_id, processed_at)
+         SELECT g, gen_random_uuid(), now() - i * interval '1 hour'
+         FROM generate_series(0, 9) i, (VALUES ('billing'), ('shipping')) v(g)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Rows 0..9 hours old per group; keep 4.5 hours: billing loses 5, shipping none.
+    let purged = dedup
+        .purge(Duration::from_secs(4 * 3600 + 1800), 2)
+        .await
+        .unwrap();
+    assert_eq!(purged, 5);
+    let left: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT consumer_group, count(*) FROM outbox_consumer.processed GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        left,
+        [("billing".to_owned(), 5), ("shipping".to_owned(), 10)]
+    );
+}
+
+/// A consumer that dies after its commit but before its ack: the broker redelivers, the
+/// next consumer skips it and acks.
+#[tokio::test]
+async fn rabbitmq_crash_between_commit_and_ack_is_skipped_on_redelivery() {
+    use lapin::options::BasicGetOptions;
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "billing").await;
+    let q = topic("crash");
+    Consumer::connect().await.declare(&q).await;
+    let msg = Message::new(&q, b"order".to_vec())
+        .unwrap()
+        .with_key("k")
+        .unwrap();
+    outbox::enqueue(&db.pool, &msg).await.unwrap();
+    let relay = start_relay(&Broker::RabbitMq.settings(&db)).await;
+
+    // First consumer: get, handle (commit), then "crash": close without ack.
+    let conn = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let start = Instant::now();
+    let delivery = loop {
+        if let Some(d) = ch.basic_get(&q, BasicGetOptions::default()).await.unwrap() {
+            break d.delivery;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the message never reached the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let first = dedup
+        .handle(
+            &outbox_consumer::rabbitmq::incoming(&q, &delivery),
+            &Recorder::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first, Outcome::Processed);
+    conn.close(320, "crashed before ack").await.unwrap();
+
+    // Second consumer: the redelivery is a duplicate, acked, and the queue drains.
+    let shutdown = CancellationToken::new();
+    let source = outbox_consumer::rabbitmq::RabbitMqSource::new(amqp_url(), q.clone());
+    let running = tokio::spawn({
+        let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
+        async move {
+            source
+                .run(dedup, Arc::new(Recorder::default()), shutdown)
+                .await
+        }
+    });
+    let conn = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let start = Instant::now();
+    loop {
+        let q_state = ch
+            .queue_declare(
+                &q,
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        if q_state.message_count() == 0 && start.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the redelivery was never acked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    relay.stop().await;
+    assert_eq!(
+        effects(&db.pool, msg.id()).await,
+        1,
+        "handled once, skipped on redelivery"
+    );
+}
+
+/// Producer outbox → relay → broker → consumer source: one effect per message, in each
+/// key's `seq` order; a poison message is parked and the rest flow.
+async fn end_to_end_effects_are_exactly_once_in_key_order(b: Broker) {
+    const N: usize = 600;
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "e2e").await;
+    let t = topic("e2e");
+    b.consumer().await.declare(&t).await;
+    let mut msgs: Vec<Message> = (0..N)
+        .map(|i| {
+            Message::new(&t, format!("order {i}").into_bytes())
+                .unwrap()
+                .with_key(format!("k{}", i % 12))
+                .unwrap()
+        })
+        .collect();
+    msgs.insert(
+        N / 2,
+        Message::new(&t, b"poison".to_vec())
+            .unwrap()
+            .with_key("k3")
+            .unwrap(),
+    );
+    Outbox::default()
+        .enqueue_batch(&db.pool, &msgs)
+        .await
+        .unwrap();
+    // The relay publishes everything; then a second relay run republishes a few (as after a
+    // crash between confirm and delete) to exercise dedup across deliveries.
+    let relay = start_relay(&b.settings(&db)).await;
+
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(Recorder {
+        flaky: AtomicU32::new(3),
+        ..Default::default()
+    });
+    let running = {
+        let (dedup, shutdown, handler, t) =
+            (dedup.clone(), shutdown.clone(), handler.clone(), t.clone());
+        tokio::spawn(async move {
+            match b {
+                Broker::RabbitMq => {
+                    let source = outbox_consumer::rabbitmq::RabbitMqSource::new(amqp_url(), t)
+                        .with_concurrency(4);
+                    source.run(dedup, handler, shutdown).await
+                }
+                Broker::Kafka => {
+                    let source = outbox_consumer::kafka::KafkaSource::new(
+                        &kafka_brokers(),
+                        &format!("e2e-{t}"),
+                        &[&t],
+                    );
+                    source.run(dedup, handler, shutdown).await
+                }
+            }
+        })
+    };
+    let duplicates: Vec<Message> = msgs[..50].to_vec();
+    let start = Instant::now();
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if n >= N as i64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {n} of {N} effects"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Deliver the first 50 again (new outbox rows with the same ids cannot exist, so use a
+    // second outbox schema writing the same ids to the same destination).
+    let again = Outbox::new(outbox::Schema::parse("replay").unwrap());
+    again.migrate(&db.pool).await.unwrap();
+    again.enqueue_batch(&db.pool, &duplicates).await.unwrap();
+    let mut replay = b.settings(&db);
+    replay.database.schema = "replay".into();
+    let replayer = start_relay(&replay).await;
+    let start = Instant::now();
+    loop {
+        let processed: i64 = sqlx::query_scalar("SELECT count(*) FROM replay.messages")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if processed == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "replay not published"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // let the consumer see the replays
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    replayer.stop().await;
+    relay.stop().await;
+
+    let rows: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT message_id, key, seq FROM effects ORDER BY n")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows.len(),
+        N,
+        "one effect per message (the poison one has none)"
+    );
+    let distinct: std::collections::HashSet<Uuid> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(distinct.len(), N, "no message had two effects");
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    for (id, key, seq) in &rows {
+        let prev = last.insert(key, *seq).unwrap_or(i64::MIN);
+        assert!(
+            *seq > prev,
+            "key {key}: effect of seq {seq} (message {id}) after seq {prev}"
+        );
+    }
+    let dead: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_consumer.dead_letters WHERE error LIKE '%not an order%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead, 1, "the poison message is parked");
+}
+
+outbox_tests::for_each_broker!(end_to_end_effects_are_exactly_once_in_key_order);
