@@ -69,7 +69,10 @@ impl KafkaSource {
         let mut lanes: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
         loop {
+            // `biased`: a message already taken from librdkafka is always dispatched, never
+            // dropped because shutdown fired at the same moment.
             let message = tokio::select! {
+                biased;
                 m = consumer.recv() => m,
                 _ = shutdown.cancelled() => break,
             };
@@ -93,6 +96,8 @@ impl KafkaSource {
         }
         lanes.clear();
         while tasks.join_next().await.is_some() {}
+        // Commit what the lanes stored (never the fetch position, which may be ahead of
+        // what was handled); closing the consumer then leaves the group.
         if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
             tracing::debug!(error = %e, "final offset commit");
         }
