@@ -198,6 +198,20 @@ async fn run() -> anyhow::Result<bool> {
     sqlx::query("CREATE TABLE chaos_orders (id uuid PRIMARY KEY, key text NOT NULL)")
         .execute(&pool)
         .await?;
+    sqlx::query("CREATE TABLE chaos_effects (n bigserial PRIMARY KEY, message_id uuid NOT NULL, key text, seq bigint)")
+        .execute(&pool)
+        .await?;
+    let dedup = outbox_consumer::Deduplicator::new(pool.clone(), "chaos")?.with_retry(
+        outbox_consumer::RetryPolicy {
+            max_attempts: u32::MAX,
+            ..Default::default()
+        },
+    );
+    dedup.migrate().await?;
+    let effects = Arc::new(Effects {
+        dedup,
+        absorbed: AtomicU64::new(0),
+    });
     let queue = format!("chaos.{}", Uuid::new_v4().simple());
 
     let arrivals = Arc::new(Mutex::new(Vec::<Arrival>::new()));
@@ -210,6 +224,7 @@ async fn run() -> anyhow::Result<bool> {
             queue.clone(),
             arrivals.clone(),
             consumer_stop.clone(),
+            effects.clone(),
         ))
     } else {
         // The queue must exist before anything is published to it.
@@ -225,6 +240,7 @@ async fn run() -> anyhow::Result<bool> {
             queue.clone(),
             arrivals.clone(),
             consumer_stop.clone(),
+            effects.clone(),
         ))
     };
 
@@ -383,6 +399,19 @@ async fn run() -> anyhow::Result<bool> {
     }
     let drain = drain_started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await; // late duplicates
+                                                      // Effects trail arrivals by one transaction each; wait for them too.
+    let effects_started = Instant::now();
+    loop {
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT message_id FROM chaos_effects")
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+        let ids: HashSet<Uuid> = ids.into_iter().collect();
+        if committed.is_subset(&ids) || effects_started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for r in &mut relays {
         if let Some(pid) = r.id() {
             let _ = std::process::Command::new("kill")
@@ -493,7 +522,51 @@ async fn run() -> anyhow::Result<bool> {
     for id in lost.iter().take(10) {
         println!("lost: {id}");
     }
-    let ok = lost.is_empty() && phantoms.is_empty() && violations.is_empty();
+    // The consumer's view: one effect per committed message, in each key's seq order.
+    let effect_rows: Vec<(Uuid, Option<String>, Option<i64>)> =
+        sqlx::query_as("SELECT message_id, key, seq FROM chaos_effects ORDER BY n")
+            .fetch_all(&pool)
+            .await?;
+    let effect_ids: HashSet<Uuid> = effect_rows.iter().map(|r| r.0).collect();
+    let double_effects = effect_rows.len() - effect_ids.len();
+    let effects_lost = committed
+        .iter()
+        .filter(|id| !effect_ids.contains(id))
+        .count();
+    let mut effect_last: HashMap<String, i64> = HashMap::new();
+    let mut effect_violations = 0;
+    for (_, key, seq) in &effect_rows {
+        let (Some(key), Some(seq)) = (key, seq) else {
+            continue;
+        };
+        let last = effect_last.entry(key.clone()).or_insert(i64::MIN);
+        if *seq < *last {
+            effect_violations += 1;
+        }
+        *last = (*last).max(*seq);
+    }
+    println!(
+        "| {:<36} | {:>30} |",
+        "effects (distinct)",
+        effect_ids.len()
+    );
+    println!("| {:<36} | {:>30} |", "effects lost", effects_lost);
+    println!("| {:<36} | {:>30} |", "double effects", double_effects);
+    println!(
+        "| {:<36} | {:>30} |",
+        "duplicates absorbed by dedup",
+        effects.absorbed.load(Ordering::Relaxed)
+    );
+    println!(
+        "| {:<36} | {:>30} |",
+        "per-key effect order violations", effect_violations
+    );
+    let ok = lost.is_empty()
+        && phantoms.is_empty()
+        && violations.is_empty()
+        && effects_lost == 0
+        && double_effects == 0
+        && effect_violations == 0;
     println!("{}", if ok { "chaos: PASSED" } else { "chaos: FAILED" });
     if ok {
         let _ = std::fs::remove_dir_all(&log_dir);
@@ -501,6 +574,52 @@ async fn run() -> anyhow::Result<bool> {
         println!("relay logs: {}", log_dir.display());
     }
     Ok(ok)
+}
+
+/// The consumer side: every delivery goes through the consumer library's dedup step before
+/// it is acknowledged, and the handler writes one effect row per message.
+struct Effects {
+    dedup: outbox_consumer::Deduplicator,
+    absorbed: AtomicU64,
+}
+
+struct EffectWriter;
+
+impl outbox_consumer::Handler for EffectWriter {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut sqlx::PgConnection,
+        m: &'a outbox_consumer::Incoming,
+    ) -> futures::future::BoxFuture<'a, Result<(), outbox_consumer::HandlerError>> {
+        Box::pin(async move {
+            let seq: Option<i64> = m.headers.get("outbox-seq").and_then(|s| s.parse().ok());
+            sqlx::query("INSERT INTO chaos_effects (message_id, key, seq) VALUES ($1, $2, $3)")
+                .bind(m.message_id)
+                .bind(m.key.as_deref())
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(outbox_consumer::HandlerError::retryable)?;
+            Ok(())
+        })
+    }
+}
+
+impl Effects {
+    /// Handles one delivery until it is settled; only then may it be acknowledged. The
+    /// database may be restarting: keep trying.
+    async fn apply(&self, incoming: &outbox_consumer::Incoming) {
+        loop {
+            match self.dedup.handle(incoming, &EffectWriter).await {
+                Ok(outbox_consumer::Outcome::Duplicate) => {
+                    self.absorbed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok(outcome) if outcome.is_settled() => return,
+                Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
 }
 
 enum Fault {
@@ -663,6 +782,7 @@ async fn consume(
     queue: String,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
     stop: Arc<AtomicBool>,
+    effects: Arc<Effects>,
 ) {
     while !stop.load(Ordering::Relaxed) {
         let session = async {
@@ -716,6 +836,9 @@ async fn consume(
                         .unwrap_or_default(),
                 };
                 arrivals.lock().unwrap().push(arrival);
+                effects
+                    .apply(&outbox_consumer::rabbitmq::incoming(&queue, &d))
+                    .await;
                 d.ack(BasicAckOptions::default()).await?;
             }
         };
@@ -756,6 +879,7 @@ async fn consume_kafka(
     topic: String,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
     stop: Arc<AtomicBool>,
+    effects: Arc<Effects>,
 ) {
     use rdkafka::{
         consumer::{Consumer as _, StreamConsumer},
@@ -806,5 +930,8 @@ async fn consume_kafka(
                 .unwrap_or_default(),
         };
         arrivals.lock().unwrap().push(arrival);
+        effects
+            .apply(&outbox_consumer::kafka::incoming(&m.detach()))
+            .await;
     }
 }
