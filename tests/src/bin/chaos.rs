@@ -427,6 +427,10 @@ async fn run() -> anyhow::Result<bool> {
     let wall = started.elapsed();
 
     // Verdict.
+    let effect_rows: Vec<(Uuid, Option<String>, Option<i64>)> =
+        sqlx::query_as("SELECT message_id, key, seq FROM chaos_effects ORDER BY n")
+            .fetch_all(&pool)
+            .await?;
     let arrivals = arrivals.lock().unwrap();
     let mut first: HashSet<Uuid> = HashSet::new();
     let mut last_seq: HashMap<&str, i64> = HashMap::new();
@@ -523,10 +527,6 @@ async fn run() -> anyhow::Result<bool> {
         println!("lost: {id}");
     }
     // The consumer's view: one effect per committed message, in each key's seq order.
-    let effect_rows: Vec<(Uuid, Option<String>, Option<i64>)> =
-        sqlx::query_as("SELECT message_id, key, seq FROM chaos_effects ORDER BY n")
-            .fetch_all(&pool)
-            .await?;
     let effect_ids: HashSet<Uuid> = effect_rows.iter().map(|r| r.0).collect();
     let double_effects = effect_rows.len() - effect_ids.len();
     let effects_lost = committed
