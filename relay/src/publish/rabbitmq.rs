@@ -4,6 +4,13 @@
 //! A return (unroutable), a NACK or a channel closed over this message is a rejection; a
 //! lost connection or a missing confirm is "broker unavailable" and the message is
 //! released untouched.
+//!
+//! Each channel carries **one unconfirmed message at a time**; concurrency comes from a
+//! pool of channels. A `basic.return` names no delivery tag, and when the broker acks
+//! several messages at once (`multiple`), lapin hands a pending return to whichever of their
+//! confirms it completes first — with several messages in flight on one channel, a returned
+//! message could look confirmed (and be lost) while a routed one looked returned. With one
+//! in flight per channel, a return can only belong to that message.
 
 use std::{sync::Mutex, time::Duration};
 
@@ -32,11 +39,17 @@ pub struct RabbitMqPublisher {
     confirm_timeout: Duration,
     live: Mutex<Option<Live>>,
     connecting: tokio::sync::Mutex<()>,
+    slots: tokio::sync::Semaphore,
+    generations: std::sync::atomic::AtomicU64,
 }
 
+/// Most channels (hence unconfirmed messages) in flight at once per connection.
+const CHANNELS: usize = 128;
+
 struct Live {
-    connection: Connection,
-    channel: Channel,
+    connection: std::sync::Arc<Connection>,
+    generation: u64,
+    idle: Vec<Channel>,
 }
 
 impl RabbitMqPublisher {
@@ -69,14 +82,59 @@ impl RabbitMqPublisher {
             confirm_timeout: settings.confirm_timeout,
             live: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            slots: tokio::sync::Semaphore::new(CHANNELS),
+            generations: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    fn channel(&self) -> Option<Channel> {
+    fn connected(&self) -> bool {
         let live = self.live.lock().expect("lock poisoned");
         live.as_ref()
-            .filter(|l| l.channel.status().connected())
-            .map(|l| l.channel.clone())
+            .is_some_and(|l| l.connection.status().connected())
+    }
+
+    /// An idle confirm-mode channel of the live connection, or a new one.
+    async fn take_channel(&self) -> Result<(Channel, u64), PublishError> {
+        let (connection, generation) = {
+            let mut live = self.live.lock().expect("lock poisoned");
+            let live = live
+                .as_mut()
+                .ok_or_else(|| PublishError::Unavailable("not connected to RabbitMQ".into()))?;
+            while let Some(channel) = live.idle.pop() {
+                if channel.status().connected() {
+                    return Ok((channel, live.generation));
+                }
+            }
+            (live.connection.clone(), live.generation)
+        };
+        let channel = connection.create_channel().await.map_err(|e| {
+            self.reset();
+            PublishError::Unavailable(format!(
+                "cannot open a channel on RabbitMQ at {}: {e}",
+                self.shown_url
+            ))
+        })?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| {
+                self.reset();
+                PublishError::Unavailable(format!(
+                    "cannot enable confirms on RabbitMQ at {}: {e}",
+                    self.shown_url
+                ))
+            })?;
+        Ok((channel, generation))
+    }
+
+    /// Returns a channel with nothing in flight to the pool.
+    fn give_back(&self, channel: Channel, generation: u64) {
+        let mut live = self.live.lock().expect("lock poisoned");
+        if let Some(live) = live.as_mut().filter(|l| l.generation == generation) {
+            if channel.status().connected() {
+                live.idle.push(channel);
+            }
+        }
     }
 
     /// Drops the connection so that the next `ready` opens a new one.
@@ -90,7 +148,7 @@ impl RabbitMqPublisher {
 
     async fn connect(&self) -> Result<(), PublishError> {
         let _one_at_a_time = self.connecting.lock().await;
-        if self.channel().is_some() {
+        if self.connected() {
             return Ok(());
         }
         self.reset();
@@ -101,18 +159,14 @@ impl RabbitMqPublisher {
         let connection = Connection::connect(self.url.expose_secret(), properties)
             .await
             .map_err(|e| self.connect_error(e))?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| self.connect_error(e))?;
         tracing::info!(url = %self.shown_url, "connected to RabbitMQ");
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *self.live.lock().expect("lock poisoned") = Some(Live {
-            connection,
-            channel,
+            connection: std::sync::Arc::new(connection),
+            generation,
+            idle: Vec::new(),
         });
         Ok(())
     }
@@ -138,9 +192,20 @@ impl RabbitMqPublisher {
     }
 
     async fn publish_one(&self, env: &Envelope) -> Result<(), PublishError> {
-        let channel = self
-            .channel()
-            .ok_or_else(|| PublishError::Unavailable("not connected to RabbitMQ".into()))?;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let (channel, generation) = self.take_channel().await?;
+        let result = self.publish_on(&channel, env).await;
+        if !matches!(result, Err(PublishError::Unavailable(_))) {
+            self.give_back(channel, generation);
+        }
+        result
+    }
+
+    async fn publish_on(&self, channel: &Channel, env: &Envelope) -> Result<(), PublishError> {
         let (exchange, routing_key) = self.router.resolve(&env.topic, env.key.as_deref());
         let confirm = channel
             .basic_publish(
@@ -187,14 +252,18 @@ impl RabbitMqPublisher {
     /// A channel-level refusal (unknown exchange, access refused, oversize message) is the
     /// message's own problem; anything else is the connection's.
     fn classify(&self, e: lapin::Error, exchange: &str) -> PublishError {
-        self.reset();
         match &e {
+            // The broker closed this message's channel (unknown exchange, access refused,
+            // message too large): only that channel is gone, and it is not reused.
             lapin::Error::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_)) => {
                 PublishError::Rejected(format!(
                     "RabbitMQ closed the channel: {amqp} (exchange {exchange:?})"
                 ))
             }
-            _ => PublishError::Unavailable(format!("RabbitMQ at {}: {e}", self.shown_url)),
+            _ => {
+                self.reset();
+                PublishError::Unavailable(format!("RabbitMQ at {}: {e}", self.shown_url))
+            }
         }
     }
 }
@@ -202,7 +271,7 @@ impl RabbitMqPublisher {
 impl Publisher for RabbitMqPublisher {
     fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
         async move {
-            if self.channel().is_some() {
+            if self.connected() {
                 Ok(())
             } else {
                 self.connect().await
@@ -219,7 +288,9 @@ impl Publisher for RabbitMqPublisher {
         async move {
             let live = self.live.lock().expect("lock poisoned").take();
             if let Some(live) = live {
-                let _ = live.channel.close(200, "outbox-relay shutting down").await;
+                for channel in live.idle {
+                    let _ = channel.close(200, "outbox-relay shutting down").await;
+                }
                 let _ = live
                     .connection
                     .close(200, "outbox-relay shutting down")
