@@ -35,6 +35,8 @@ echo "== chaos (small)"
 chaos_rc=0
 chaos_failed=0
 for broker in rabbitmq kafka; do
+  # A fresh broker process for each run: the tests before restart it and fill it with topics.
+  scripts/stack.sh restart "$broker"
   target/debug/outbox-chaos --broker "$broker" --messages 5000 --keys 200 --rate 250 --relays 3 \
     --kills 10 --broker-restarts 2 --db-restarts 1 || { chaos_rc=1; chaos_failed=$((chaos_failed + 1)); }
 done

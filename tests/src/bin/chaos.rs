@@ -431,6 +431,10 @@ async fn run() -> anyhow::Result<bool> {
         sqlx::query_as("SELECT message_id, key, seq FROM chaos_effects ORDER BY n")
             .fetch_all(&pool)
             .await?;
+    let left_in_outbox: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE status = 'pending'")
+            .fetch_one(&pool)
+            .await?;
     let arrivals = arrivals.lock().unwrap();
     let mut first: HashSet<Uuid> = HashSet::new();
     let mut last_seq: HashMap<&str, i64> = HashMap::new();
@@ -545,6 +549,10 @@ async fn run() -> anyhow::Result<bool> {
         }
         *last = (*last).max(*seq);
     }
+    println!(
+        "| {:<36} | {:>30} |",
+        "left in the outbox (undelivered)", left_in_outbox
+    );
     println!(
         "| {:<36} | {:>30} |",
         "effects (distinct)",
@@ -886,52 +894,64 @@ async fn consume_kafka(
         message::{Headers, Message as _},
         ClientConfig, Offset, TopicPartitionList,
     };
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", format!("chaos-{topic}"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("kafka consumer");
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..3 {
-        assignment
-            .add_partition_offset(&topic, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&assignment).expect("assign");
+    // Where to read each partition from next. A reader that has seen nothing for a while
+    // is replaced by a new one resuming from here: after a restart of the test broker a
+    // surviving reader can stall, while a new one reads on.
+    let mut next: [i64; 3] = [0; 3];
     while !stop.load(Ordering::Relaxed) {
-        let Ok(next) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
-        else {
-            continue;
-        };
-        let m = match next {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("kafka consumer: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("chaos-{topic}"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("kafka consumer");
+        let mut assignment = TopicPartitionList::new();
+        for (p, offset) in next.iter().enumerate() {
+            assignment
+                .add_partition_offset(&topic, p as i32, Offset::Offset(*offset))
+                .expect("partition");
+        }
+        consumer.assign(&assignment).expect("assign");
+        let mut last_message = Instant::now();
+        while !stop.load(Ordering::Relaxed) && last_message.elapsed() < Duration::from_secs(10) {
+            let Ok(received) =
+                tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+            else {
                 continue;
+            };
+            let m = match received {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("kafka consumer: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            last_message = Instant::now();
+            let header = |name: &str| {
+                m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == name)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+            };
+            let arrival = Arrival {
+                id: header("outbox-id")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_default(),
+                key: header("outbox-key").unwrap_or_default(),
+                seq: header("outbox-seq")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_default(),
+            };
+            arrivals.lock().unwrap().push(arrival);
+            effects
+                .apply(&outbox_consumer::kafka::incoming(&m.detach()))
+                .await;
+            if let Some(slot) = next.get_mut(m.partition() as usize) {
+                *slot = m.offset() + 1;
             }
-        };
-        let header = |name: &str| {
-            m.headers().and_then(|h| {
-                h.iter()
-                    .find(|x| x.key == name)
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            })
-        };
-        let arrival = Arrival {
-            id: header("outbox-id")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_default(),
-            key: header("outbox-key").unwrap_or_default(),
-            seq: header("outbox-seq")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_default(),
-        };
-        arrivals.lock().unwrap().push(arrival);
-        effects
-            .apply(&outbox_consumer::kafka::incoming(&m.detach()))
-            .await;
+        }
     }
 }
