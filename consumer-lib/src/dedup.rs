@@ -250,6 +250,30 @@ impl Deduplicator {
         .await
     }
 
+    /// Handles one delivery until it is settled: retryable failures are retried in place
+    /// after their backoff, database errors after a capped backoff of their own (the
+    /// database may be restarting). Returns the settled outcome; acknowledge then. This is
+    /// what the sources do for every delivery, and what a service with its own broker client
+    /// can call.
+    pub async fn handle_until_settled<H: Handler + ?Sized>(
+        &self,
+        message: &Incoming,
+        handler: &H,
+    ) -> Outcome {
+        let mut db_backoff = Duration::from_millis(100);
+        loop {
+            match self.handle(message, handler).await {
+                Ok(Outcome::Retry { delay, .. }) => tokio::time::sleep(delay).await,
+                Ok(outcome) => return outcome,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?db_backoff, "handling failed on the database; retrying");
+                    tokio::time::sleep(db_backoff).await;
+                    db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
     async fn record_attempt(&self, id: Uuid, error: &str) -> Result<u32, sqlx::Error> {
         let attempts: i32 = sqlx::query_scalar(&format!(
             "INSERT INTO {}.attempts (consumer_group, message_id, attempts, last_error) VALUES ($1, $2, 1, $3)

@@ -112,27 +112,13 @@ async fn lane<H: Handler + 'static>(
     handler: Arc<H>,
 ) {
     while let Some(m) = rx.recv().await {
-        let incoming = incoming(&m);
-        let mut db_backoff = Duration::from_millis(100);
-        loop {
-            match dedup.handle(&incoming, handler.as_ref()).await {
-                Ok(outcome) if outcome.is_settled() => {
-                    // Stored offsets are committed by librdkafka; a revoked partition's
-                    // offset may be refused, and the new owner skips the duplicate.
-                    if let Err(e) = consumer.store_offset(m.topic(), m.partition(), m.offset() + 1)
-                    {
-                        tracing::debug!(error = %e, partition = m.partition(), "offset not stored");
-                    }
-                    break;
-                }
-                Ok(crate::Outcome::Retry { delay, .. }) => tokio::time::sleep(delay).await,
-                Ok(_) => unreachable!("settled outcomes are handled above"),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?db_backoff, "handling failed on the database; retrying");
-                    tokio::time::sleep(db_backoff).await;
-                    db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
-                }
-            }
+        dedup
+            .handle_until_settled(&incoming(&m), handler.as_ref())
+            .await;
+        // Stored offsets are committed by librdkafka; a revoked partition's offset may be
+        // refused, and the new owner skips the duplicate.
+        if let Err(e) = consumer.store_offset(m.topic(), m.partition(), m.offset() + 1) {
+            tracing::debug!(error = %e, partition = m.partition(), "offset not stored");
         }
     }
 }

@@ -164,25 +164,12 @@ async fn lane<H: Handler + 'static>(
     handler: Arc<H>,
 ) {
     while let Some(delivery) = rx.recv().await {
-        let incoming = incoming(&queue, &delivery);
-        let mut db_backoff = Duration::from_millis(100);
-        loop {
-            match dedup.handle(&incoming, handler.as_ref()).await {
-                Ok(outcome) if outcome.is_settled() => {
-                    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                        // The channel is gone; the broker redelivers, dedup skips it.
-                        tracing::warn!(error = %e, "ack failed after commit; the redelivery will be skipped");
-                    }
-                    break;
-                }
-                Ok(crate::Outcome::Retry { delay, .. }) => tokio::time::sleep(delay).await,
-                Ok(_) => unreachable!("settled outcomes are handled above"),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?db_backoff, "handling failed on the database; retrying");
-                    tokio::time::sleep(db_backoff).await;
-                    db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
-                }
-            }
+        dedup
+            .handle_until_settled(&incoming(&queue, &delivery), handler.as_ref())
+            .await;
+        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+            // The channel is gone; the broker redelivers, dedup skips it.
+            tracing::warn!(error = %e, "ack failed after commit; the redelivery will be skipped");
         }
     }
 }

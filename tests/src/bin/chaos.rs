@@ -617,15 +617,12 @@ impl Effects {
     /// Handles one delivery until it is settled; only then may it be acknowledged. The
     /// database may be restarting: keep trying.
     async fn apply(&self, incoming: &outbox_consumer::Incoming) {
-        loop {
-            match self.dedup.handle(incoming, &EffectWriter).await {
-                Ok(outbox_consumer::Outcome::Duplicate) => {
-                    self.absorbed.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                Ok(outcome) if outcome.is_settled() => return,
-                Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
+        let outcome = self
+            .dedup
+            .handle_until_settled(incoming, &EffectWriter)
+            .await;
+        if outcome == outbox_consumer::Outcome::Duplicate {
+            self.absorbed.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
