@@ -28,7 +28,8 @@ use crate::{
 
 /// Publishes to one Kafka cluster.
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    config: ClientConfig,
+    producer: std::sync::RwLock<FutureProducer>,
     brokers: String,
     default_topic: Template,
     routes: std::collections::BTreeMap<String, Template>,
@@ -64,7 +65,8 @@ impl KafkaPublisher {
             .map_err(|e| PublishError::Fatal(format!("cannot create the Kafka producer: {e}")))?;
         let template = |s: &str| Template::parse(s).expect("templates are checked at load");
         Ok(Self {
-            producer,
+            config,
+            producer: std::sync::RwLock::new(producer),
             brokers,
             default_topic: template(&settings.topic),
             routes: settings
@@ -125,17 +127,47 @@ impl KafkaPublisher {
         if let Some(key) = &env.key {
             record = record.key(key.as_str());
         }
-        let delivery = self
-            .producer
-            .send_result(record)
-            .map_err(|(e, _)| self.classify(&e, &topic))?;
+        let producer = self.producer.read().expect("lock poisoned").clone();
+        let delivery = match producer.send_result(record) {
+            Ok(delivery) => delivery,
+            Err((e, _)) => {
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    return Err(self.renew(&producer, code, &reason));
+                }
+                return Err(self.classify(&e, &topic));
+            }
+        };
         match delivery.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(self.classify(&e, &topic)),
+            Ok(Err((e, _))) => {
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    return Err(self.renew(&producer, code, &reason));
+                }
+                Err(self.classify(&e, &topic))
+            }
             Err(_) => Err(PublishError::Unavailable(
                 "the Kafka producer dropped the delivery report".into(),
             )),
         }
+    }
+
+    /// An idempotent producer that hit a fatal error (e.g. the broker lost its producer
+    /// state, so sequence numbers no longer line up) refuses every later message; only a new
+    /// producer can go on. The failed messages are not their own fault: not an attempt.
+    fn renew(&self, failed: &FutureProducer, code: RDKafkaErrorCode, reason: &str) -> PublishError {
+        let mut current = self.producer.write().expect("lock poisoned");
+        if std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
+            match self.config.create::<FutureProducer>() {
+                Ok(fresh) => {
+                    tracing::warn!(error = %reason, code = ?code, "Kafka producer hit a fatal error; replaced it");
+                    *current = fresh;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot replace the Kafka producer"),
+            }
+        }
+        PublishError::Unavailable(format!(
+            "Kafka producer fatal error ({code:?}): {reason}; the producer was replaced"
+        ))
     }
 
     fn classify(&self, e: &KafkaError, topic: &str) -> PublishError {
@@ -184,7 +216,7 @@ impl Publisher for KafkaPublisher {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
-            let producer = self.producer.clone();
+            let producer = self.producer.read().expect("lock poisoned").clone();
             let _ = tokio::task::spawn_blocking(move || {
                 producer.flush(Timeout::After(Duration::from_secs(5)))
             })
