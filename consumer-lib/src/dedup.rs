@@ -5,6 +5,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use outbox::{migrate::Migration, Schema};
 use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -186,6 +187,8 @@ impl Deduplicator {
             message_id = tracing::field::Empty,
             traceparent = message.traceparent().unwrap_or(""),
         );
+        #[cfg(feature = "opentelemetry")]
+        crate::trace::adopt_remote_parent(&span, &message.headers);
         async {
             let id = match (message.message_id, self.missing_id) {
                 (Some(id), _) => id,
@@ -260,16 +263,36 @@ impl Deduplicator {
         message: &Incoming,
         handler: &H,
     ) -> Outcome {
+        self.handle_until_settled_or_stopped(message, handler, &CancellationToken::new())
+            .await
+            .expect("a token nobody cancels never stops the loop")
+    }
+
+    /// [`Deduplicator::handle_until_settled`], but gives up while waiting to retry once
+    /// `stop` fires (shutdown, a revoked partition): returns `None`, and the delivery must
+    /// not be acknowledged, so the broker delivers it again. An attempt under way is always
+    /// finished (committed or rolled back), never cut off.
+    pub async fn handle_until_settled_or_stopped<H: Handler + ?Sized>(
+        &self,
+        message: &Incoming,
+        handler: &H,
+        stop: &CancellationToken,
+    ) -> Option<Outcome> {
         let mut db_backoff = Duration::from_millis(100);
         loop {
-            match self.handle(message, handler).await {
-                Ok(Outcome::Retry { delay, .. }) => tokio::time::sleep(delay).await,
-                Ok(outcome) => return outcome,
+            let wait = match self.handle(message, handler).await {
+                Ok(Outcome::Retry { delay, .. }) => delay,
+                Ok(outcome) => return Some(outcome),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?db_backoff, "handling failed on the database; retrying");
-                    tokio::time::sleep(db_backoff).await;
+                    let wait = db_backoff;
                     db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
+                    wait
                 }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return None,
             }
         }
     }

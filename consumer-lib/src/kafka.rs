@@ -4,21 +4,41 @@
 //! place), so partition order — and with the relay's keying, per-key order — holds while
 //! partitions run concurrently. An offset is stored only after the message's transaction
 //! committed (or it was a duplicate or dead-lettered), and librdkafka commits stored offsets
-//! (periodically and on rebalance). After a rebalance the new owner of a partition starts at
-//! the last committed offset: messages handled but not yet committed come again and are
-//! skipped as duplicates, so nothing is lost and nothing is applied twice.
+//! periodically and when partitions are revoked.
+//!
+//! **Rebalances.** When a partition is revoked, its lane finishes the message it is handling
+//! (never a transaction cut in half) and drops the messages it had queued but not started;
+//! their offsets were not stored, so the partition's new owner reads them from the last
+//! committed offset. Messages handled but not yet committed come to the new owner again and
+//! are skipped as duplicates. While the old lane finishes its last message, the new owner may
+//! already be reading the same partition: the two serialise on the dedup row (the second
+//! waits for the first transaction, then skips), and each lane goes in offset order, so a
+//! message's effect still never happens before the effects of the messages ahead of it.
+//! Nothing is lost, nothing is applied twice, per-partition order holds.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
+    consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    error::KafkaError,
     message::{Headers, Message, OwnedMessage},
-    ClientConfig,
+    ClientConfig, ClientContext, Offset, TopicPartitionList,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{ConsumerError, Deduplicator, Handler, Incoming};
+
+/// Messages a lane may hold before the reader waits for it (bounds memory per partition).
+const LANE_CAPACITY: usize = 256;
+
+/// Properties [`KafkaSource::with_property`] refuses: setting them would acknowledge
+/// messages before their effects committed.
+const GUARDED: &[&str] = &["enable.auto.offset.store"];
 
 /// Topics to consume in a consumer group.
 #[derive(Debug, Clone)]
@@ -44,60 +64,86 @@ impl KafkaSource {
         }
     }
 
-    /// Sets a librdkafka consumer property (e.g. `session.timeout.ms`, security settings).
-    /// `enable.auto.offset.store` stays false: offsets are stored only after commit.
+    /// Sets a librdkafka consumer property (e.g. `session.timeout.ms`,
+    /// `auto.commit.interval.ms`, security settings). `enable.auto.offset.store` is ignored
+    /// (with a warning): offsets are stored only after the handler's transaction committed.
     pub fn with_property(mut self, name: &str, value: &str) -> Self {
-        if name != "enable.auto.offset.store" {
+        if GUARDED.contains(&name) {
+            tracing::warn!(
+                property = name,
+                "ignored: offsets are stored only after the handler's transaction commits"
+            );
+        } else {
             self.config.set(name, value);
         }
         self
     }
 
-    /// Consumes until `shutdown` fires; messages being handled then are finished and their
-    /// offsets committed before returning.
+    /// Consumes until `shutdown` fires. Then each lane finishes the message it is handling,
+    /// the stored offsets are committed and the consumer leaves its group; messages read but
+    /// not started are left to the group's next owner.
     pub async fn run<H: Handler + 'static>(
         &self,
         dedup: Deduplicator,
         handler: Arc<H>,
         shutdown: CancellationToken,
     ) -> Result<(), ConsumerError> {
-        let broker = |e: rdkafka::error::KafkaError| ConsumerError::Broker(e.to_string());
-        let consumer: Arc<StreamConsumer> = Arc::new(self.config.create().map_err(broker)?);
+        let broker = |e: KafkaError| ConsumerError::Broker(e.to_string());
+        let lanes = Arc::new(Lanes::default());
+        let consumer: Arc<StreamConsumer<LaneContext>> = Arc::new(
+            self.config
+                .create_with_context(LaneContext {
+                    lanes: lanes.clone(),
+                })
+                .map_err(broker)?,
+        );
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(broker)?;
 
-        let mut lanes: HashMap<(String, i32), mpsc::Sender<OwnedMessage>> = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let mut error_backoff = Duration::from_millis(100);
         loop {
             // `biased`: a message already taken from librdkafka is always dispatched, never
-            // dropped because shutdown fired at the same moment.
+            // dropped because shutdown fired at the same moment. Rebalances are served
+            // inside `recv` (see `LaneContext`).
             let message = tokio::select! {
                 biased;
                 m = consumer.recv() => m,
                 _ = shutdown.cancelled() => break,
             };
             let message = match message {
-                Ok(m) => m.detach(),
+                Ok(m) => {
+                    error_backoff = Duration::from_millis(100);
+                    m.detach()
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "Kafka consumer error; continuing");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tracing::warn!(error = %e, retry_in = ?error_backoff, "Kafka consumer error; continuing");
+                    tokio::select! {
+                        _ = tokio::time::sleep(error_backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
-            let lane_key = (message.topic().to_owned(), message.partition());
-            let sender = lanes.entry(lane_key).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(256);
-                tasks.spawn(lane(rx, consumer.clone(), dedup.clone(), handler.clone()));
-                tx
+            let partition = (message.topic().to_owned(), message.partition());
+            let sender = lanes.sender(&partition, &shutdown, |rx, stop| {
+                tasks.spawn(lane(
+                    rx,
+                    stop,
+                    consumer.clone(),
+                    dedup.clone(),
+                    handler.clone(),
+                ));
             });
-            if sender.send(message).await.is_err() {
-                return Err(ConsumerError::Broker("a partition lane stopped".into()));
-            }
+            // A closed lane was revoked after this message was fetched: the partition's
+            // next owner reads it from the committed offset.
+            let _ = sender.send(message).await;
         }
-        lanes.clear();
+        lanes.stop_all();
         while tasks.join_next().await.is_some() {}
         // Commit what the lanes stored (never the fetch position, which may be ahead of
-        // what was handled); closing the consumer then leaves the group.
+        // what was handled); dropping the consumer then leaves the group.
         if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
             tracing::debug!(error = %e, "final offset commit");
         }
@@ -105,27 +151,140 @@ impl KafkaSource {
     }
 }
 
+/// The lanes of the partitions this consumer holds, shared by the reader (which opens them)
+/// and the rebalance callback (which closes the revoked ones).
+#[derive(Default)]
+struct Lanes {
+    open: Mutex<HashMap<(String, i32), Lane>>,
+}
+
+struct Lane {
+    tx: mpsc::Sender<OwnedMessage>,
+    stop: CancellationToken,
+}
+
+impl Lanes {
+    /// The sender of `partition`'s lane, opening one (through `spawn`) if there is none.
+    fn sender(
+        &self,
+        partition: &(String, i32),
+        shutdown: &CancellationToken,
+        spawn: impl FnOnce(mpsc::Receiver<OwnedMessage>, CancellationToken),
+    ) -> mpsc::Sender<OwnedMessage> {
+        let mut open = self.open.lock().expect("lanes lock");
+        if let Some(lane) = open.get(partition) {
+            return lane.tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(LANE_CAPACITY);
+        let stop = shutdown.child_token();
+        spawn(rx, stop.clone());
+        open.insert(
+            partition.clone(),
+            Lane {
+                tx: tx.clone(),
+                stop,
+            },
+        );
+        tx
+    }
+
+    /// Closes the lanes of revoked partitions: each finishes its current message and drops
+    /// the rest.
+    fn revoke(&self, partitions: impl IntoIterator<Item = (String, i32)>) {
+        let mut open = self.open.lock().expect("lanes lock");
+        for p in partitions {
+            if let Some(lane) = open.remove(&p) {
+                tracing::info!(topic = %p.0, partition = p.1, "partition revoked; its lane stops after the message in hand");
+                lane.stop.cancel();
+            }
+        }
+    }
+
+    fn stop_all(&self) {
+        let mut open = self.open.lock().expect("lanes lock");
+        for (_, lane) in open.drain() {
+            lane.stop.cancel();
+        }
+    }
+}
+
+/// Closes a partition's lane before librdkafka gives the partition up.
+struct LaneContext {
+    lanes: Arc<Lanes>,
+}
+
+impl ClientContext for LaneContext {}
+
+impl ConsumerContext for LaneContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                self.lanes.revoke(
+                    list.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_owned(), e.partition())),
+                );
+                // Hand the new owner every offset stored so far (librdkafka commits on
+                // revoke too; this makes it explicit and does not wait).
+                if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Async)
+                {
+                    tracing::debug!(error = %e, "offset commit on revoke");
+                }
+            }
+            Rebalance::Assign(list) => {
+                let partitions: Vec<String> = list
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                    .collect();
+                tracing::info!(?partitions, "partitions assigned");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
+/// Handles one partition's messages in offset order until revoked or shut down.
 async fn lane<H: Handler + 'static>(
     mut rx: mpsc::Receiver<OwnedMessage>,
-    consumer: Arc<StreamConsumer>,
+    stop: CancellationToken,
+    consumer: Arc<StreamConsumer<LaneContext>>,
     dedup: Deduplicator,
     handler: Arc<H>,
 ) {
-    while let Some(m) = rx.recv().await {
-        dedup
-            .handle_until_settled(&incoming(&m), handler.as_ref())
+    loop {
+        let m = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let settled = dedup
+            .handle_until_settled_or_stopped(&incoming(&m), handler.as_ref(), &stop)
             .await;
-        // Stored offsets are committed by librdkafka; a revoked partition's offset may be
-        // refused, and the new owner skips the duplicate.
-        if let Err(e) = consumer.store_offset(m.topic(), m.partition(), m.offset() + 1) {
+        if settled.is_none() {
+            // Stopped while waiting to retry: not acknowledged, so it comes again.
+            return;
+        }
+        // The stored offset is the next one to read. (`rd_kafka_offset_store` adds one by
+        // itself; `rd_kafka_offsets_store` stores a list as given, which leaves no doubt.)
+        // A revoked partition's offset is refused; its new owner skips the duplicate.
+        let mut next = TopicPartitionList::new();
+        let stored = next
+            .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
+            .and_then(|()| consumer.store_offsets(&next));
+        if let Err(e) = stored {
             tracing::debug!(error = %e, partition = m.partition(), "offset not stored");
         }
     }
 }
 
-/// The message as the handling step sees it.
+/// The message as the handling step sees it: headers as strings (lossy UTF-8), the id from
+/// `outbox-id`, the key from `outbox-key` or else the Kafka message key.
 pub fn incoming(m: &OwnedMessage) -> Incoming {
-    let mut headers = std::collections::BTreeMap::new();
+    let mut headers = BTreeMap::new();
     if let Some(h) = m.headers() {
         for header in h.iter() {
             let value = header

@@ -23,6 +23,9 @@
 //!   property). A message without one is dead-lettered by default, or keyed by a hash of
 //!   its topic, key and payload ([`MissingId::DeriveFromContent`]); it is never handled
 //!   without dedup.
+//! - **Tracing**: each delivery is handled in a `handle` span (group, source, message id).
+//!   With the `opentelemetry` feature, the producer's W3C `traceparent` header becomes that
+//!   span's OpenTelemetry parent (for a subscriber with a `tracing-opentelemetry` layer).
 //! - **Retention**: [`Deduplicator::purge`] deletes `processed` rows older than a window in
 //!   bounded batches. The window must exceed the longest time a broker may redeliver a
 //!   message (unacked redelivery, Kafka retention for a consumer that rewinds); a delivery
@@ -36,6 +39,8 @@ mod incoming;
 pub mod kafka;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "opentelemetry")]
+mod trace;
 
 pub use dedup::{Deduplicator, Handler, MissingId, Outcome, RetryPolicy};
 pub use error::{ConsumerError, HandlerError};

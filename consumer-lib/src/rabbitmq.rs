@@ -58,7 +58,8 @@ impl RabbitMqSource {
     }
 
     /// Consumes until `shutdown` fires, reconnecting with capped backoff when the broker
-    /// goes away. Messages being handled when it fires are finished first.
+    /// goes away. Messages being handled when it fires are finished (committed and acked)
+    /// first; deliveries received but not started are left unacked for redelivery.
     pub async fn run<H: Handler + 'static>(
         &self,
         dedup: Deduplicator,
@@ -113,12 +114,21 @@ impl RabbitMqSource {
             .await
             .map_err(broker)?;
 
+        // Lanes stop after the delivery in hand when the session ends (shutdown or a lost
+        // connection); what they had not started is unacked, and RabbitMQ redelivers it.
+        let stop = shutdown.child_token();
         let mut lanes = Vec::with_capacity(self.concurrency);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..self.concurrency {
             let (tx, rx) = mpsc::channel::<Delivery>(usize::from(self.prefetch));
             lanes.push(tx);
-            tasks.spawn(lane(rx, self.queue.clone(), dedup.clone(), handler.clone()));
+            tasks.spawn(lane(
+                rx,
+                stop.clone(),
+                self.queue.clone(),
+                dedup.clone(),
+                handler.clone(),
+            ));
         }
         let result = loop {
             tokio::select! {
@@ -135,6 +145,7 @@ impl RabbitMqSource {
                 _ = shutdown.cancelled() => break Ok(()),
             }
         };
+        stop.cancel();
         drop(lanes);
         while tasks.join_next().await.is_some() {}
         let _ = connection.close(200, "outbox-consumer stopping").await;
@@ -156,17 +167,31 @@ fn lane_of(d: &Delivery, lanes: usize) -> usize {
     (h.finish() % lanes as u64) as usize
 }
 
-/// Handles one lane's deliveries in order; retries in place; acks after commit.
+/// Handles one lane's deliveries in order; retries in place; acks after commit. Stops after
+/// the delivery in hand once `stop` fires.
 async fn lane<H: Handler + 'static>(
     mut rx: mpsc::Receiver<Delivery>,
+    stop: CancellationToken,
     queue: String,
     dedup: Deduplicator,
     handler: Arc<H>,
 ) {
-    while let Some(delivery) = rx.recv().await {
-        dedup
-            .handle_until_settled(&incoming(&queue, &delivery), handler.as_ref())
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            d = rx.recv() => match d {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        let settled = dedup
+            .handle_until_settled_or_stopped(&incoming(&queue, &delivery), handler.as_ref(), &stop)
             .await;
+        if settled.is_none() {
+            // Stopped while waiting to retry: left unacked, RabbitMQ redelivers it.
+            return;
+        }
         if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
             // The channel is gone; the broker redelivers, dedup skips it.
             tracing::warn!(error = %e, "ack failed after commit; the redelivery will be skipped");

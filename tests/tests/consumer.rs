@@ -28,6 +28,8 @@ struct Recorder {
     flaky: AtomicU32,
     /// How long to hold the transaction open.
     hold: Duration,
+    /// Which consumer recorded the effect.
+    name: &'static str,
 }
 
 impl Handler for Recorder {
@@ -48,13 +50,16 @@ impl Handler for Recorder {
                 return Err(HandlerError::retryable("inventory service unavailable"));
             }
             let seq: Option<i64> = m.headers.get("outbox-seq").and_then(|s| s.parse().ok());
-            sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
-                .bind(m.message_id)
-                .bind(m.key.as_deref())
-                .bind(seq)
-                .execute(&mut *tx)
-                .await
-                .map_err(HandlerError::retryable)?;
+            sqlx::query(
+                "INSERT INTO effects (message_id, key, seq, consumer) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(m.message_id)
+            .bind(m.key.as_deref())
+            .bind(seq)
+            .bind(self.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(HandlerError::retryable)?;
             if !self.hold.is_zero() {
                 tokio::time::sleep(self.hold).await;
             }
@@ -64,7 +69,7 @@ impl Handler for Recorder {
 }
 
 async fn setup(db: &TestDb, group: &str) -> Deduplicator {
-    sqlx::query("CREATE TABLE IF NOT EXISTS effects (n bigserial PRIMARY KEY, message_id uuid, key text, seq bigint)")
+    sqlx::query("CREATE TABLE IF NOT EXISTS effects (n bigserial PRIMARY KEY, message_id uuid, key text, seq bigint, consumer text)")
         .execute(&db.pool)
         .await
         .unwrap();
@@ -85,6 +90,52 @@ async fn effects(pool: &PgPool, id: Uuid) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+/// Every one of `n` messages has exactly one effect, and each key's effects are in `seq`
+/// order; a failure names the message, the key and the sequence numbers.
+async fn assert_one_effect_each_in_key_order(pool: &PgPool, n: usize) {
+    let rows: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT message_id, key, seq FROM effects ORDER BY n")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for (id, key, seq) in &rows {
+        assert!(
+            seen.insert(*id),
+            "message {id} (key {key}, seq {seq}) had two effects"
+        );
+    }
+    assert_eq!(rows.len(), n, "one effect per message");
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    for (id, key, seq) in &rows {
+        let prev = last.insert(key, *seq).unwrap_or(i64::MIN);
+        assert!(
+            *seq > prev,
+            "key {key}: effect of seq {seq} (message {id}) after seq {prev}"
+        );
+    }
+}
+
+async fn effect_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until `done` holds, polling every 100 ms; panics with `what` after `timeout`.
+async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < timeout, "{what} within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn incoming(id: Uuid, payload: &[u8]) -> Incoming {
@@ -462,26 +513,7 @@ async fn end_to_end_effects_are_exactly_once_in_key_order(b: Broker) {
     replayer.stop().await;
     relay.stop().await;
 
-    let rows: Vec<(Uuid, String, i64)> =
-        sqlx::query_as("SELECT message_id, key, seq FROM effects ORDER BY n")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        rows.len(),
-        N,
-        "one effect per message (the poison one has none)"
-    );
-    let distinct: std::collections::HashSet<Uuid> = rows.iter().map(|r| r.0).collect();
-    assert_eq!(distinct.len(), N, "no message had two effects");
-    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
-    for (id, key, seq) in &rows {
-        let prev = last.insert(key, *seq).unwrap_or(i64::MIN);
-        assert!(
-            *seq > prev,
-            "key {key}: effect of seq {seq} (message {id}) after seq {prev}"
-        );
-    }
+    assert_one_effect_each_in_key_order(&db.pool, N).await;
     let dead: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM outbox_consumer.dead_letters WHERE error LIKE '%not an order%'",
     )
@@ -492,3 +524,230 @@ async fn end_to_end_effects_are_exactly_once_in_key_order(b: Broker) {
 }
 
 outbox_tests::for_each_broker!(end_to_end_effects_are_exactly_once_in_key_order);
+
+/// A Kafka consumer in `group` on `t`, with timings short enough for a test to see
+/// rebalances within seconds.
+fn kafka_source(group: &str, t: &str) -> outbox_consumer::kafka::KafkaSource {
+    outbox_consumer::kafka::KafkaSource::new(&kafka_brokers(), group, &[t])
+        .with_property("session.timeout.ms", "6000")
+        .with_property("heartbeat.interval.ms", "500")
+        .with_property("auto.commit.interval.ms", "200")
+}
+
+/// Runs `source` with a recorder named `name` until the returned token is cancelled.
+fn spawn_kafka_consumer(
+    source: outbox_consumer::kafka::KafkaSource,
+    dedup: &Deduplicator,
+    name: &'static str,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), outbox_consumer::ConsumerError>>,
+) {
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(Recorder {
+        hold: Duration::from_millis(15),
+        name,
+        ..Default::default()
+    });
+    let running = tokio::spawn({
+        let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
+        async move { source.run(dedup, handler, shutdown).await }
+    });
+    (shutdown, running)
+}
+
+async fn effects_by(pool: &PgPool, name: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM effects WHERE consumer = $1")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Kafka: a second consumer joins the group mid-stream, then the first leaves. The
+/// partitions move between them twice while messages are being handled; still every
+/// message has exactly one effect, in each key's `seq` order, and both consumers did part of
+/// the work (so the partitions really moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_rebalance_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    const N: usize = 1200;
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "rebalance").await;
+    let t = topic("rebalance");
+    Broker::Kafka.consumer().await.declare(&t).await;
+    let msgs: Vec<Message> = (0..N)
+        .map(|i| {
+            Message::new(&t, format!("order {i}").into_bytes())
+                .unwrap()
+                .with_key(format!("k{}", i % 24))
+                .unwrap()
+        })
+        .collect();
+    Outbox::default()
+        .enqueue_batch(&db.pool, &msgs)
+        .await
+        .unwrap();
+    let relay = start_relay(&Broker::Kafka.settings(&db)).await;
+    let group = format!("rebalance-{t}");
+
+    let (stop_a, a) = spawn_kafka_consumer(kafka_source(&group, &t), &dedup, "a");
+    wait_until(
+        Duration::from_secs(60),
+        "consumer a handles a quarter",
+        || {
+            let pool = db.pool.clone();
+            async move { effect_count(&pool).await >= (N / 4) as i64 }
+        },
+    )
+    .await;
+
+    let (stop_b, b) = spawn_kafka_consumer(kafka_source(&group, &t), &dedup, "b");
+    wait_until(
+        Duration::from_secs(60),
+        "consumer b gets partitions and handles messages",
+        || {
+            let pool = db.pool.clone();
+            async move { effects_by(&pool, "b").await > 0 }
+        },
+    )
+    .await;
+    let a_before_leaving = effects_by(&db.pool, "a").await;
+    assert!(
+        (a_before_leaving as usize) < N,
+        "consumer a finished everything before the rebalance; the test proves nothing"
+    );
+
+    stop_a.cancel();
+    a.await.unwrap().unwrap();
+    let start = Instant::now();
+    loop {
+        let n = effect_count(&db.pool).await;
+        if n >= N as i64 {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let by_key: Vec<(String, i64)> =
+                sqlx::query_as("SELECT key, count(*) FROM effects GROUP BY key ORDER BY key")
+                    .fetch_all(&db.pool)
+                    .await
+                    .unwrap();
+            panic!(
+                "{n} of {N} effects 120 s after consumer a left (a: {}, b: {}); by key: {by_key:?}",
+                effects_by(&db.pool, "a").await,
+                effects_by(&db.pool, "b").await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Whatever is still in flight or redelivered must be absorbed, not applied again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_b.cancel();
+    b.await.unwrap().unwrap();
+    relay.stop().await;
+
+    assert_one_effect_each_in_key_order(&db.pool, N).await;
+    let (by_a, by_b) = (
+        effects_by(&db.pool, "a").await,
+        effects_by(&db.pool, "b").await,
+    );
+    assert!(
+        by_a > 0 && by_b > 0 && by_a + by_b == N as i64,
+        "effects by a: {by_a}, by b: {by_b}"
+    );
+}
+
+/// Kafka: a consumer that dies after its transaction committed but before its offset was
+/// committed. The group's next consumer gets the message again, skips it as a duplicate and
+/// commits its offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_crash_between_commit_and_offset_commit_is_skipped_on_redelivery() {
+    use rdkafka::{
+        consumer::{Consumer as _, StreamConsumer},
+        ClientConfig, Message as _, Offset, TopicPartitionList,
+    };
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "billing").await;
+    let t = topic("crash");
+    Broker::Kafka.consumer().await.declare(&t).await;
+    let msg = Message::new(&t, b"order".to_vec())
+        .unwrap()
+        .with_key("k")
+        .unwrap();
+    outbox::enqueue(&db.pool, &msg).await.unwrap();
+    let relay = start_relay(&Broker::Kafka.settings(&db)).await;
+    let group = format!("crash-{t}");
+
+    // First consumer: read, handle (commit), and "crash": gone without committing an offset.
+    let partition = {
+        let crashing: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        crashing.subscribe(&[&t]).unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(30), crashing.recv())
+            .await
+            .expect("the message never reached the topic")
+            .unwrap()
+            .detach();
+        let first = dedup
+            .handle(&outbox_consumer::kafka::incoming(&m), &Recorder::default())
+            .await
+            .unwrap();
+        assert_eq!(first, Outcome::Processed);
+        m.partition()
+    };
+    relay.stop().await;
+
+    // Second consumer in the same group: the message comes again, is skipped, and the group's
+    // offset moves past it.
+    let (stop, running) = spawn_kafka_consumer(kafka_source(&group, &t), &dedup, "second");
+    let offsets: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition(&t, partition);
+    wait_until(
+        Duration::from_secs(30),
+        "the redelivery's offset is committed",
+        || {
+            let committed = offsets
+                .committed_offsets(wanted.clone(), Duration::from_secs(5))
+                .ok()
+                .and_then(|list| list.find_partition(&t, partition).map(|e| e.offset()));
+            async move { matches!(committed, Some(Offset::Offset(n)) if n >= 1) }
+        },
+    )
+    .await;
+    let committed = offsets
+        .committed_offsets(wanted.clone(), Duration::from_secs(5))
+        .unwrap()
+        .find_partition(&t, partition)
+        .map(|e| e.offset());
+    assert_eq!(
+        committed,
+        Some(Offset::Offset(1)),
+        "the committed offset is the next one to read (the message was at 0), not beyond it"
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        effects(&db.pool, msg.id()).await,
+        1,
+        "handled once, skipped on redelivery"
+    );
+    assert_eq!(
+        effects_by(&db.pool, "second").await,
+        0,
+        "the second consumer applied nothing"
+    );
+}
