@@ -1,6 +1,12 @@
 //! The handling step: dedup row and handler writes in one transaction.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 use outbox::{migrate::Migration, Schema};
@@ -108,7 +114,42 @@ impl Outcome {
     }
 }
 
-/// Handles messages for one consumer group with dedup. Cheap to clone.
+/// Running totals of what a [`Deduplicator`] and its clones did, for metrics and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Deliveries whose handler ran and committed.
+    pub processed: u64,
+    /// Deliveries skipped as already processed (redeliveries absorbed).
+    pub duplicates: u64,
+    /// Messages parked in `dead_letters`.
+    pub dead_lettered: u64,
+    /// Retryable handler failures (each one rolled back and to be tried again).
+    pub retries: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    processed: AtomicU64,
+    duplicates: AtomicU64,
+    dead_lettered: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl Counters {
+    fn count(&self, outcome: &Outcome) {
+        let counter = match outcome {
+            Outcome::Processed => &self.processed,
+            Outcome::Duplicate => &self.duplicates,
+            Outcome::DeadLettered { .. } => &self.dead_lettered,
+            Outcome::Retry { .. } => &self.retries,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Handles messages for one consumer group with dedup. Cheap to clone; clones share their
+/// [`Stats`].
 #[derive(Debug, Clone)]
 pub struct Deduplicator {
     pool: PgPool,
@@ -116,6 +157,7 @@ pub struct Deduplicator {
     group: String,
     missing_id: MissingId,
     retry: RetryPolicy,
+    counters: Arc<Counters>,
 }
 
 impl Deduplicator {
@@ -131,6 +173,7 @@ impl Deduplicator {
             group,
             missing_id: MissingId::default(),
             retry: RetryPolicy::default(),
+            counters: Arc::default(),
         })
     }
 
@@ -160,6 +203,17 @@ impl Deduplicator {
     /// The retry policy.
     pub fn retry_policy(&self) -> RetryPolicy {
         self.retry
+    }
+
+    /// What this deduplicator and its clones did so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            processed: c.processed.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+        }
     }
 
     /// Creates the consumer schema and applies pending migrations.
@@ -251,6 +305,7 @@ impl Deduplicator {
         }
         .instrument(span)
         .await
+        .inspect(|outcome| self.counters.count(outcome))
     }
 
     /// Handles one delivery until it is settled: retryable failures are retried in place

@@ -42,7 +42,7 @@ pub mod rabbitmq;
 #[cfg(feature = "opentelemetry")]
 mod trace;
 
-pub use dedup::{Deduplicator, Handler, MissingId, Outcome, RetryPolicy};
+pub use dedup::{Deduplicator, Handler, MissingId, Outcome, RetryPolicy, Stats};
 pub use error::{ConsumerError, HandlerError};
 pub use incoming::Incoming;
 

@@ -274,6 +274,31 @@ pub fn with_policy(mut s: Settings, policy: DeadKeyPolicy) -> Settings {
     s
 }
 
+/// Messages `range` for `topic`: message `i` carries payload `i` and key `k{i % keys}`.
+pub fn keyed_messages(
+    topic: &str,
+    range: impl IntoIterator<Item = usize>,
+    keys: usize,
+) -> Vec<outbox::Message> {
+    range
+        .into_iter()
+        .map(|i| {
+            outbox::Message::new(topic, i.to_string().into_bytes())
+                .expect("a valid topic")
+                .with_key(format!("k{}", i % keys))
+                .expect("a valid key")
+        })
+        .collect()
+}
+
+/// Writes `msgs` to the default outbox of `db`, in one transaction.
+pub async fn enqueue_all(db: &TestDb, msgs: &[outbox::Message]) {
+    outbox::Outbox::default()
+        .enqueue_batch(&db.pool, msgs)
+        .await
+        .expect("enqueue");
+}
+
 /// A unique topic name; with the default routing it is also the queue's name.
 pub fn topic(prefix: &str) -> String {
     format!("{prefix}.{}", Uuid::new_v4().simple())

@@ -7,7 +7,10 @@ use std::{
 };
 
 use outbox::{Message, Outbox};
-use outbox_tests::{amqp_url, for_each_broker, start_relay, topic, Broker, RelayProcess, TestDb};
+use outbox_tests::{
+    amqp_url, enqueue_all, for_each_broker, keyed_messages, start_relay, topic, Broker,
+    RelayProcess, TestDb,
+};
 
 /// A relay process built for these tests.
 struct Proc;
@@ -283,18 +286,8 @@ async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace(b: Br
     let t = topic("drain");
     let consumer = b.consumer().await;
     consumer.queue(&t).await;
-    let msgs: Vec<Message> = (0..N)
-        .map(|i| {
-            Message::new(&t, i.to_string().into_bytes())
-                .unwrap()
-                .with_key(format!("k{}", i % 50))
-                .unwrap()
-        })
-        .collect();
-    Outbox::default()
-        .enqueue_batch(&db.pool, &msgs)
-        .await
-        .unwrap();
+    let msgs = keyed_messages(&t, 0..N, 50);
+    enqueue_all(&db, &msgs).await;
 
     let grace = Duration::from_secs(5);
     let mut env = b.env(&db);

@@ -16,7 +16,10 @@ use outbox::{Message, Outbox};
 use outbox_consumer::{
     Deduplicator, Handler, HandlerError, Incoming, MissingId, Outcome, RetryPolicy,
 };
-use outbox_tests::{amqp_url, kafka_brokers, start_relay, topic, Broker, Consumer, TestDb};
+use outbox_tests::{
+    amqp_url, enqueue_all, kafka_brokers, keyed_messages, start_relay, topic, Broker, Consumer,
+    TestDb,
+};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -162,6 +165,12 @@ async fn the_same_message_delivered_three_times_and_concurrently_has_one_effect(
         [Outcome::Processed, Outcome::Duplicate, Outcome::Duplicate]
     );
     assert_eq!(effects(&db.pool, m.message_id.unwrap()).await, 1);
+    let stats = dedup.clone().stats();
+    assert_eq!(
+        (stats.processed, stats.duplicates),
+        (1, 2),
+        "clones share the totals: {stats:?}"
+    );
 
     // Two consumers at once: the second waits on the first's dedup row, then skips.
     let slow = Recorder {
@@ -222,6 +231,8 @@ async fn retryable_failures_then_success_and_permanent_failures_dead_letter() {
         1,
         "failed attempts left no effect"
     );
+    let stats = dedup.stats();
+    assert_eq!((stats.retries, stats.processed), (2, 1), "{stats:?}");
 
     let poison = incoming(Uuid::new_v4(), b"poison");
     let out = dedup.handle(&poison, &handler).await.unwrap();
@@ -419,14 +430,7 @@ async fn end_to_end_effects_are_exactly_once_in_key_order(b: Broker) {
     let dedup = setup(&db, "e2e").await;
     let t = topic("e2e");
     b.consumer().await.declare(&t).await;
-    let mut msgs: Vec<Message> = (0..N)
-        .map(|i| {
-            Message::new(&t, format!("order {i}").into_bytes())
-                .unwrap()
-                .with_key(format!("k{}", i % 12))
-                .unwrap()
-        })
-        .collect();
+    let mut msgs = keyed_messages(&t, 0..N, 12);
     msgs.insert(
         N / 2,
         Message::new(&t, b"poison".to_vec())
@@ -434,10 +438,7 @@ async fn end_to_end_effects_are_exactly_once_in_key_order(b: Broker) {
             .with_key("k3")
             .unwrap(),
     );
-    Outbox::default()
-        .enqueue_batch(&db.pool, &msgs)
-        .await
-        .unwrap();
+    enqueue_all(&db, &msgs).await;
     // The relay publishes everything; then a second relay run republishes a few (as after a
     // crash between confirm and delete) to exercise dedup across deliveries.
     let relay = start_relay(&b.settings(&db)).await;
@@ -580,18 +581,7 @@ async fn kafka_rebalance_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let dedup = setup(&db, "rebalance").await;
     let t = topic("rebalance");
     Broker::Kafka.consumer().await.declare(&t).await;
-    let msgs: Vec<Message> = (0..N)
-        .map(|i| {
-            Message::new(&t, format!("order {i}").into_bytes())
-                .unwrap()
-                .with_key(format!("k{}", i % 24))
-                .unwrap()
-        })
-        .collect();
-    Outbox::default()
-        .enqueue_batch(&db.pool, &msgs)
-        .await
-        .unwrap();
+    enqueue_all(&db, &keyed_messages(&t, 0..N, 24)).await;
     let relay = start_relay(&Broker::Kafka.settings(&db)).await;
     let group = format!("rebalance-{t}");
 

@@ -5,19 +5,14 @@
 use std::{collections::HashSet, process::Command, time::Duration};
 
 use outbox::{Message, Outbox};
-use outbox_tests::{assert_per_key_order, settings, start_relay, topic, Broker, Consumer, TestDb};
+use outbox_tests::{
+    assert_per_key_order, keyed_messages, settings, start_relay, topic, Broker, Consumer, TestDb,
+};
 
 const N: usize = 2000;
 
 fn stream(t: &str) -> Vec<Message> {
-    (0..N)
-        .map(|i| {
-            Message::new(t, i.to_string().into_bytes())
-                .unwrap()
-                .with_key(format!("k{}", i % 40))
-                .unwrap()
-        })
-        .collect()
+    keyed_messages(t, 0..N, 40)
 }
 
 fn assert_all_arrived(msgs: &[Message], got: &[outbox_tests::Received]) {

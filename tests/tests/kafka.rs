@@ -3,8 +3,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use outbox::{Message, Outbox};
-use outbox_tests::{start_relay, topic, Broker, TestDb};
+use outbox::Message;
+use outbox_tests::{enqueue_all, keyed_messages, start_relay, topic, Broker, TestDb};
 
 #[tokio::test]
 async fn each_key_lives_in_one_partition_in_seq_order() {
@@ -12,18 +12,7 @@ async fn each_key_lives_in_one_partition_in_seq_order() {
     let t = topic("partitioned");
     let consumer = Broker::Kafka.consumer().await;
     consumer.queue(&t).await;
-    let msgs: Vec<Message> = (0..300)
-        .map(|i| {
-            Message::new(&t, vec![])
-                .unwrap()
-                .with_key(format!("k{}", i % 30))
-                .unwrap()
-        })
-        .collect();
-    Outbox::default()
-        .enqueue_batch(&db.pool, &msgs)
-        .await
-        .unwrap();
+    enqueue_all(&db, &keyed_messages(&t, 0..300, 30)).await;
     let relay = start_relay(&Broker::Kafka.settings(&db)).await;
     let got = consumer.wait_for(300, Duration::from_secs(30)).await;
     relay.stop().await;

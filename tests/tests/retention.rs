@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use outbox::{Message, Outbox};
-use outbox_tests::{relay, settings, start_relay, topic, Consumer, TestDb};
+use outbox_tests::{
+    enqueue_all, keyed_messages, relay, settings, start_relay, topic, Consumer, TestDb,
+};
 
 async fn count(db: &TestDb, table: &str) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM outbox.{table}"))
@@ -30,20 +31,8 @@ async fn under_load_the_hot_table_stays_small_and_records_expire() {
     let relay = start_relay(&s).await;
 
     let mut max_hot = 0;
-    for chunk in (0..N).collect::<Vec<_>>().chunks(200) {
-        let msgs: Vec<Message> = chunk
-            .iter()
-            .map(|i| {
-                Message::new(&t, vec![])
-                    .unwrap()
-                    .with_key(format!("k{}", i % 20))
-                    .unwrap()
-            })
-            .collect();
-        Outbox::default()
-            .enqueue_batch(&db.pool, &msgs)
-            .await
-            .unwrap();
+    for start in (0..N).step_by(200) {
+        enqueue_all(&db, &keyed_messages(&t, start..(start + 200).min(N), 20)).await;
         max_hot = max_hot.max(count(&db, "messages").await);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -1,21 +1,28 @@
-//! The chaos suite: proves no loss and per-key order while relays are killed and the
-//! servers restart under a stream of writes.
+//! The chaos suite: proves no loss, per-key order and exactly-once effects while relays are
+//! killed and the servers restart under a stream of writes.
 //!
 //! Runs against the stack of `scripts/stack.sh` (reads `DATABASE_URL`, `AMQP_URL` and
 //! `OUTBOX_STACK_DIR`, and restarts servers through `scripts/stack.sh restart`). It creates a
 //! database of its own, starts `--relays` relay processes, and from several producers writes
 //! `--messages` messages over `--keys` keys, each in a transaction with a business row, some
 //! rolled back on purpose. Meanwhile it kills relays with SIGKILL (and restarts them),
-//! restarts RabbitMQ and PostgreSQL. Then it drains and checks what reached the broker:
+//! restarts the broker and PostgreSQL. Then it drains and checks what reached the broker:
 //!
 //! - every committed message arrived (the business rows say which committed: a message
 //!   exists iff its transaction committed, so the `chaos_orders` table is the ground truth,
 //!   even for commits whose outcome the producer never learned);
 //! - no rolled-back message arrived;
 //! - for every key, first arrivals are in `seq` order;
-//! - duplicates are counted (at-least-once delivery allows them).
+//! - duplicates are counted (at-least-once delivery allows them);
 //!
-//! Prints a summary table and exits 1 on any loss, phantom or order violation.
+//! and what the consumer library made of it: one effect per committed message (none lost,
+//! none doubled), in each key's `seq` order, with the duplicates dedup absorbed. On RabbitMQ
+//! the reader passes every delivery through the dedup step before acking it. On Kafka the
+//! effects come from `--consumers` members of one consumer group built on the library's
+//! `KafkaSource`, restarted `--consumer-restarts` times mid-stream, so partitions move
+//! between them under load; a separate reader records the arrivals.
+//!
+//! Prints a summary table and exits 1 on any loss, phantom, double effect or order violation.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -53,6 +60,8 @@ struct Options {
     rate: f64,
     seed: u64,
     kafka: bool,
+    consumers: usize,
+    consumer_restarts: usize,
 }
 
 impl Options {
@@ -75,6 +84,8 @@ impl Options {
             rate: 1000.0,
             seed: rand::random(),
             kafka: false,
+            consumers: 2,
+            consumer_restarts: 4,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -94,6 +105,8 @@ impl Options {
                 "--kills" => o.kills = n()?,
                 "--broker-restarts" => o.broker_restarts = n()?,
                 "--db-restarts" => o.db_restarts = n()?,
+                "--consumers" => o.consumers = n()?,
+                "--consumer-restarts" => o.consumer_restarts = n()?,
                 "--rate" => o.rate = value.parse().context("--rate")?,
                 "--seed" => o.seed = value.parse().context("--seed")?,
                 "--broker" => {
@@ -105,7 +118,8 @@ impl Options {
                 }
                 other => bail!(
                     "unknown option {other}; use --messages --keys --producers --relays --kills \
-                     --broker-restarts --db-restarts --rate --seed --broker"
+                     --broker-restarts --db-restarts --consumers --consumer-restarts --rate \
+                     --seed --broker"
                 ),
             }
         }
@@ -114,6 +128,9 @@ impl Options {
         }
         if o.keys < o.producers || o.producers == 0 || o.relays == 0 {
             bail!("need at least one producer, one relay, and as many keys as producers");
+        }
+        if o.kafka && o.consumers == 0 {
+            bail!("--consumers: Kafka mode needs at least one consumer");
         }
         Ok(o)
     }
@@ -208,10 +225,7 @@ async fn run() -> anyhow::Result<bool> {
         },
     );
     dedup.migrate().await?;
-    let effects = Arc::new(Effects {
-        dedup,
-        absorbed: AtomicU64::new(0),
-    });
+    let effects = Arc::new(Effects { dedup });
     let queue = format!("chaos.{}", Uuid::new_v4().simple());
 
     let arrivals = Arc::new(Mutex::new(Vec::<Arrival>::new()));
@@ -224,7 +238,6 @@ async fn run() -> anyhow::Result<bool> {
             queue.clone(),
             arrivals.clone(),
             consumer_stop.clone(),
-            effects.clone(),
         ))
     } else {
         // The queue must exist before anything is published to it.
@@ -243,6 +256,21 @@ async fn run() -> anyhow::Result<bool> {
             effects.clone(),
         ))
     };
+
+    // Kafka: the effects come from the library's KafkaSource, several consumers in one group,
+    // restarted mid-stream so partitions move between them.
+    let group = format!("chaos-effects-{queue}");
+    let mut group_consumers: Vec<GroupConsumer> = Vec::new();
+    if o.kafka {
+        for _ in 0..o.consumers {
+            group_consumers.push(GroupConsumer::start(
+                &kafka_brokers,
+                &group,
+                &queue,
+                &effects.dedup,
+            ));
+        }
+    }
 
     let mut relay_env = vec![
         ("OUTBOX__DATABASE__URL", db_url.clone()),
@@ -296,6 +324,14 @@ async fn run() -> anyhow::Result<bool> {
             Fault::RestartBroker,
         ));
     }
+    if o.kafka {
+        for _ in 0..o.consumer_restarts {
+            events.push((
+                rng.random_range(0.05..0.95),
+                Fault::RestartConsumer(rng.random_range(0..o.consumers)),
+            ));
+        }
+    }
     for i in 0..o.db_restarts {
         events.push((
             (i as f64 + 0.5) / (o.db_restarts as f64 + 0.5) * 0.9,
@@ -304,7 +340,7 @@ async fn run() -> anyhow::Result<bool> {
     }
     events.sort_by(|a, b| a.0.total_cmp(&b.0));
 
-    let (mut kills, mut broker_restarts, mut db_restarts) = (0, 0, 0);
+    let (mut kills, mut broker_restarts, mut db_restarts, mut consumer_restarts) = (0, 0, 0, 0);
     let total = o.messages as u64;
     let planned = o.planned().as_secs_f64();
     let mut next_progress = Instant::now();
@@ -333,6 +369,18 @@ async fn run() -> anyhow::Result<bool> {
                     broker_restarts += 1;
                     println!(
                         "[{:>6.1}s] restarted {broker_name}",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                Fault::RestartConsumer(i) => {
+                    let restarted =
+                        GroupConsumer::start(&kafka_brokers, &group, &queue, &effects.dedup);
+                    std::mem::replace(&mut group_consumers[i], restarted)
+                        .stop()
+                        .await;
+                    consumer_restarts += 1;
+                    println!(
+                        "[{:>6.1}s] restarted consumer {i} of group {group} (rebalances)",
                         started.elapsed().as_secs_f64()
                     );
                 }
@@ -424,6 +472,9 @@ async fn run() -> anyhow::Result<bool> {
     }
     consumer_stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(5), consumer).await;
+    for c in group_consumers {
+        c.stop().await;
+    }
     let wall = started.elapsed();
 
     // Verdict.
@@ -510,11 +561,22 @@ async fn run() -> anyhow::Result<bool> {
         (
             11,
             (
+                "consumer restarts (rebalances)",
+                if o.kafka {
+                    format!("{consumer_restarts} ({} consumers)", o.consumers)
+                } else {
+                    "-".to_owned()
+                },
+            ),
+        ),
+        (
+            12,
+            (
                 "drain after last write",
                 format!("{:.1} s", drain.as_secs_f64()),
             ),
         ),
-        (12, ("wall time", format!("{:.1} s", wall.as_secs_f64()))),
+        (13, ("wall time", format!("{:.1} s", wall.as_secs_f64()))),
     ]
     .into_iter()
     .collect();
@@ -563,7 +625,7 @@ async fn run() -> anyhow::Result<bool> {
     println!(
         "| {:<36} | {:>30} |",
         "duplicates absorbed by dedup",
-        effects.absorbed.load(Ordering::Relaxed)
+        effects.dedup.stats().duplicates
     );
     println!(
         "| {:<36} | {:>30} |",
@@ -588,7 +650,6 @@ async fn run() -> anyhow::Result<bool> {
 /// it is acknowledged, and the handler writes one effect row per message.
 struct Effects {
     dedup: outbox_consumer::Deduplicator,
-    absorbed: AtomicU64,
 }
 
 struct EffectWriter;
@@ -617,18 +678,52 @@ impl Effects {
     /// Handles one delivery until it is settled; only then may it be acknowledged. The
     /// database may be restarting: keep trying.
     async fn apply(&self, incoming: &outbox_consumer::Incoming) {
-        let outcome = self
-            .dedup
+        self.dedup
             .handle_until_settled(incoming, &EffectWriter)
             .await;
-        if outcome == outbox_consumer::Outcome::Duplicate {
-            self.absorbed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One member of the Kafka consumer group that applies the effects.
+struct GroupConsumer {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), outbox_consumer::ConsumerError>>,
+}
+
+impl GroupConsumer {
+    fn start(
+        brokers: &str,
+        group: &str,
+        topic: &str,
+        dedup: &outbox_consumer::Deduplicator,
+    ) -> Self {
+        let source = outbox_consumer::kafka::KafkaSource::new(brokers, group, &[topic])
+            .with_property("session.timeout.ms", "6000")
+            .with_property("heartbeat.interval.ms", "500")
+            .with_property("auto.commit.interval.ms", "500");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
+            async move { source.run(dedup, Arc::new(EffectWriter), shutdown).await }
+        });
+        Self { shutdown, task }
+    }
+
+    /// Stops it as a deployment would (SIGTERM): the message in hand is finished, the
+    /// stored offsets committed, the group left.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("Kafka group consumer: {e}"),
+            Err(e) => eprintln!("Kafka group consumer task: {e}"),
         }
     }
 }
 
 enum Fault {
     KillRelay(usize),
+    RestartConsumer(usize),
     RestartBroker,
     RestartDb,
 }
@@ -884,7 +979,6 @@ async fn consume_kafka(
     topic: String,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
     stop: Arc<AtomicBool>,
-    effects: Arc<Effects>,
 ) {
     use rdkafka::{
         consumer::{Consumer as _, StreamConsumer},
@@ -943,9 +1037,6 @@ async fn consume_kafka(
                     .unwrap_or_default(),
             };
             arrivals.lock().unwrap().push(arrival);
-            effects
-                .apply(&outbox_consumer::kafka::incoming(&m.detach()))
-                .await;
             if let Some(slot) = next.get_mut(m.partition() as usize) {
                 *slot = m.offset() + 1;
             }
