@@ -9,6 +9,9 @@
 #   scripts/stack.sh env       print the exports for the running stack
 #   scripts/stack.sh restart rabbitmq|kafka|postgres
 #                              restart one server in place (same port and data)
+#   scripts/stack.sh reset kafka
+#                              stop the Kafka-protocol broker, drop its data, start it afresh
+#                              on the same port (a clean broker for the next suite)
 #
 # `up` is safe to run twice: a running stack is reused. Everything listens on 127.0.0.1.
 set -euo pipefail
@@ -231,6 +234,20 @@ restart() {
   esac
 }
 
+# A fresh Kafka-protocol broker on the same port, without the data of earlier tests.
+reset() {
+  [ -f "$ENV_FILE" ] || die "no stack is running under $STACK_DIR"
+  case "${1:-}" in
+    kafka)
+      stop_pid "$STACK_DIR/kafka.pid" "Kafka-protocol broker"
+      rm -rf "$STACK_DIR/kafka"
+      mkdir -p "$STACK_DIR/kafka"
+      boot_kafka
+      log "Kafka-protocol broker started afresh" ;;
+    *) die "usage: $0 reset kafka" ;;
+  esac
+}
+
 rabbit_ctl() {
   ( . "$STACK_DIR/rabbitmq/rabbit.env"; /usr/lib/rabbitmq/bin/rabbitmqctl "$@" )
 }
@@ -305,5 +322,6 @@ case "${1:-}" in
   down) down_quiet; log "stopped" ;;
   env) cat "$ENV_FILE" ;;
   restart) restart "${2:-}" ;;
-  *) echo "usage: $0 install|up|down|env|restart rabbitmq|kafka|postgres" >&2; exit 2 ;;
+  reset) reset "${2:-}" ;;
+  *) echo "usage: $0 install|up|down|env|restart rabbitmq|kafka|postgres|reset kafka" >&2; exit 2 ;;
 esac
