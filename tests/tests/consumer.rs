@@ -741,3 +741,16 @@ async fn kafka_crash_between_commit_and_offset_commit_is_skipped_on_redelivery()
         "the second consumer applied nothing"
     );
 }
+
+/// The README's consumer service is the compiled example, word for word.
+#[test]
+fn the_readme_shows_the_compiled_consumer_example() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("consumer-lib/examples/mark_paid.rs")).unwrap();
+    let body = &example[example.find("use std::sync::Arc;").unwrap()..];
+    assert!(
+        readme.contains(body),
+        "README.md's consumer example differs from consumer-lib/examples/mark_paid.rs"
+    );
+}
