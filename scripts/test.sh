@@ -29,17 +29,18 @@ cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 tests_rc=${PIPESTATUS[0]}
 set -e
 
-# The chaos suite, small, against each broker: relays killed, PostgreSQL restarted
-# mid-stream; RabbitMQ restarted too. On Kafka, members of the consumer group that applies
-# the effects are restarted (rebalances), and the broker is not: the local Kafka-protocol
-# broker (tansu 0.6) too often comes back from a restart unable to reach its own storage.
-# It gets a fresh data directory first, because it slows down as earlier tests' topics pile
-# up. `scripts/chaos.sh [--broker kafka]` runs the full configuration.
+# The chaos suite, small, against each broker: relays killed, PostgreSQL restarted and the
+# consumers applying the effects killed or stopped mid-stream; RabbitMQ restarted too. On
+# Kafka the broker is not restarted: the local Kafka-protocol broker (tansu 0.6) too often
+# comes back from a restart unable to reach its own storage. It gets a fresh data directory
+# first, because it slows down as earlier tests' topics pile up.
+# `scripts/chaos.sh [--broker kafka]` runs the full configuration.
 chaos_failed=0
 echo "== chaos (small, RabbitMQ)"
 scripts/stack.sh restart rabbitmq
 target/debug/outbox-chaos --broker rabbitmq --messages 5000 --keys 200 --rate 250 --relays 3 \
-  --kills 10 --broker-restarts 2 --db-restarts 1 || chaos_failed=$((chaos_failed + 1))
+  --kills 10 --broker-restarts 2 --db-restarts 1 --consumers 2 --consumer-restarts 4 \
+  || chaos_failed=$((chaos_failed + 1))
 echo "== chaos (small, Kafka)"
 scripts/stack.sh reset kafka
 target/debug/outbox-chaos --broker kafka --messages 3000 --keys 200 --rate 250 --relays 3 \

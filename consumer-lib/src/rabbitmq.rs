@@ -5,6 +5,10 @@
 //! happen in delivery order, while different keys run concurrently. A delivery is acked only
 //! after its transaction committed (or it was a duplicate, or it was dead-lettered); a crash
 //! before the ack makes RabbitMQ redeliver it, and the dedup row makes that a no-op.
+//!
+//! Order holds per consumer: several consumers competing on one queue each take some of a
+//! key's messages. Run one per queue, or declare the queue with `x-single-active-consumer`
+//! so the others stand by and take over (failover without breaking per-key order).
 
 use std::{
     collections::hash_map::DefaultHasher,

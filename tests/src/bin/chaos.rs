@@ -16,11 +16,13 @@
 //! - duplicates are counted (at-least-once delivery allows them);
 //!
 //! and what the consumer library made of it: one effect per committed message (none lost,
-//! none doubled), in each key's `seq` order, with the duplicates dedup absorbed. On RabbitMQ
-//! the reader passes every delivery through the dedup step before acking it. On Kafka the
-//! effects come from `--consumers` members of one consumer group built on the library's
-//! `KafkaSource`, restarted `--consumer-restarts` times mid-stream, so partitions move
-//! between them under load; a separate reader records the arrivals.
+//! none doubled), in each key's `seq` order, with the duplicates dedup absorbed. The effects
+//! come from the library's sources, `--consumers` of them: members of one Kafka consumer
+//! group (`KafkaSource`), or consumers of one single-active-consumer RabbitMQ queue
+//! (`RabbitMqSource`; the relay publishes to a fanout exchange that also feeds the arrivals
+//! reader's queue). They are restarted `--consumer-restarts` times mid-stream, every other
+//! time killed (the task aborted wherever it is) instead of stopped, so work moves between
+//! them while messages are being handled.
 //!
 //! Prints a summary table and exits 1 on any loss, phantom, double effect or order violation.
 
@@ -129,8 +131,8 @@ impl Options {
         if o.keys < o.producers || o.producers == 0 || o.relays == 0 {
             bail!("need at least one producer, one relay, and as many keys as producers");
         }
-        if o.kafka && o.consumers == 0 {
-            bail!("--consumers: Kafka mode needs at least one consumer");
+        if o.consumers == 0 {
+            bail!("--consumers: the effects need at least one consumer");
         }
         Ok(o)
     }
@@ -225,8 +227,12 @@ async fn run() -> anyhow::Result<bool> {
         },
     );
     dedup.migrate().await?;
-    let effects = Arc::new(Effects { dedup });
     let queue = format!("chaos.{}", Uuid::new_v4().simple());
+    // RabbitMQ: the relay publishes to a fanout exchange feeding two queues, one read by the
+    // arrivals reader, one by the consumer library (a single-active-consumer queue, so that
+    // its members fail over to each other and keep per-key order).
+    let exchange = format!("{queue}.fanout");
+    let effects_queue = format!("{queue}.effects");
 
     let arrivals = Arc::new(Mutex::new(Vec::<Arrival>::new()));
     let consumer_stop = Arc::new(AtomicBool::new(false));
@@ -240,11 +246,11 @@ async fn run() -> anyhow::Result<bool> {
             consumer_stop.clone(),
         ))
     } else {
-        // The queue must exist before anything is published to it.
+        // The queues must exist before anything is published to them.
         let declared = Instant::now();
-        while !declared_queue(&amqp_url, &queue).await {
+        while let Err(e) = declare_fanout(&amqp_url, &exchange, &queue, &effects_queue).await {
             if declared.elapsed() > Duration::from_secs(30) {
-                bail!("could not declare queue {queue}");
+                bail!("could not declare exchange {exchange} and its queues: {e}");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -253,24 +259,21 @@ async fn run() -> anyhow::Result<bool> {
             queue.clone(),
             arrivals.clone(),
             consumer_stop.clone(),
-            effects.clone(),
         ))
     };
 
-    // Kafka: the effects come from the library's KafkaSource, several consumers in one group,
-    // restarted mid-stream so partitions move between them.
-    let group = format!("chaos-effects-{queue}");
-    let mut group_consumers: Vec<GroupConsumer> = Vec::new();
-    if o.kafka {
-        for _ in 0..o.consumers {
-            group_consumers.push(GroupConsumer::start(
-                &kafka_brokers,
-                &group,
-                &queue,
-                &effects.dedup,
-            ));
-        }
-    }
+    // The effects come from the library's sources: members of one Kafka consumer group, or
+    // consumers of one single-active-consumer RabbitMQ queue; restarted (killed or stopped)
+    // mid-stream, so work moves between them while messages are being handled.
+    let member = Member::factory(
+        &o,
+        &kafka_brokers,
+        &amqp_url,
+        &queue,
+        &effects_queue,
+        &dedup,
+    );
+    let mut members: Vec<Member> = (0..o.consumers).map(|_| member()).collect();
 
     let mut relay_env = vec![
         ("OUTBOX__DATABASE__URL", db_url.clone()),
@@ -284,6 +287,8 @@ async fn run() -> anyhow::Result<bool> {
     if o.kafka {
         relay_env.push(("OUTBOX__BROKER", "kafka".to_owned()));
         relay_env.push(("OUTBOX__KAFKA__BROKERS", kafka_brokers.clone()));
+    } else {
+        relay_env.push(("OUTBOX__RABBITMQ__EXCHANGE", exchange.clone()));
     }
     let log_dir = PathBuf::from(&stack_dir).join(format!("chaos-logs-{name}"));
     std::fs::create_dir_all(&log_dir)?;
@@ -324,13 +329,14 @@ async fn run() -> anyhow::Result<bool> {
             Fault::RestartBroker,
         ));
     }
-    if o.kafka {
-        for _ in 0..o.consumer_restarts {
-            events.push((
-                rng.random_range(0.05..0.95),
-                Fault::RestartConsumer(rng.random_range(0..o.consumers)),
-            ));
-        }
+    for n in 0..o.consumer_restarts {
+        events.push((
+            rng.random_range(0.05..0.95),
+            Fault::RestartConsumer {
+                member: rng.random_range(0..o.consumers),
+                kill: n % 2 == 0,
+            },
+        ));
     }
     for i in 0..o.db_restarts {
         events.push((
@@ -340,7 +346,8 @@ async fn run() -> anyhow::Result<bool> {
     }
     events.sort_by(|a, b| a.0.total_cmp(&b.0));
 
-    let (mut kills, mut broker_restarts, mut db_restarts, mut consumer_restarts) = (0, 0, 0, 0);
+    let (mut kills, mut broker_restarts, mut db_restarts) = (0, 0, 0);
+    let (mut consumers_killed, mut consumers_stopped) = (0, 0);
     let total = o.messages as u64;
     let planned = o.planned().as_secs_f64();
     let mut next_progress = Instant::now();
@@ -372,16 +379,23 @@ async fn run() -> anyhow::Result<bool> {
                         started.elapsed().as_secs_f64()
                     );
                 }
-                Fault::RestartConsumer(i) => {
-                    let restarted =
-                        GroupConsumer::start(&kafka_brokers, &group, &queue, &effects.dedup);
-                    std::mem::replace(&mut group_consumers[i], restarted)
-                        .stop()
-                        .await;
-                    consumer_restarts += 1;
+                Fault::RestartConsumer { member: i, kill } => {
+                    let old = std::mem::replace(&mut members[i], member());
+                    if kill {
+                        old.kill().await;
+                        consumers_killed += 1;
+                    } else {
+                        old.stop().await;
+                        consumers_stopped += 1;
+                    }
                     println!(
-                        "[{:>6.1}s] restarted consumer {i} of group {group} (rebalances)",
-                        started.elapsed().as_secs_f64()
+                        "[{:>6.1}s] {} consumer {i} and started a new one",
+                        started.elapsed().as_secs_f64(),
+                        if kill {
+                            "killed (task aborted)"
+                        } else {
+                            "stopped"
+                        }
                     );
                 }
                 Fault::RestartDb => {
@@ -472,8 +486,8 @@ async fn run() -> anyhow::Result<bool> {
     }
     consumer_stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(5), consumer).await;
-    for c in group_consumers {
-        c.stop().await;
+    for m in members {
+        m.stop().await;
     }
     let wall = started.elapsed();
 
@@ -561,12 +575,11 @@ async fn run() -> anyhow::Result<bool> {
         (
             11,
             (
-                "consumer restarts (rebalances)",
-                if o.kafka {
-                    format!("{consumer_restarts} ({} consumers)", o.consumers)
-                } else {
-                    "-".to_owned()
-                },
+                "consumers killed / stopped",
+                format!(
+                    "{consumers_killed} / {consumers_stopped} (of {})",
+                    o.consumers
+                ),
             ),
         ),
         (
@@ -625,7 +638,7 @@ async fn run() -> anyhow::Result<bool> {
     println!(
         "| {:<36} | {:>30} |",
         "duplicates absorbed by dedup",
-        effects.dedup.stats().duplicates
+        dedup.stats().duplicates
     );
     println!(
         "| {:<36} | {:>30} |",
@@ -646,12 +659,8 @@ async fn run() -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-/// The consumer side: every delivery goes through the consumer library's dedup step before
-/// it is acknowledged, and the handler writes one effect row per message.
-struct Effects {
-    dedup: outbox_consumer::Deduplicator,
-}
-
+/// The consumer side's handler: one effect row per message, in the transaction that also
+/// records the message as processed.
 struct EffectWriter;
 
 impl outbox_consumer::Handler for EffectWriter {
@@ -674,56 +683,76 @@ impl outbox_consumer::Handler for EffectWriter {
     }
 }
 
-impl Effects {
-    /// Handles one delivery until it is settled; only then may it be acknowledged. The
-    /// database may be restarting: keep trying.
-    async fn apply(&self, incoming: &outbox_consumer::Incoming) {
-        self.dedup
-            .handle_until_settled(incoming, &EffectWriter)
-            .await;
-    }
-}
-
-/// One member of the Kafka consumer group that applies the effects.
-struct GroupConsumer {
+/// One consumer applying the effects through the library's source for the broker.
+struct Member {
     shutdown: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<Result<(), outbox_consumer::ConsumerError>>,
 }
 
-impl GroupConsumer {
-    fn start(
+impl Member {
+    /// A function starting a new member: a KafkaSource in one consumer group, or a
+    /// RabbitMqSource on the effects queue.
+    fn factory(
+        o: &Options,
         brokers: &str,
-        group: &str,
+        amqp_url: &str,
         topic: &str,
+        effects_queue: &str,
         dedup: &outbox_consumer::Deduplicator,
-    ) -> Self {
-        let source = outbox_consumer::kafka::KafkaSource::new(brokers, group, &[topic])
-            .with_property("session.timeout.ms", "6000")
-            .with_property("heartbeat.interval.ms", "500")
-            .with_property("auto.commit.interval.ms", "500");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn({
-            let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
-            async move { source.run(dedup, Arc::new(EffectWriter), shutdown).await }
-        });
-        Self { shutdown, task }
+    ) -> impl Fn() -> Member {
+        let kafka = o.kafka;
+        let group = format!("chaos-effects-{topic}");
+        let (brokers, amqp_url, topic, effects_queue, dedup) = (
+            brokers.to_owned(),
+            amqp_url.to_owned(),
+            topic.to_owned(),
+            effects_queue.to_owned(),
+            dedup.clone(),
+        );
+        move || {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let (dedup, stop) = (dedup.clone(), shutdown.clone());
+            let task = if kafka {
+                let source = outbox_consumer::kafka::KafkaSource::new(&brokers, &group, &[&topic])
+                    .with_property("session.timeout.ms", "6000")
+                    .with_property("heartbeat.interval.ms", "500")
+                    .with_property("auto.commit.interval.ms", "500");
+                tokio::spawn(async move { source.run(dedup, Arc::new(EffectWriter), stop).await })
+            } else {
+                let source = outbox_consumer::rabbitmq::RabbitMqSource::new(
+                    amqp_url.clone(),
+                    &effects_queue,
+                )
+                .with_prefetch(200)
+                .with_concurrency(8);
+                tokio::spawn(async move { source.run(dedup, Arc::new(EffectWriter), stop).await })
+            };
+            Member { shutdown, task }
+        }
     }
 
-    /// Stops it as a deployment would (SIGTERM): the message in hand is finished, the
-    /// stored offsets committed, the group left.
+    /// Stops it as a deployment would (SIGTERM): the message in hand is finished and
+    /// acknowledged (offset committed), the rest is left for redelivery.
     async fn stop(self) {
         self.shutdown.cancel();
         match self.task.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("Kafka group consumer: {e}"),
-            Err(e) => eprintln!("Kafka group consumer task: {e}"),
+            Ok(Err(e)) => eprintln!("consumer: {e}"),
+            Err(e) => eprintln!("consumer task: {e}"),
         }
+    }
+
+    /// Kills it mid-flight: its task is aborted wherever it is (a handler's transaction is
+    /// rolled back, a commit may have happened without its ack).
+    async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 }
 
 enum Fault {
     KillRelay(usize),
-    RestartConsumer(usize),
+    RestartConsumer { member: usize, kill: bool },
     RestartBroker,
     RestartDb,
 }
@@ -853,26 +882,47 @@ async fn amqp(url: &str) -> Result<Connection, lapin::Error> {
     .await
 }
 
-async fn declared_queue(url: &str, queue: &str) -> bool {
-    let Ok(conn) = amqp(url).await else {
-        return false;
+/// Declares the durable fanout `exchange` with two durable queues bound to it: `arrivals`,
+/// and `effects` with a single active consumer.
+async fn declare_fanout(
+    url: &str,
+    exchange: &str,
+    arrivals: &str,
+    effects: &str,
+) -> Result<(), lapin::Error> {
+    let conn = amqp(url).await?;
+    let ch = conn.create_channel().await?;
+    let durable = || QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
     };
-    let Ok(ch) = conn.create_channel().await else {
-        return false;
-    };
-    let ok = ch
-        .queue_declare(
-            queue,
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
+    ch.exchange_declare(
+        exchange,
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(arrivals, durable(), FieldTable::default())
+        .await?;
+    let mut single_active = FieldTable::default();
+    single_active.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    ch.queue_declare(effects, durable(), single_active).await?;
+    for q in [arrivals, effects] {
+        ch.queue_bind(
+            q,
+            exchange,
+            "",
+            lapin::options::QueueBindOptions::default(),
             FieldTable::default(),
         )
-        .await
-        .is_ok();
+        .await?;
+    }
     let _ = conn.close(200, "declared").await;
-    ok
+    Ok(())
 }
 
 /// Consumes `queue` until told to stop, reconnecting after broker restarts. Acks after
@@ -882,7 +932,6 @@ async fn consume(
     queue: String,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
     stop: Arc<AtomicBool>,
-    effects: Arc<Effects>,
 ) {
     while !stop.load(Ordering::Relaxed) {
         let session = async {
@@ -936,9 +985,6 @@ async fn consume(
                         .unwrap_or_default(),
                 };
                 arrivals.lock().unwrap().push(arrival);
-                effects
-                    .apply(&outbox_consumer::rabbitmq::incoming(&queue, &d))
-                    .await;
                 d.ack(BasicAckOptions::default()).await?;
             }
         };
