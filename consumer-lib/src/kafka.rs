@@ -90,13 +90,13 @@ impl KafkaSource {
     ) -> Result<(), ConsumerError> {
         let broker = |e: KafkaError| ConsumerError::Broker(e.to_string());
         let lanes = Arc::new(Lanes::default());
-        let consumer: Arc<StreamConsumer<LaneContext>> = Arc::new(
+        let consumer = Arc::new(ClosingOffThread(Some(
             self.config
                 .create_with_context(LaneContext {
                     lanes: lanes.clone(),
                 })
                 .map_err(broker)?,
-        );
+        )));
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(broker)?;
 
@@ -143,11 +143,38 @@ impl KafkaSource {
         lanes.stop_all();
         while tasks.join_next().await.is_some() {}
         // Commit what the lanes stored (never the fetch position, which may be ahead of
-        // what was handled); dropping the consumer then leaves the group.
+        // what was handled); dropping the consumer then leaves the group (off this thread).
         if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
             tracing::debug!(error = %e, "final offset commit");
         }
         Ok(())
+    }
+}
+
+/// The consumer, closed on a thread of its own when the last handle goes. Closing leaves the
+/// group, which waits for the broker: with the broker unreachable or failing, it can take
+/// as long as the broker stays so. Done in place it would block the async worker that
+/// dropped the last handle (at shutdown, or wherever an aborted task is dropped).
+struct ClosingOffThread(Option<StreamConsumer<LaneContext>>);
+
+impl std::ops::Deref for ClosingOffThread {
+    type Target = StreamConsumer<LaneContext>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for ClosingOffThread {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let closing = std::thread::Builder::new()
+                .name("kafka-consumer-close".into())
+                .spawn(move || drop(consumer));
+            if let Err(e) = closing {
+                tracing::warn!(error = %e, "no thread to close the Kafka consumer on; closing in place");
+            }
+        }
     }
 }
 
@@ -248,7 +275,7 @@ impl ConsumerContext for LaneContext {
 async fn lane<H: Handler + 'static>(
     mut rx: mpsc::Receiver<OwnedMessage>,
     stop: CancellationToken,
-    consumer: Arc<StreamConsumer<LaneContext>>,
+    consumer: Arc<ClosingOffThread>,
     dedup: Deduplicator,
     handler: Arc<H>,
 ) {
