@@ -466,6 +466,29 @@ impl Consumer {
         }
     }
 
+    /// Waits until at least `n` distinct messages arrived (duplicates do not count), or
+    /// panics after `timeout` saying how many did. Returns every arrival, duplicates included.
+    pub async fn wait_for_distinct(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let start = Instant::now();
+        loop {
+            let got = self.received();
+            let distinct = got
+                .iter()
+                .map(|r| r.id)
+                .collect::<std::collections::HashSet<_>>()
+                .len();
+            if distinct >= n {
+                return got;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "expected {n} distinct messages within {timeout:?}, got {distinct} ({} arrivals)",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits `quiet` and returns everything received (for asserting nothing more came).
     pub async fn settle(&self, quiet: Duration) -> Vec<Received> {
         tokio::time::sleep(quiet).await;

@@ -318,7 +318,7 @@ async fn graceful_shutdown_mid_stream_loses_nothing_and_exits_within_grace(b: Br
     );
 
     let relay = start_relay(&b.settings(&db)).await;
-    consumer.wait_for(N, Duration::from_secs(60)).await;
+    consumer.wait_for_distinct(N, Duration::from_secs(60)).await;
     relay.stop().await;
     let got = consumer.settle(Duration::from_millis(300)).await;
     let ids: HashSet<_> = got.iter().map(|r| r.id).collect();

@@ -90,7 +90,7 @@ async fn a_killed_relay_is_taken_over_within_its_lease_without_loss() {
     stop.store(true, Ordering::Relaxed);
     let written = producer.await.unwrap();
     let got = consumer
-        .wait_for(written.len(), Duration::from_secs(30))
+        .wait_for_distinct(written.len(), Duration::from_secs(30))
         .await;
     b.terminate();
     assert!(

@@ -77,7 +77,7 @@ async fn relay_recovers_when_the_broker_closes_its_connection() {
         closed >= 2,
         "expected to cut the relay's connection at least twice, cut {closed}"
     );
-    let got = consumer.wait_for(N, Duration::from_secs(60)).await;
+    let got = consumer.wait_for_distinct(N, Duration::from_secs(60)).await;
     relay.stop().await;
     assert_all_arrived(&msgs, &got);
     println!(
@@ -113,7 +113,7 @@ async fn relay_recovers_when_postgres_drops_its_connections() {
         killed >= 2,
         "expected to cut the relay's connections, cut {killed}"
     );
-    let got = consumer.wait_for(N, Duration::from_secs(60)).await;
+    let got = consumer.wait_for_distinct(N, Duration::from_secs(60)).await;
     relay.stop().await;
     assert_all_arrived(&msgs, &got);
     println!(
@@ -176,7 +176,7 @@ async fn kafka_broker_restart_mid_stream_loses_nothing() {
     // ...then a reader that starts after the restart must find them all in the topic.
     let reader = Broker::Kafka.consumer().await;
     reader.queue(&t).await;
-    let got = reader.wait_for(N, Duration::from_secs(60)).await;
+    let got = reader.wait_for_distinct(N, Duration::from_secs(60)).await;
     assert_all_arrived(&msgs, &got);
     println!(
         "Kafka broker restarted mid-stream: {} messages read back after it; the reader from before the restart saw {}",
