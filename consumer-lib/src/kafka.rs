@@ -271,30 +271,16 @@ impl ConsumerContext for LaneContext {
     }
 }
 
-/// Handles one partition's messages in offset order until revoked or shut down.
+/// Handles one partition's messages in offset order until revoked or shut down; an offset
+/// is stored once its message is settled.
 async fn lane<H: Handler + 'static>(
-    mut rx: mpsc::Receiver<OwnedMessage>,
+    rx: mpsc::Receiver<OwnedMessage>,
     stop: CancellationToken,
     consumer: Arc<ClosingOffThread>,
     dedup: Deduplicator,
     handler: Arc<H>,
 ) {
-    loop {
-        let m = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            m = rx.recv() => match m {
-                Some(m) => m,
-                None => return,
-            },
-        };
-        let settled = dedup
-            .handle_until_settled_or_stopped(&incoming(&m), handler.as_ref(), &stop)
-            .await;
-        if settled.is_none() {
-            // Stopped while waiting to retry: not acknowledged, so it comes again.
-            return;
-        }
+    crate::lane::run(rx, stop, dedup, handler, incoming, |m| {
         // The stored offset is the next one to read. (`rd_kafka_offset_store` adds one by
         // itself; `rd_kafka_offsets_store` stores a list as given, which leaves no doubt.)
         // A revoked partition's offset is refused; its new owner skips the duplicate.
@@ -305,7 +291,9 @@ async fn lane<H: Handler + 'static>(
         if let Err(e) = stored {
             tracing::debug!(error = %e, partition = m.partition(), "offset not stored");
         }
-    }
+        std::future::ready(())
+    })
+    .await
 }
 
 /// The message as the handling step sees it: headers as strings (lossy UTF-8), the id from

@@ -37,6 +37,8 @@ mod error;
 mod incoming;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(any(feature = "rabbitmq", feature = "kafka"))]
+mod lane;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "opentelemetry")]

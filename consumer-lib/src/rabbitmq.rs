@@ -174,33 +174,20 @@ fn lane_of(d: &Delivery, lanes: usize) -> usize {
 /// Handles one lane's deliveries in order; retries in place; acks after commit. Stops after
 /// the delivery in hand once `stop` fires.
 async fn lane<H: Handler + 'static>(
-    mut rx: mpsc::Receiver<Delivery>,
+    rx: mpsc::Receiver<Delivery>,
     stop: CancellationToken,
     queue: String,
     dedup: Deduplicator,
     handler: Arc<H>,
 ) {
-    loop {
-        let delivery = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            d = rx.recv() => match d {
-                Some(d) => d,
-                None => return,
-            },
-        };
-        let settled = dedup
-            .handle_until_settled_or_stopped(&incoming(&queue, &delivery), handler.as_ref(), &stop)
-            .await;
-        if settled.is_none() {
-            // Stopped while waiting to retry: left unacked, RabbitMQ redelivers it.
-            return;
-        }
-        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    let incoming = |d: &Delivery| incoming(&queue, d);
+    crate::lane::run(rx, stop, dedup, handler, incoming, |d| async move {
+        if let Err(e) = d.ack(BasicAckOptions::default()).await {
             // The channel is gone; the broker redelivers, dedup skips it.
             tracing::warn!(error = %e, "ack failed after commit; the redelivery will be skipped");
         }
-    }
+    })
+    .await
 }
 
 /// The delivery as the handling step sees it: headers as strings, the id from `outbox-id`

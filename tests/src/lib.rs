@@ -451,38 +451,39 @@ impl Consumer {
     /// Waits until at least `n` messages arrived, or panics after `timeout` saying how
     /// many did.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
-        let start = Instant::now();
-        loop {
-            let got = self.received();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "expected {n} messages within {timeout:?}, got {}",
-                got.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_until_counted(n, timeout, "messages", |got| got.len())
+            .await
     }
 
     /// Waits until at least `n` distinct messages arrived (duplicates do not count), or
     /// panics after `timeout` saying how many did. Returns every arrival, duplicates included.
     pub async fn wait_for_distinct(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        self.wait_until_counted(n, timeout, "distinct messages", |got| {
+            got.iter()
+                .map(|r| r.id)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        })
+        .await
+    }
+
+    async fn wait_until_counted(
+        &self,
+        n: usize,
+        timeout: Duration,
+        what: &str,
+        count: impl Fn(&[Received]) -> usize,
+    ) -> Vec<Received> {
         let start = Instant::now();
         loop {
             let got = self.received();
-            let distinct = got
-                .iter()
-                .map(|r| r.id)
-                .collect::<std::collections::HashSet<_>>()
-                .len();
-            if distinct >= n {
+            let counted = count(&got);
+            if counted >= n {
                 return got;
             }
             assert!(
                 start.elapsed() < timeout,
-                "expected {n} distinct messages within {timeout:?}, got {distinct} ({} arrivals)",
+                "expected {n} {what} within {timeout:?}, got {counted} ({} arrivals)",
                 got.len()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
