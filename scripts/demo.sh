@@ -30,6 +30,8 @@ scripts/stack.sh up
 . "$OUTBOX_STACK_DIR/env"
 export OUTBOX__DATABASE__URL=$DATABASE_URL OUTBOX__RABBITMQ__URL=$AMQP_URL
 export OUTBOX__BROKER=$broker OUTBOX__KAFKA__BROKERS=$KAFKA_BROKERS DEMO_BROKER=$broker
+http_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+export OUTBOX__HTTP__LISTEN=127.0.0.1:$http_port
 echo "== broker: $broker"
 
 echo "== migrate"
@@ -42,6 +44,23 @@ status=0
 target/release/outbox-demo "$@" || status=$?
 echo "== outbox-relay status"
 target/release/outbox-relay status
+echo "== the relay's probes and metrics (http://127.0.0.1:$http_port)"
+python3 - "$http_port" <<'EOF' || true
+import sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for path in ("/livez", "/readyz"):
+    try:
+        with urllib.request.urlopen(base + path, timeout=5) as r:
+            print(f"GET {path}: {r.status} {r.read().decode().strip()}")
+    except Exception as e:
+        print(f"GET {path}: {e}")
+with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+    for line in r.read().decode().splitlines():
+        if line.startswith(("outbox_messages_published_total", "outbox_backlog_messages",
+                            "outbox_partitions_owned", "outbox_broker_up",
+                            "outbox_commit_to_confirm_seconds_count")):
+            print("  " + line)
+EOF
 kill -TERM "$relay_pid"; wait "$relay_pid" || status=$?
 relay_pid=
 echo "== relay stopped; last log lines:"

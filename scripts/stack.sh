@@ -43,12 +43,19 @@ install() {
   command -v psql >/dev/null || pkgs+=(postgresql-client)
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || pkgs+=(rabbitmq-server)
   command -v python3 >/dev/null || pkgs+=(python3)
+  # Certificates for the TLS listeners of the local servers.
+  command -v openssl >/dev/null || pkgs+=(openssl)
   # Only to validate docker-compose.yml; no container runs here.
   command -v docker-compose >/dev/null || pkgs+=(docker-compose)
-  # rdkafka's bundled librdkafka builds with cmake and needs these headers.
+  # rdkafka's bundled librdkafka builds with cmake, with TLS (OpenSSL), SASL (Cyrus SASL
+  # for GSSAPI; PLAIN, SCRAM and OAUTHBEARER are built in), OIDC token fetches (libcurl)
+  # and the gzip codec (zlib); snappy, lz4 and zstd are compiled from bundled sources.
   command -v cmake >/dev/null || pkgs+=(cmake)
-  dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || pkgs+=(libcurl4-openssl-dev)
-  dpkg -s libsasl2-dev >/dev/null 2>&1 || pkgs+=(libsasl2-dev)
+  command -v pkg-config >/dev/null || pkgs+=(pkg-config)
+  local dev
+  for dev in libcurl4-openssl-dev libsasl2-dev libssl-dev zlib1g-dev; do
+    dpkg -s "$dev" >/dev/null 2>&1 || pkgs+=("$dev")
+  done
   if [ ${#pkgs[@]} -gt 0 ]; then
     log "installing ${pkgs[*]}"
     as_root apt-get update -qq
@@ -70,6 +77,30 @@ free_port() {
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# A private CA and a certificate for localhost/127.0.0.1, signed by it, for the servers'
+# TLS listeners; a client certificate (PEM and PKCS#12, password "outbox") for client
+# authentication; and a second CA that signed nothing, to show a wrong CA being refused.
+make_certs() {
+  local t=$STACK_DIR/tls
+  mkdir -p "$t"
+  ( cd "$t"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=outbox test CA" \
+      -keyout ca.key -out ca.crt
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=another CA" \
+      -keyout other-ca.key -out other-ca.crt
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+      -extfile server.ext -out server.crt
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=guest" -keyout client.key -out client.csr
+    openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+      -extfile client.ext -out client.crt
+    openssl pkcs12 -export -in client.crt -inkey client.key -passout pass:outbox -out client.p12
+    chmod 644 ./*.crt ./*.key ./*.p12
+  ) >"$STACK_DIR/tls.log" 2>&1 || { cat "$STACK_DIR/tls.log" >&2; die "cannot make test certificates"; }
+}
+
 start_postgres() {
   local bindir port data
   bindir=$(pg_bindir) || die "PostgreSQL server binaries not found after install"
@@ -90,9 +121,16 @@ start_postgres() {
   "${runas[@]}" "$bindir/initdb" -D "$data" -U postgres --pwfile="$STACK_DIR/pg.pw" \
     --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$STACK_DIR/pg-initdb.log" 2>&1 \
     || { cat "$STACK_DIR/pg-initdb.log" >&2; die "initdb failed"; }
+  # PostgreSQL wants its key private to the server's user.
+  cp "$STACK_DIR/tls/server.crt" "$STACK_DIR/tls/server.key" "$data/"
+  chmod 600 "$data/server.key"
+  if [ ${#runas[@]} -gt 0 ]; then chown postgres "$data/server.crt" "$data/server.key"; fi
   cat >>"$data/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 port = $port
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
 unix_socket_directories = '$data'
 max_connections = 300
 fsync = on
@@ -107,8 +145,8 @@ EOF
 }
 
 start_rabbitmq() {
-  local port dist epmd rdir
-  port=$(free_port); dist=$(free_port); epmd=$(free_port)
+  local port tls dist epmd rdir t=$STACK_DIR/tls
+  port=$(free_port); tls=$(free_port); dist=$(free_port); epmd=$(free_port)
   rdir=$STACK_DIR/rabbitmq
   mkdir -p "$rdir/mnesia" "$rdir/log" "$rdir/home"
   echo '[].' >"$rdir/enabled_plugins.erl"
@@ -127,10 +165,21 @@ export RABBITMQ_CONFIG_FILE=$rdir/rabbitmq
 export RABBITMQ_PID_FILE=$rdir/beam.pid
 EOF
   # Guest may log in over loopback only, which is where the tests connect.
-  printf 'loopback_users.guest = true\nlog.console = false\n' >"$rdir/rabbitmq.conf"
+  # A TLS listener too; a client certificate is checked when one is sent, not required.
+  cat >"$rdir/rabbitmq.conf" <<EOF
+loopback_users.guest = true
+log.console = false
+listeners.ssl.default = $tls
+ssl_options.cacertfile = $t/ca.crt
+ssl_options.certfile = $t/server.crt
+ssl_options.keyfile = $t/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+EOF
   echo "$port" >"$STACK_DIR/rabbitmq.port"
+  echo "$tls" >"$STACK_DIR/rabbitmq-tls.port"
   boot_rabbitmq
-  log "RabbitMQ $(rabbit_ctl version 2>/dev/null | tail -1) on 127.0.0.1:$port"
+  log "RabbitMQ $(rabbit_ctl version 2>/dev/null | tail -1) on 127.0.0.1:$port (TLS on $tls)"
 }
 
 # Starts the node configured in $STACK_DIR/rabbitmq (same ports and data every time).
@@ -253,8 +302,9 @@ rabbit_ctl() {
 }
 
 write_env() {
-  local pg rb kf
+  local pg rb rbs kf
   pg=$(cat "$STACK_DIR/pg.port"); rb=$(cat "$STACK_DIR/rabbitmq.port"); kf=$(cat "$STACK_DIR/kafka.port")
+  rbs=$(cat "$STACK_DIR/rabbitmq-tls.port")
   cat >"$ENV_FILE" <<EOF
 export OUTBOX_STACK_DIR=$STACK_DIR
 export DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$pg/postgres
@@ -262,6 +312,8 @@ export AMQP_URL=amqp://guest:guest@127.0.0.1:$rb/%2f
 export OUTBOX_TEST_PG_PORT=$pg
 export OUTBOX_TEST_AMQP_PORT=$rb
 export KAFKA_BROKERS=127.0.0.1:$kf
+export AMQPS_URL=amqps://guest:guest@localhost:$rbs/%2f
+export OUTBOX_TEST_TLS_DIR=$STACK_DIR/tls
 EOF
 }
 
@@ -275,6 +327,7 @@ up() {
   fi
   down_quiet
   mkdir -p "$STACK_DIR"
+  make_certs
   start_postgres
   start_rabbitmq
   start_kafka

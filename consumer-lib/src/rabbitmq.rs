@@ -36,6 +36,52 @@ pub struct RabbitMqSource {
     queue: String,
     prefetch: u16,
     concurrency: usize,
+    tls: Tls,
+}
+
+/// TLS material for `amqps://` URLs: extra trusted CAs and a client identity. The system's
+/// CA store is always trusted as well.
+#[derive(Clone, Default)]
+pub struct Tls {
+    ca_pem: Option<String>,
+    identity: Option<(Vec<u8>, String)>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("identity", &self.identity.is_some())
+            .finish() // never the password
+    }
+}
+
+impl Tls {
+    /// Trust the CA certificates in this PEM text (a private CA), besides the system's.
+    pub fn with_ca_pem(mut self, pem: impl Into<String>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Authenticate with the client certificate and key in this PKCS#12 archive
+    /// (`openssl pkcs12 -export -in client.crt -inkey client.key -out client.p12`).
+    pub fn with_client_identity(mut self, pkcs12: Vec<u8>, password: impl Into<String>) -> Self {
+        self.identity = Some((pkcs12, password.into()));
+        self
+    }
+
+    fn config(&self) -> lapin::tcp::OwnedTLSConfig {
+        lapin::tcp::OwnedTLSConfig {
+            identity: self
+                .identity
+                .as_ref()
+                .map(|(der, password)| lapin::tcp::OwnedIdentity {
+                    der: der.clone(),
+                    password: password.clone(),
+                }),
+            cert_chain: self.ca_pem.clone(),
+        }
+    }
 }
 
 impl RabbitMqSource {
@@ -46,7 +92,14 @@ impl RabbitMqSource {
             queue: queue.into(),
             prefetch: 100,
             concurrency: 4,
+            tls: Tls::default(),
         }
+    }
+
+    /// TLS settings for an `amqps://` URL (a private CA, a client certificate).
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Unacknowledged deliveries the broker may send ahead (basic.qos). Default 100.
@@ -94,12 +147,13 @@ impl RabbitMqSource {
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumerError> {
         let broker = |e: lapin::Error| ConsumerError::Broker(e.to_string());
-        let connection = Connection::connect(
+        let connection = Connection::connect_with_config(
             &self.url,
             ConnectionProperties::default()
                 .with_executor(tokio_executor_trait::Tokio::current())
                 .with_reactor(tokio_reactor_trait::Tokio)
                 .with_connection_name("outbox-consumer".into()),
+            self.tls.config(),
         )
         .await
         .map_err(broker)?;

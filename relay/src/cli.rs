@@ -5,13 +5,16 @@ use std::{path::PathBuf, process::ExitCode, str::FromStr, sync::Arc};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
-use sqlx::{postgres::PgConnectOptions, postgres::PgPoolOptions, PgPool};
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions, PgSslMode},
+    PgPool,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{redact_url, Overrides, Settings},
+    config::{redact_url, Overrides, Settings, SslMode},
     publish::Publisher,
-    relay::{error_chain, Backoff, Relay},
+    relay::{error_chain, Backoff, Observe, Relay},
     store::Store,
 };
 
@@ -325,6 +328,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         return Ok(());
     };
     require_schema(&pool, &settings).await?;
+    let missing = crate::store::missing_privileges(&pool, &settings.schema())
+        .await
+        .context("checking the relay's privileges")?;
+    if !missing.is_empty() {
+        bail!(
+            "the database role lacks privileges the relay needs: {}; grant them as the \
+             README's \"Least privilege\" section shows",
+            missing.join(", ")
+        );
+    }
     let store = Store::new(
         pool,
         settings.schema(),
@@ -332,15 +345,56 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         !settings.retention.delivered.is_zero(),
     );
     let publisher: Arc<dyn Publisher> = crate::publish::from_settings(&settings)?;
-    let relay = Arc::new(Relay::new(
-        store,
-        publisher,
-        settings.retry_policy(),
-        settings.relay.clone(),
-        settings.retention(),
-    ));
-    relay.run(shutdown).await?;
+    let relay = Arc::new(
+        Relay::new(
+            store,
+            publisher,
+            settings.retry_policy(),
+            settings.relay.clone(),
+            settings.retention(),
+        )
+        .with_observe(Observe {
+            backlog_interval: Some(settings.http.backlog_interval),
+            stall_timeout: settings.http.stall_timeout,
+        }),
+    );
+    let server = if settings.http.listen.is_empty() {
+        None
+    } else {
+        let listener = crate::http::bind(&settings.http.listen).await?;
+        let metrics = install_metrics()?;
+        tracing::info!(address = %listener.local_addr()?, "serving /metrics, /livez and /readyz");
+        let (relay, stop) = (relay.clone(), CancellationToken::new());
+        let task = tokio::spawn(crate::http::serve(
+            listener,
+            relay,
+            Some(metrics),
+            stop.clone(),
+        ));
+        Some((task, stop))
+    };
+    let result = relay.run(shutdown).await;
+    if let Some((task, stop)) = server {
+        stop.cancel();
+        let _ = task.await;
+    }
+    result?;
     Ok(())
+}
+
+/// Installs the Prometheus recorder that `/metrics` renders.
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets(crate::metrics::LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(crate::metrics::BATCH_SIZE.to_owned()),
+            crate::metrics::BATCH_BUCKETS,
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    crate::metrics::describe();
+    Ok(handle)
 }
 
 async fn signal_shutdown(token: CancellationToken) {
@@ -379,20 +433,40 @@ fn log_settings(s: &Settings) {
 }
 
 fn pool_options(settings: &Settings) -> anyhow::Result<(PgPoolOptions, PgConnectOptions, String)> {
-    let raw = settings
-        .database
-        .url
-        .as_ref()
-        .expect("checked at load")
-        .expose_secret();
+    let db = &settings.database;
+    let url = db.connection_url().map_err(anyhow::Error::msg)?;
+    let raw = url.expose_secret();
     let shown = redact_url(raw);
-    let connect = PgConnectOptions::from_str(raw)
+    let mut connect = PgConnectOptions::from_str(raw)
         .map_err(|e| anyhow::anyhow!("database.url ({shown}) is not a usable PostgreSQL URL: {e}"))?
         .application_name("outbox-relay");
+    if let Some(mode) = db.ssl_mode {
+        connect = connect.ssl_mode(pg_ssl_mode(mode));
+    }
+    if let Some(path) = &db.ssl_root_cert {
+        connect = connect.ssl_root_cert(path);
+    }
+    if let Some(path) = &db.ssl_cert {
+        connect = connect.ssl_client_cert(path);
+    }
+    if let Some(path) = &db.ssl_key {
+        connect = connect.ssl_client_key(path);
+    }
     let pool = PgPoolOptions::new()
-        .max_connections(settings.database.max_connections)
-        .acquire_timeout(settings.database.connect_timeout);
+        .max_connections(db.max_connections)
+        .acquire_timeout(db.connect_timeout);
     Ok((pool, connect, shown))
+}
+
+fn pg_ssl_mode(mode: SslMode) -> PgSslMode {
+    match mode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Allow => PgSslMode::Allow,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require => PgSslMode::Require,
+        SslMode::VerifyCa => PgSslMode::VerifyCa,
+        SslMode::VerifyFull => PgSslMode::VerifyFull,
+    }
 }
 
 /// True for errors that retrying cannot fix: bad credentials, unknown database.
@@ -400,11 +474,28 @@ fn is_fatal_pg(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28P01" | "28000" | "3D000")))
 }
 
+const TLS_HINT: &str = " (check database.ssl_mode, database.ssl_root_cert, database.ssl_cert \
+     and database.ssl_key, or the URL's sslmode and sslrootcert)";
+
+/// True for a TLS failure that retrying cannot fix: an untrusted or mismatched server
+/// certificate, a server without TLS under `require`, an unreadable key.
+fn is_tls_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Tls(_) => true,
+        // rustls' verdict on the server's certificate arrives as an I/O error.
+        sqlx::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.to_string().contains("certificate")),
+        _ => false,
+    }
+}
+
 async fn connect_once(settings: &Settings) -> anyhow::Result<PgPool> {
     let (pool, connect, shown) = pool_options(settings)?;
     pool.connect_with(connect).await.map_err(|e| {
+        let hint = if is_tls_failure(&e) { TLS_HINT } else { "" };
         anyhow::anyhow!(
-            "cannot connect to PostgreSQL at {shown}: {}",
+            "cannot connect to PostgreSQL at {shown}: {}{hint}",
             error_chain(&e)
         )
     })
@@ -427,6 +518,12 @@ async fn connect_retrying(
             Err(e) if is_fatal_pg(&e) => {
                 bail!(
                     "PostgreSQL at {shown} refused the relay: {} (check database.url)",
+                    error_chain(&e)
+                )
+            }
+            Err(e) if is_tls_failure(&e) => {
+                bail!(
+                    "TLS with PostgreSQL at {shown} failed: {}{TLS_HINT}",
                     error_chain(&e)
                 )
             }

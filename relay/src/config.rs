@@ -2,7 +2,11 @@
 //! variables, then command-line flags. Every setting and its default is listed in the
 //! README's configuration reference; [`Settings::validate`] names the setting at fault.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use outbox::Schema;
 use secrecy::{ExposeSecret, SecretString};
@@ -33,6 +37,32 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// Logging.
     pub log: LogSettings,
+    /// The HTTP listener for metrics and health probes.
+    pub http: HttpSettings,
+}
+
+/// `[http]`: `/metrics`, `/livez` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address to listen on, `host:port`; an empty string turns the listener off.
+    pub listen: String,
+    /// How often the backlog gauges (pending, dead, oldest age per topic) are read.
+    #[serde(with = "humantime_serde")]
+    pub backlog_interval: Duration,
+    /// `/livez` fails once a relay loop made no progress for this long.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9477".to_owned(),
+            backlog_interval: Duration::from_secs(15),
+            stall_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `[retention]`
@@ -88,6 +118,35 @@ pub struct DatabaseSettings {
     /// How long one connection attempt may take.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// A file holding the password; replaces the URL's password (e.g. a mounted secret).
+    pub password_file: Option<PathBuf>,
+    /// TLS mode, as libpq's `sslmode`; replaces the URL's `sslmode` when set.
+    pub ssl_mode: Option<SslMode>,
+    /// PEM file of the CA(s) that signed the server's certificate (`sslrootcert`).
+    pub ssl_root_cert: Option<PathBuf>,
+    /// PEM client certificate, for servers that authenticate clients by certificate
+    /// (`sslcert`); needs `ssl_key`.
+    pub ssl_cert: Option<PathBuf>,
+    /// PEM private key of `ssl_cert` (`sslkey`).
+    pub ssl_key: Option<PathBuf>,
+}
+
+/// libpq's `sslmode`, as PostgreSQL clients spell it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// Plain first, TLS if the server insists.
+    Allow,
+    /// TLS if the server offers it, plain otherwise (libpq's default).
+    Prefer,
+    /// TLS or nothing; the certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by a trusted CA.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the host connected to.
+    VerifyFull,
 }
 
 impl Default for DatabaseSettings {
@@ -97,6 +156,11 @@ impl Default for DatabaseSettings {
             schema: Schema::DEFAULT.to_owned(),
             max_connections: 8,
             connect_timeout: Duration::from_secs(5),
+            password_file: None,
+            ssl_mode: None,
+            ssl_root_cert: None,
+            ssl_cert: None,
+            ssl_key: None,
         }
     }
 }
@@ -200,6 +264,68 @@ pub struct RabbitMqSettings {
     /// How long to wait for the broker's confirm of one message.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
+    /// Largest payload sent, in bytes; larger messages are dead at once without being sent.
+    /// Keep it at or below the broker's `max_message_size` (RabbitMQ's default: 128 MiB).
+    pub max_message_size: u64,
+    /// A file holding the password; replaces the URL's password (e.g. a mounted secret).
+    pub password_file: Option<PathBuf>,
+    /// TLS for `amqps://` URLs.
+    pub tls: AmqpTlsSettings,
+}
+
+impl RabbitMqSettings {
+    /// `url`, with the password from `password_file` when that is set.
+    pub fn connection_url(&self) -> Result<SecretString, String> {
+        let url = self.url.as_ref().ok_or("rabbitmq.url is not set")?;
+        with_password_file(url, "rabbitmq", self.password_file.as_deref())
+    }
+}
+
+impl DatabaseSettings {
+    /// `url`, with the password from `password_file` when that is set.
+    pub fn connection_url(&self) -> Result<SecretString, String> {
+        let url = self.url.as_ref().ok_or("database.url is not set")?;
+        with_password_file(url, "database", self.password_file.as_deref())
+    }
+}
+
+/// Puts the content of `<section>.password_file` into the URL's password.
+fn with_password_file(
+    url: &SecretString,
+    section: &str,
+    file: Option<&Path>,
+) -> Result<SecretString, String> {
+    let Some(file) = file else {
+        return Ok(url.clone());
+    };
+    let setting = format!("{section}.password_file");
+    let password = read_secret_file(&setting, file)?;
+    let mut parsed = url::Url::parse(url.expose_secret())
+        .map_err(|e| format!("{section}.url is not a valid URL ({e})"))?;
+    if parsed.username().is_empty() {
+        return Err(format!(
+            "{setting} is set but {section}.url names no user to go with it"
+        ));
+    }
+    parsed
+        .set_password(Some(password.expose_secret()))
+        .map_err(|()| format!("{section}.url cannot carry a password"))?;
+    Ok(SecretString::from(parsed.to_string()))
+}
+
+/// `[rabbitmq.tls]`: applies to `amqps://` URLs. The system's CA store is always trusted.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpTlsSettings {
+    /// PEM file of extra CA certificates to trust (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// PKCS#12 file holding a client certificate and its key, for brokers that
+    /// authenticate clients by certificate.
+    pub client_identity_file: Option<PathBuf>,
+    /// Password of `client_identity_file`. Never logged.
+    pub client_identity_password: Option<SecretString>,
+    /// A file holding the password of `client_identity_file`.
+    pub client_identity_password_file: Option<PathBuf>,
 }
 
 impl Default for RabbitMqSettings {
@@ -210,6 +336,9 @@ impl Default for RabbitMqSettings {
             routing_key: "{topic}".to_owned(),
             routes: BTreeMap::new(),
             confirm_timeout: Duration::from_secs(10),
+            max_message_size: 128 * 1024 * 1024,
+            password_file: None,
+            tls: AmqpTlsSettings::default(),
         }
     }
 }
@@ -231,7 +360,12 @@ pub struct KafkaSettings {
     /// librdkafka producer properties, passed through (e.g. `compression.type`,
     /// `security.protocol`, `sasl.username`). Properties that would break the relay's
     /// guarantees (`enable.idempotence`, `acks`, `max.in.flight...` above 5) are refused.
+    /// Values of secret properties (`sasl.password`, `ssl.key.password`, ...) are never
+    /// logged.
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values are read from files (e.g. `sasl.password` from a
+    /// mounted secret); the trailing newline is dropped.
+    pub property_files: BTreeMap<String, PathBuf>,
 }
 
 impl Default for KafkaSettings {
@@ -242,6 +376,7 @@ impl Default for KafkaSettings {
             routes: BTreeMap::new(),
             delivery_timeout: Duration::from_secs(30),
             properties: BTreeMap::new(),
+            property_files: BTreeMap::new(),
         }
     }
 }
@@ -384,6 +519,29 @@ impl Settings {
                 }
             }
         }
+        let db = &self.database;
+        readable(
+            &mut p,
+            "database.password_file",
+            db.password_file.as_deref(),
+        );
+        readable(
+            &mut p,
+            "database.ssl_root_cert",
+            db.ssl_root_cert.as_deref(),
+        );
+        readable(&mut p, "database.ssl_cert", db.ssl_cert.as_deref());
+        readable(&mut p, "database.ssl_key", db.ssl_key.as_deref());
+        if db.ssl_cert.is_some() != db.ssl_key.is_some() {
+            p.push(
+                "database.ssl_cert and database.ssl_key go together: set both or neither".into(),
+            );
+        }
+        if let Some(SslMode::Disable) = db.ssl_mode {
+            if db.ssl_root_cert.is_some() || db.ssl_cert.is_some() {
+                p.push("database.ssl_mode is \"disable\" but TLS files are set (database.ssl_root_cert, database.ssl_cert)".into());
+            }
+        }
         if let Err(e) = Schema::parse(&self.database.schema) {
             p.push(format!("database.schema: {e}"));
         }
@@ -449,6 +607,40 @@ impl Settings {
                 }
             }
             positive(&mut p, "rabbitmq.confirm_timeout", rb.confirm_timeout);
+            if !(1..=512 * 1024 * 1024).contains(&rb.max_message_size) {
+                p.push(format!(
+                    "rabbitmq.max_message_size must be between 1 and 536870912 bytes (RabbitMQ's own ceiling); got {}",
+                    rb.max_message_size
+                ));
+            }
+            readable(
+                &mut p,
+                "rabbitmq.password_file",
+                rb.password_file.as_deref(),
+            );
+            let tls = &rb.tls;
+            readable(&mut p, "rabbitmq.tls.ca_file", tls.ca_file.as_deref());
+            readable(
+                &mut p,
+                "rabbitmq.tls.client_identity_file",
+                tls.client_identity_file.as_deref(),
+            );
+            readable(
+                &mut p,
+                "rabbitmq.tls.client_identity_password_file",
+                tls.client_identity_password_file.as_deref(),
+            );
+            if tls.client_identity_password.is_some() && tls.client_identity_password_file.is_some()
+            {
+                p.push("rabbitmq.tls.client_identity_password and rabbitmq.tls.client_identity_password_file are both set; keep one".into());
+            }
+            let uses_tls = rb
+                .url
+                .as_ref()
+                .is_some_and(|u| u.expose_secret().starts_with("amqps:"));
+            if !uses_tls && (tls.ca_file.is_some() || tls.client_identity_file.is_some()) {
+                p.push("rabbitmq.tls.* is set but rabbitmq.url is not an amqps:// URL".into());
+            }
             let mut templates = vec![
                 ("rabbitmq.exchange".to_owned(), &rb.exchange),
                 ("rabbitmq.routing_key".to_owned(), &rb.routing_key),
@@ -504,6 +696,35 @@ impl Settings {
                     p.push(format!("kafka.properties.\"{name}\": {e}"));
                 }
             }
+            for (name, path) in &k.property_files {
+                if k.properties.contains_key(name) {
+                    p.push(format!(
+                        "kafka.property_files.\"{name}\": also set in kafka.properties; keep one"
+                    ));
+                } else if let Err(e) = crate::config::check_kafka_property(name, "") {
+                    p.push(format!("kafka.property_files.\"{name}\": {e}"));
+                }
+                readable(
+                    &mut p,
+                    &format!("kafka.property_files.\"{name}\""),
+                    Some(path),
+                );
+            }
+        }
+        let h = &self.http;
+        if !h.listen.is_empty() && h.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(format!(
+                "http.listen {:?} is not host:port with an IP address (e.g. 0.0.0.0:9477), nor empty",
+                h.listen
+            ));
+        }
+        positive(&mut p, "http.backlog_interval", h.backlog_interval);
+        if h.stall_timeout < self.relay.lease {
+            p.push(format!(
+                "http.stall_timeout ({}) must be at least relay.lease ({})",
+                humantime::format_duration(h.stall_timeout),
+                humantime::format_duration(self.relay.lease)
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(format!(
@@ -566,6 +787,36 @@ pub fn check_kafka_property(name: &str, value: &str) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// Checks that a configured file can be read, naming the setting and the file.
+fn readable(p: &mut Vec<String>, name: &str, path: Option<&Path>) {
+    if let Some(path) = path {
+        if let Err(e) = std::fs::File::open(path) {
+            p.push(format!("{name}: cannot read {}: {e}", path.display()));
+        }
+    }
+}
+
+/// Reads a secret from a file (a mounted Kubernetes or Docker secret), without its trailing
+/// newline. The error names the setting and the file, never the content.
+pub fn read_secret_file(setting: &str, path: &Path) -> Result<SecretString, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{setting}: cannot read {}: {e}", path.display()))?;
+    let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+    if trimmed.is_empty() {
+        return Err(format!("{setting}: {} is empty", path.display()));
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+/// True for librdkafka properties whose values are secrets, never to be logged.
+pub fn is_secret_kafka_property(name: &str) -> bool {
+    name.contains("password")
+        || name.contains("secret")
+        || name.ends_with(".key.pem")
+        || name.contains("token")
 }
 
 fn positive(p: &mut Vec<String>, name: &str, d: Duration) {

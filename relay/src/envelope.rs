@@ -33,6 +33,22 @@ pub struct Envelope {
     pub content_type: Option<String>,
     /// When the row was written, in seconds since the Unix epoch.
     pub created_at_unix: i64,
+    /// When the row was written, in microseconds since the Unix epoch.
+    pub created_at_micros: i64,
     /// Failed attempts so far.
     pub attempts: u32,
+}
+
+impl Envelope {
+    /// Time since the row was written, by this machine's clock (`None` if that clock is
+    /// behind the database's).
+    pub fn age(&self) -> Option<std::time::Duration> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_micros() as i64;
+        u64::try_from(now - self.created_at_micros)
+            .ok()
+            .map(std::time::Duration::from_micros)
+    }
 }

@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::{
     config::RelaySettings,
     envelope::Envelope,
+    health::Heartbeats,
     publish::{PublishError, Publisher},
     retry::{Next, RetryPolicy},
     store::{Failure, Retention, Settlement, Store},
@@ -33,6 +34,10 @@ pub enum RelayError {
     /// PostgreSQL failed; the loop retries these, [`Relay::relay_once`] returns them.
     #[error("PostgreSQL error while relaying")]
     Database(#[from] sqlx::Error),
+    /// A relay task panicked: a bug. The relay stops (its partitions go to the others)
+    /// and the process exits non-zero, so that it is restarted and the bug is seen.
+    #[error("a relay task panicked: {0}")]
+    Panicked(String),
 }
 
 /// What one batch did.
@@ -70,6 +75,69 @@ pub struct Relay {
     retention: Retention,
     id: Uuid,
     owned: tokio::sync::watch::Sender<Vec<i16>>,
+    heartbeats: Heartbeats,
+    observe: Observe,
+    suspects: Suspects,
+}
+
+/// Messages that were in flight when a broker connection closed under them.
+///
+/// The rule: a message in flight at a connection loss becomes a suspect and costs no
+/// attempt. A suspect is published again **alone**, with nothing else of this relay in
+/// flight. If the connection closes while it is alone, the message is the cause: the loss
+/// counts as a failed attempt, so a message that always kills the connection goes dead
+/// after `retry.max_attempts` (its key waiting behind it, per the dead-key policy), while
+/// the messages that were merely in flight with it are never charged. A suspect that is
+/// confirmed is cleared.
+#[derive(Default)]
+struct Suspects {
+    seqs: Mutex<std::collections::HashSet<i64>>,
+    /// Normal publishes hold it shared; a suspect holds it alone.
+    alone: tokio::sync::RwLock<()>,
+}
+
+impl Suspects {
+    /// Bound on remembered suspects (they are only an optimisation of who goes alone).
+    const MAX: usize = 100_000;
+
+    fn is_suspect(&self, seq: i64) -> bool {
+        self.seqs.lock().expect("lock poisoned").contains(&seq)
+    }
+
+    fn suspect(&self, seq: i64) {
+        let mut seqs = self.seqs.lock().expect("lock poisoned");
+        if seqs.len() >= Self::MAX {
+            seqs.clear();
+        }
+        seqs.insert(seq);
+    }
+
+    fn clear(&self, seq: i64) {
+        self.seqs.lock().expect("lock poisoned").remove(&seq);
+    }
+}
+
+/// Health and metrics options of a relay (see [`Relay::with_observe`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Observe {
+    /// How often the backlog gauges are read from PostgreSQL; `None` reads none.
+    pub backlog_interval: Option<Duration>,
+    /// A loop silent for longer than this makes the relay not live.
+    pub stall_timeout: Duration,
+}
+
+impl Default for Observe {
+    fn default() -> Self {
+        Self {
+            backlog_interval: None,
+            stall_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The heartbeat slot of the partition keeper; workers use slots `0..workers`.
+fn keeper_slot(settings: &RelaySettings) -> usize {
+    settings.workers as usize
 }
 
 impl Relay {
@@ -82,6 +150,10 @@ impl Relay {
         retention: Retention,
     ) -> Self {
         let (owned, _) = tokio::sync::watch::channel(Vec::new());
+        let mut loops: Vec<String> = (0..settings.workers)
+            .map(|w| format!("worker {w}"))
+            .collect();
+        loops.push("partition keeper".to_owned());
         Self {
             store,
             publisher,
@@ -90,6 +162,54 @@ impl Relay {
             retention,
             id: Uuid::new_v4(),
             owned,
+            heartbeats: Heartbeats::new(loops),
+            observe: Observe::default(),
+            suspects: Suspects::default(),
+        }
+    }
+
+    /// Sets the health and metrics options.
+    pub fn with_observe(mut self, observe: Observe) -> Self {
+        self.observe = observe;
+        self
+    }
+
+    /// `Ok` while every loop made progress within the stall timeout; otherwise the silent
+    /// loops and for how long.
+    pub fn liveness(&self) -> Result<(), String> {
+        let stalled = self.heartbeats.stalled(self.observe.stall_timeout);
+        if stalled.is_empty() {
+            return Ok(());
+        }
+        Err(stalled
+            .iter()
+            .map(|(name, silent)| format!("{name} silent for {}s", silent.as_secs()))
+            .collect::<Vec<_>>()
+            .join(", "))
+    }
+
+    /// `Ok` when PostgreSQL answers a query and the broker connection is up; otherwise
+    /// what is down.
+    pub async fn readiness(&self) -> Result<(), Vec<String>> {
+        let probe = Duration::from_secs(2);
+        let (db, broker) = tokio::join!(
+            tokio::time::timeout(probe, sqlx::query("SELECT 1").execute(self.store.pool())),
+            self.publisher.health()
+        );
+        let mut problems = Vec::new();
+        match db {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(format!("PostgreSQL: {}", error_chain(&e))),
+            Err(_) => problems.push(format!("PostgreSQL: no answer within {probe:?}")),
+        }
+        crate::metrics::broker_up(broker.is_ok());
+        if let Err(e) = broker {
+            problems.push(format!("broker: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
         }
     }
 
@@ -110,6 +230,7 @@ impl Relay {
             }
             changed
         });
+        crate::metrics::partitions_owned(owned.len());
         Ok(owned)
     }
 
@@ -119,6 +240,16 @@ impl Relay {
         &self,
         partitions: &[i16],
         abort: &CancellationToken,
+    ) -> Result<BatchReport, RelayError> {
+        self.batch(partitions, abort, &|| {}).await
+    }
+
+    /// [`Relay::relay_once`], calling `progress` at each message's outcome.
+    async fn batch(
+        &self,
+        partitions: &[i16],
+        abort: &CancellationToken,
+        progress: &(dyn Fn() + Sync),
     ) -> Result<BatchReport, RelayError> {
         match self.publisher.ready().await {
             Ok(()) => {}
@@ -139,10 +270,15 @@ impl Relay {
             return Ok(BatchReport::default());
         }
         let claimed = started.elapsed();
-        let outcomes = self.publish_all(&claim.envelopes, abort).await;
+        let outcomes = self.publish_all(&claim.envelopes, abort, progress).await;
         let published = started.elapsed();
         let (settlement, mut report) = self.decide(&claim, &outcomes);
         let settled = self.settle_with_retries(&settlement).await?;
+        crate::metrics::batch(
+            report.claimed,
+            claimed,
+            started.elapsed().saturating_sub(published),
+        );
         report.delivered = settled.delivered;
         report.not_owned = settlement.failed.len() as u64 - settled.failed;
         if report.not_owned > 0 {
@@ -184,6 +320,7 @@ impl Relay {
                         Next::RetryAfter(d) => Some(d),
                         Next::Dead => None,
                     };
+                    crate::metrics::failed(&env.topic, "rejected");
                     log_failure(env, failures, error, retry_after);
                     settlement.failed.push(Failure {
                         seq: env.seq,
@@ -191,7 +328,14 @@ impl Relay {
                         retry_after,
                     });
                 }
-                Some(Outcome::Failed(PublishError::Permanent(error))) => {
+                Some(Outcome::Failed(
+                    e @ (PublishError::Permanent(error) | PublishError::TooLarge(error)),
+                )) => {
+                    let reason = match e {
+                        PublishError::TooLarge(_) => "too_large",
+                        _ => "permanent",
+                    };
+                    crate::metrics::failed(&env.topic, reason);
                     log_failure(env, env.attempts + 1, error, None);
                     settlement.failed.push(Failure {
                         seq: env.seq,
@@ -200,8 +344,11 @@ impl Relay {
                     });
                 }
                 Some(Outcome::Failed(
-                    e @ (PublishError::Unavailable(_) | PublishError::Fatal(_)),
+                    e @ (PublishError::Unavailable(_)
+                    | PublishError::Disconnected(_)
+                    | PublishError::Fatal(_)),
                 )) => {
+                    crate::metrics::failed(&env.topic, "unavailable");
                     report.unavailable.get_or_insert_with(|| e.to_string());
                     report.released += 1;
                 }
@@ -209,12 +356,25 @@ impl Relay {
             }
         }
         for (seq, error) in &claim.malformed {
+            crate::metrics::failed("", "malformed");
             tracing::error!(seq, error = %error, "malformed outbox row; parking it as dead");
             settlement.failed.push(Failure {
                 seq: *seq,
                 error: format!("malformed row: {error}"),
                 retry_after: None,
             });
+        }
+        let topics: BTreeMap<i64, &str> = claim
+            .envelopes
+            .iter()
+            .map(|e| (e.seq, e.topic.as_str()))
+            .collect();
+        for f in &settlement.failed {
+            let topic = topics.get(&f.seq).copied().unwrap_or("");
+            match f.retry_after {
+                Some(_) => crate::metrics::retried(topic),
+                None => crate::metrics::dead(topic),
+            }
         }
         report.retried = settlement
             .failed
@@ -231,6 +391,7 @@ impl Relay {
         &self,
         envelopes: &[Envelope],
         abort: &CancellationToken,
+        progress: &(dyn Fn() + Sync),
     ) -> BTreeMap<i64, Outcome> {
         let mut chains: BTreeMap<&str, Vec<&Envelope>> = BTreeMap::new();
         let mut unkeyed = Vec::new();
@@ -248,8 +409,13 @@ impl Relay {
             let record = &record;
             async move {
                 for env in chain {
-                    match self.publisher.publish(env).await {
-                        Ok(()) => record(env.seq, Outcome::Delivered),
+                    let result = self.publish_one(env).await;
+                    progress();
+                    match result {
+                        Ok(sent) => {
+                            crate::metrics::published(&env.topic, sent, env.age());
+                            record(env.seq, Outcome::Delivered)
+                        }
                         Err(e) => {
                             record(env.seq, Outcome::Failed(e));
                             break;
@@ -265,6 +431,44 @@ impl Relay {
             }
         }
         outcomes.into_inner().expect("lock poisoned")
+    }
+
+    /// Publishes one message under the suspect rule (see [`Suspects`]); returns how long
+    /// the broker took to confirm it.
+    async fn publish_one(&self, env: &Envelope) -> Result<Duration, PublishError> {
+        let suspect = self.suspects.is_suspect(env.seq);
+        let (result, sent) = if suspect {
+            let _alone = self.suspects.alone.write().await;
+            tracing::info!(seq = env.seq, message_id = %env.id, "publishing a suspect message alone");
+            let sent = std::time::Instant::now();
+            (self.publisher.publish(env).await, sent.elapsed())
+        } else {
+            let _shared = self.suspects.alone.read().await;
+            let sent = std::time::Instant::now();
+            (self.publisher.publish(env).await, sent.elapsed())
+        };
+        match result {
+            Ok(()) => {
+                if suspect {
+                    self.suspects.clear(env.seq);
+                }
+                Ok(sent)
+            }
+            Err(PublishError::Disconnected(e)) if suspect => Err(PublishError::Rejected(format!(
+                "the broker closed the connection while this message was the only one in \
+                 flight: {e}"
+            ))),
+            Err(PublishError::Disconnected(e)) => {
+                self.suspects.suspect(env.seq);
+                Err(PublishError::Disconnected(e))
+            }
+            Err(e) => {
+                if suspect && matches!(e, PublishError::Permanent(_) | PublishError::TooLarge(_)) {
+                    self.suspects.clear(env.seq);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Settles, retrying while PostgreSQL is unreachable for up to one lease (after which
@@ -317,6 +521,14 @@ impl Relay {
                 Ok(())
             });
         }
+        if let Some(every) = self.observe.backlog_interval {
+            let relay = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                relay.observe_backlog(every, shutdown).await;
+                Ok(())
+            });
+        }
         for worker in 0..self.settings.workers {
             let relay = self.clone();
             let (wake, shutdown, abort) = (wake.clone(), shutdown.clone(), abort.clone());
@@ -343,7 +555,11 @@ impl Relay {
                         abort.cancel();
                     }
                     Some(Err(join)) => {
-                        tracing::error!(error = %join, "relay task panicked");
+                        let what = panic_message(join);
+                        tracing::error!(error = %what, "relay task panicked; stopping");
+                        if result.is_ok() {
+                            result = Err(RelayError::Panicked(what));
+                        }
                         shutdown.cancel();
                     }
                 },
@@ -388,11 +604,28 @@ impl Relay {
         }
     }
 
+    /// Reads the backlog gauges (and the broker's state) every `every`.
+    async fn observe_backlog(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        let mut topics = Vec::new();
+        while !shutdown.is_cancelled() {
+            match crate::status::read(self.store.pool(), self.store.schema()).await {
+                Ok(status) => crate::metrics::backlog(&status, &mut topics),
+                Err(e) => tracing::debug!(error = %e, "backlog not read"),
+            }
+            crate::metrics::broker_up(self.publisher.health().await.is_ok());
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+
     /// Renews the partition leases every third of a lease, and rebalances.
     async fn keep_partitions(self: Arc<Self>, shutdown: CancellationToken) {
         let every = self.settings.lease / 3;
         let mut backoff = Backoff::new(every);
         while !shutdown.is_cancelled() {
+            self.heartbeats.beat(keeper_slot(&self.settings));
             let wait = match self.rebalance().await {
                 Ok(_) => {
                     backoff.reset();
@@ -422,7 +655,9 @@ impl Relay {
         let mut broker_backoff = Backoff::new(self.settings.reconnect_max_delay);
         let mut owned = self.owned.subscribe();
         let workers = self.settings.workers as i16;
+        let beat = || self.heartbeats.beat(worker as usize);
         while !shutdown.is_cancelled() {
+            beat();
             let woken = wake.notify.notified();
             let mut woken = std::pin::pin!(woken);
             woken.as_mut().enable();
@@ -444,7 +679,7 @@ impl Relay {
                 wake.busy();
                 continue;
             }
-            let pause = match self.relay_once(&mine, &abort).await {
+            let pause = match self.batch(&mine, &abort, &beat).await {
                 Ok(report) => {
                     db_backoff.reset();
                     if let Some(reason) = &report.unavailable {
@@ -588,6 +823,19 @@ fn log_failure(env: &Envelope, failures: u32, error: &str, retry_after: Option<D
             attempts = failures, error = %error, "publish failed; message is dead"
         ),
     }
+}
+
+/// What a panicked task said, if it said it with a string.
+fn panic_message(join: tokio::task::JoinError) -> String {
+    if !join.is_panic() {
+        return join.to_string();
+    }
+    let payload = join.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// An error and its sources on one line.

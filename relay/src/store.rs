@@ -90,6 +90,7 @@ pub struct Settled {
 pub struct Store {
     pool: PgPool,
     schema: Schema,
+    policy: DeadKeyPolicy,
     claim_sql: String,
     delete_sql: String,
     fail_sql: String,
@@ -124,7 +125,7 @@ impl Store {
             "SELECT r.* FROM {s}.partitions p
              CROSS JOIN LATERAL (
                  SELECT m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.content_type,
-                        floor(extract(epoch FROM m.created_at))::bigint AS created_at_unix,
+                        (extract(epoch FROM m.created_at) * 1000000)::bigint AS created_at_micros,
                         m.attempts
                  FROM {s}.messages m
                  WHERE m.partition = p.partition
@@ -176,6 +177,7 @@ impl Store {
         Self {
             pool,
             schema,
+            policy,
             claim_sql,
             delete_sql,
             fail_sql,
@@ -216,11 +218,32 @@ impl Store {
             envelopes: Vec::with_capacity(rows.len()),
             malformed: Vec::new(),
         };
+        // Under `block`, a malformed row is about to be dead: its key's later rows wait
+        // behind it, as they would behind any dead row (they are read again next time, and
+        // the claim query then holds them back).
+        let mut held: BTreeMap<String, i64> = BTreeMap::new();
         for row in rows {
             match envelope(&row) {
                 Ok(env) => claim.envelopes.push(env),
-                Err(e) => claim.malformed.push((row.try_get("seq")?, e)),
+                Err(e) => {
+                    let seq: i64 = row.try_get("seq")?;
+                    if self.policy == DeadKeyPolicy::Block {
+                        if let Ok(Some(key)) = row.try_get::<Option<String>, _>("key") {
+                            let first = held.entry(key).or_insert(seq);
+                            *first = (*first).min(seq);
+                        }
+                    }
+                    claim.malformed.push((seq, e));
+                }
             }
+        }
+        if !held.is_empty() {
+            claim.envelopes.retain(|env| {
+                env.key
+                    .as_ref()
+                    .and_then(|k| held.get(k))
+                    .is_none_or(|&dead_seq| env.seq < dead_seq)
+            });
         }
         claim.envelopes.sort_unstable_by_key(|e| e.seq);
         Ok(claim)
@@ -416,6 +439,47 @@ impl Store {
     }
 }
 
+/// What `outbox-relay run` does to each table of the outbox schema; the README's "Least
+/// privilege" grants give exactly this.
+pub const RELAY_PRIVILEGES: &[(&str, &[&str])] = &[
+    ("messages", &["SELECT", "UPDATE", "DELETE"]),
+    ("partitions", &["SELECT", "UPDATE"]),
+    ("relays", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+    ("relay_waiters", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+    ("delivered", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+    ("discarded", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+];
+
+/// The privileges of [`RELAY_PRIVILEGES`] (and `USAGE` on the schema) that the connected
+/// role lacks, as `"DELETE on outbox.messages"`.
+pub async fn missing_privileges(
+    pool: &PgPool,
+    schema: &Schema,
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut missing = Vec::new();
+    let usage: bool = sqlx::query_scalar("SELECT has_schema_privilege($1, 'USAGE')")
+        .bind(schema.to_string())
+        .fetch_one(pool)
+        .await?;
+    if !usage {
+        missing.push(format!("USAGE on schema {schema}"));
+        return Ok(missing);
+    }
+    for (table, privileges) in RELAY_PRIVILEGES {
+        for privilege in *privileges {
+            let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, $2)")
+                .bind(format!("{schema}.{table}"))
+                .bind(*privilege)
+                .fetch_one(pool)
+                .await?;
+            if !granted {
+                missing.push(format!("{privilege} on {schema}.{table}"));
+            }
+        }
+    }
+    Ok(missing)
+}
+
 fn envelope(row: &PgRow) -> Result<Envelope, String> {
     let get_err = |e: sqlx::Error| format!("row could not be read: {e}");
     let headers: serde_json::Value = row.try_get("headers").map_err(get_err)?;
@@ -430,6 +494,7 @@ fn envelope(row: &PgRow) -> Result<Envelope, String> {
         other => return Err(format!("headers are not a JSON object (found {other})")),
     };
     let attempts: i32 = row.try_get("attempts").map_err(get_err)?;
+    let micros: i64 = row.try_get("created_at_micros").map_err(get_err)?;
     Ok(Envelope {
         seq: row.try_get("seq").map_err(get_err)?,
         id: row.try_get("id").map_err(get_err)?,
@@ -438,7 +503,8 @@ fn envelope(row: &PgRow) -> Result<Envelope, String> {
         payload: row.try_get("payload").map_err(get_err)?,
         headers,
         content_type: row.try_get("content_type").map_err(get_err)?,
-        created_at_unix: row.try_get("created_at_unix").map_err(get_err)?,
+        created_at_unix: micros.div_euclid(1_000_000),
+        created_at_micros: micros,
         attempts: attempts.max(0) as u32,
     })
 }

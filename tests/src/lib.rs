@@ -581,6 +581,8 @@ impl RelayProcess {
         {
             cmd.env_remove(k);
         }
+        // Tests run many relays at once: each gets a port of its own unless it names one.
+        cmd.env("OUTBOX__HTTP__LISTEN", "127.0.0.1:0");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -12,12 +12,15 @@ use std::time::Duration;
 
 use futures::{future::BoxFuture, FutureExt};
 use rdkafka::{
+    client::ClientContext,
     config::ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, Producer},
     util::Timeout,
 };
+
+use secrecy::ExposeSecret;
 
 use super::{PublishError, Publisher};
 use crate::{
@@ -26,11 +29,60 @@ use crate::{
     route::Template,
 };
 
+/// The producer's client context: librdkafka's client-level errors (a failed TLS
+/// handshake, a refused SASL login, all brokers down) are logged and kept, so that a
+/// "broker unavailable" names its cause rather than only a delivery timeout.
+#[derive(Clone, Default)]
+pub struct ClientErrors {
+    last: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl ClientErrors {
+    /// The last client-level error, if any since the last successful delivery.
+    pub fn last(&self) -> Option<String> {
+        self.last.lock().expect("lock poisoned").clone()
+    }
+
+    fn clear(&self) {
+        self.last.lock().expect("lock poisoned").take();
+    }
+}
+
+impl ClientContext for ClientErrors {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
+        }
+        // A connection that fails (TLS handshake, SASL login, timeouts) is logged as FAIL
+        // without always reaching `error`: keep it as the cause of what follows.
+        if fac == "FAIL" && !matches!(level, L::Notice | L::Info | L::Debug) {
+            *self.last.lock().expect("lock poisoned") = Some(message.to_owned());
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "Kafka client error");
+        *self.last.lock().expect("lock poisoned") = Some(reason.to_owned());
+    }
+}
+
+type RelayProducer = FutureProducer<ClientErrors>;
+
 /// Publishes to one Kafka cluster.
 pub struct KafkaPublisher {
     config: ClientConfig,
-    producer: std::sync::RwLock<FutureProducer>,
+    errors: ClientErrors,
+    producer: std::sync::RwLock<RelayProducer>,
     brokers: String,
+    max_message_bytes: usize,
     default_topic: Template,
     routes: std::collections::BTreeMap<String, Template>,
 }
@@ -56,16 +108,30 @@ impl KafkaPublisher {
         for (name, value) in &settings.properties {
             config.set(name, value);
         }
+        for (name, path) in &settings.property_files {
+            let value =
+                crate::config::read_secret_file(&format!("kafka.property_files.\"{name}\""), path)
+                    .map_err(PublishError::Fatal)?;
+            config.set(name, value.expose_secret());
+        }
         config.set(
             "message.timeout.ms",
             settings.delivery_timeout.as_millis().to_string(),
         );
-        let producer: FutureProducer = config
-            .create()
+        let errors = ClientErrors::default();
+        let producer: RelayProducer = config
+            .create_with_context(errors.clone())
             .map_err(|e| PublishError::Fatal(format!("cannot create the Kafka producer: {e}")))?;
         let template = |s: &str| Template::parse(s).expect("templates are checked at load");
+        let max_message_bytes = settings
+            .properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
         Ok(Self {
             config,
+            errors,
+            max_message_bytes,
             producer: std::sync::RwLock::new(producer),
             brokers,
             default_topic: template(&settings.topic),
@@ -86,6 +152,21 @@ impl KafkaPublisher {
 
     async fn publish_one(&self, env: &Envelope) -> Result<(), PublishError> {
         let topic = self.topic_for(env);
+        // librdkafka refuses these too; saying so before sending names the limit.
+        let size = env.payload.len()
+            + env.key.as_ref().map_or(0, String::len)
+            + env
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if size > self.max_message_bytes {
+            return Err(PublishError::TooLarge(format!(
+                "too large: the record is about {size} bytes (payload, key and headers), over the \
+                 producer's message.max.bytes ({}) (Kafka topic {topic:?})",
+                self.max_message_bytes
+            )));
+        }
         let id = env.id.to_string();
         let seq = env.seq.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(env.headers.len() + 4);
@@ -123,7 +204,7 @@ impl KafkaPublisher {
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic)
             .payload(env.payload.as_slice())
             .headers(headers)
-            .timestamp(env.created_at_unix.saturating_mul(1000));
+            .timestamp(env.created_at_micros.div_euclid(1000));
         if let Some(key) = &env.key {
             record = record.key(key.as_str());
         }
@@ -138,7 +219,10 @@ impl KafkaPublisher {
             }
         };
         match delivery.await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                self.errors.clear();
+                Ok(())
+            }
             Ok(Err((e, _))) => {
                 if let Some((code, reason)) = producer.client().fatal_error() {
                     return Err(self.renew(&producer, code, &reason));
@@ -154,12 +238,16 @@ impl KafkaPublisher {
     /// An idempotent producer that hit a fatal error (e.g. the broker lost its producer
     /// state, so sequence numbers no longer line up) refuses every later message; only a new
     /// producer can go on. The failed messages are not their own fault: not an attempt.
-    fn renew(&self, failed: &FutureProducer, code: RDKafkaErrorCode, reason: &str) -> PublishError {
+    fn renew(&self, failed: &RelayProducer, code: RDKafkaErrorCode, reason: &str) -> PublishError {
         let mut current = self.producer.write().expect("lock poisoned");
         if std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
-            match self.config.create::<FutureProducer>() {
+            match self
+                .config
+                .create_with_context::<_, RelayProducer>(self.errors.clone())
+            {
                 Ok(fresh) => {
                     tracing::warn!(error = %reason, code = ?code, "Kafka producer hit a fatal error; replaced it");
+                    crate::metrics::broker_reconnected();
                     *current = fresh;
                 }
                 Err(e) => tracing::error!(error = %e, "cannot replace the Kafka producer"),
@@ -194,7 +282,13 @@ impl KafkaPublisher {
                 | C::RequestTimedOut
                 | C::BrokerTransportFailure
                 | C::NetworkException,
-            ) => PublishError::Unavailable(format!("Kafka at {}: {reason}", self.brokers)),
+            ) => PublishError::Unavailable(match self.errors.last() {
+                Some(cause) => format!(
+                    "Kafka at {}: {reason}; last client error: {cause}",
+                    self.brokers
+                ),
+                None => format!("Kafka at {}: {reason}", self.brokers),
+            }),
             Some(C::SaslAuthenticationFailed | C::Authentication) => PublishError::Fatal(format!(
                 "Kafka at {} refused the relay: {reason} (check kafka.properties' credentials)",
                 self.brokers
@@ -212,6 +306,29 @@ impl Publisher for KafkaPublisher {
 
     fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
         self.publish_one(envelope).boxed()
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+        async move {
+            let producer = self.producer.read().expect("lock poisoned").clone();
+            let brokers = self.brokers.clone();
+            let errors = self.errors.clone();
+            tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(None, Timeout::After(Duration::from_secs(2)))
+                    .map(|_| ())
+                    .map_err(|e| match errors.last() {
+                        Some(cause) => {
+                            format!("Kafka at {brokers}: {e}; last client error: {cause}")
+                        }
+                        None => format!("Kafka at {brokers}: {e}"),
+                    })
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("Kafka health check failed: {e}")))
+        }
+        .boxed()
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -21,6 +21,17 @@ pub enum PublishError {
     /// The message can never be published as it is; it is dead at once.
     #[error("cannot be published: {0}")]
     Permanent(String),
+    /// The message breaks the broker's protocol limits (too large for a frame or for the
+    /// broker, a name longer than the protocol allows). It was not sent, so the connection
+    /// was never at risk; it is dead at once.
+    #[error("cannot be sent: {0}")]
+    TooLarge(String),
+    /// The connection closed while this message was in flight. Some brokers answer a
+    /// message they cannot take by closing the whole connection, so this may be the
+    /// message's fault or not; the relay tells them apart by publishing such messages
+    /// alone (see the relay's suspect rule).
+    #[error("connection lost while publishing: {0}")]
+    Disconnected(String),
     /// The broker could not be reached or the connection failed: not this message's fault.
     /// The message is released without counting an attempt and the relay backs off.
     #[error("broker unavailable: {0}")]
@@ -42,6 +53,10 @@ pub trait Publisher: Send + Sync + 'static {
     /// before the previous message of that key is confirmed.
     fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>>;
 
+    /// `Ok` while the broker connection is up (for the readiness probe and the
+    /// `outbox_broker_up` gauge); otherwise why not.
+    fn health(&self) -> BoxFuture<'_, Result<(), String>>;
+
     /// Closes the connection cleanly; called once, after the last publish.
     fn close(&self) -> BoxFuture<'_, ()>;
 }
@@ -55,7 +70,7 @@ pub fn from_settings(
         #[cfg(feature = "rabbitmq")]
         BrokerKind::Rabbitmq => Ok(std::sync::Arc::new(rabbitmq::RabbitMqPublisher::new(
             &settings.rabbitmq,
-        ))),
+        )?)),
         #[cfg(feature = "kafka")]
         BrokerKind::Kafka => Ok(std::sync::Arc::new(kafka::KafkaPublisher::new(
             &settings.kafka,

@@ -19,6 +19,7 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError},
     publisher_confirm::Confirmation,
+    tcp::{OwnedIdentity, OwnedTLSConfig},
     types::{AMQPValue, FieldTable, LongString, ShortString},
     BasicProperties, Channel, Connection, ConnectionProperties,
 };
@@ -26,7 +27,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{PublishError, Publisher};
 use crate::{
-    config::{redact_url, RabbitMqSettings},
+    config::{redact_url, AmqpTlsSettings, RabbitMqSettings},
     envelope::{Envelope, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
     route::{Route, Router, Template},
 };
@@ -34,13 +35,16 @@ use crate::{
 /// Publishes to one RabbitMQ broker over one connection and one confirm-mode channel.
 pub struct RabbitMqPublisher {
     url: SecretString,
+    tls: AmqpTls,
     shown_url: String,
     router: Router,
     confirm_timeout: Duration,
+    max_message_size: u64,
     live: Mutex<Option<Live>>,
     connecting: tokio::sync::Mutex<()>,
     slots: tokio::sync::Semaphore,
     generations: std::sync::atomic::AtomicU64,
+    last_error: Mutex<Option<String>>,
 }
 
 /// Most channels (hence unconfirmed messages) in flight at once per connection.
@@ -50,15 +54,16 @@ struct Live {
     connection: std::sync::Arc<Connection>,
     generation: u64,
     idle: Vec<Channel>,
+    /// The negotiated largest frame; a message's properties must fit in one.
+    frame_max: u32,
 }
 
 impl RabbitMqPublisher {
     /// A publisher for validated settings; connects on the first [`Publisher::ready`].
-    pub fn new(settings: &RabbitMqSettings) -> Self {
-        let url = settings
-            .url
-            .clone()
-            .expect("rabbitmq.url is checked at load");
+    /// Fails when a password or TLS file cannot be read.
+    pub fn new(settings: &RabbitMqSettings) -> Result<Self, PublishError> {
+        let url = settings.connection_url().map_err(PublishError::Fatal)?;
+        let tls = tls_config(&settings.tls).map_err(PublishError::Fatal)?;
         let template = |s: &str| Template::parse(s).expect("templates are checked at load");
         let routes = settings
             .routes
@@ -75,16 +80,19 @@ impl RabbitMqPublisher {
             exchange: template(&settings.exchange),
             routing_key: template(&settings.routing_key),
         };
-        Self {
+        Ok(Self {
             shown_url: redact_url(url.expose_secret()),
             url,
+            tls,
             router: Router::new(default, routes),
             confirm_timeout: settings.confirm_timeout,
+            max_message_size: settings.max_message_size,
             live: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             slots: tokio::sync::Semaphore::new(CHANNELS),
             generations: std::sync::atomic::AtomicU64::new(0),
-        }
+            last_error: Mutex::new(None),
+        })
     }
 
     fn connected(&self) -> bool {
@@ -97,9 +105,7 @@ impl RabbitMqPublisher {
     async fn take_channel(&self) -> Result<(Channel, u64), PublishError> {
         let (connection, generation) = {
             let mut live = self.live.lock().expect("lock poisoned");
-            let live = live
-                .as_mut()
-                .ok_or_else(|| PublishError::Unavailable("not connected to RabbitMQ".into()))?;
+            let live = live.as_mut().ok_or_else(not_connected)?;
             while let Some(channel) = live.idle.pop() {
                 if channel.status().connected() {
                     return Ok((channel, live.generation));
@@ -139,6 +145,7 @@ impl RabbitMqPublisher {
 
     /// Drops the connection so that the next `ready` opens a new one.
     fn reset(&self) {
+        crate::metrics::broker_up(false);
         if let Some(old) = self.live.lock().expect("lock poisoned").take() {
             tokio::spawn(async move {
                 let _ = old.connection.close(200, "outbox-relay reconnecting").await;
@@ -156,17 +163,32 @@ impl RabbitMqPublisher {
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio)
             .with_connection_name("outbox-relay".into());
-        let connection = Connection::connect(self.url.expose_secret(), properties)
-            .await
-            .map_err(|e| self.connect_error(e))?;
+        let connection = Connection::connect_with_config(
+            self.url.expose_secret(),
+            properties,
+            self.tls.config(),
+        )
+        .await
+        .map_err(|e| {
+            let e = self.connect_error(e);
+            *self.last_error.lock().expect("lock poisoned") = Some(e.to_string());
+            e
+        })?;
         tracing::info!(url = %self.shown_url, "connected to RabbitMQ");
         let generation = self
             .generations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if generation > 0 {
+            crate::metrics::broker_reconnected();
+        }
+        crate::metrics::broker_up(true);
+        self.last_error.lock().expect("lock poisoned").take();
+        let frame_max = connection.configuration().frame_max();
         *self.live.lock().expect("lock poisoned") = Some(Live {
             connection: std::sync::Arc::new(connection),
             generation,
             idle: Vec::new(),
+            frame_max: if frame_max == 0 { u32::MAX } else { frame_max },
         });
         Ok(())
     }
@@ -185,6 +207,15 @@ impl RabbitMqPublisher {
                 ));
             }
         }
+        // An untrusted or mismatched certificate will not fix itself by retrying.
+        let text = e.to_string();
+        if text.contains("certificate") || text.contains("CertificateRequired") {
+            return PublishError::Fatal(format!(
+                "TLS with RabbitMQ at {} failed: {text} (check rabbitmq.tls.ca_file, \
+                 rabbitmq.tls.client_identity_file and the host name in rabbitmq.url)",
+                self.shown_url
+            ));
+        }
         PublishError::Unavailable(format!(
             "cannot connect to RabbitMQ at {}: {e}",
             self.shown_url
@@ -192,25 +223,50 @@ impl RabbitMqPublisher {
     }
 
     async fn publish_one(&self, env: &Envelope) -> Result<(), PublishError> {
+        // Checked before taking a channel: a message over the protocol's limits never
+        // reaches the connection.
+        let (exchange, routing_key) = self.router.resolve(&env.topic, env.key.as_deref());
+        let frame_max = self
+            .live
+            .lock()
+            .expect("lock poisoned")
+            .as_ref()
+            .map(|l| l.frame_max)
+            .ok_or_else(not_connected)?;
+        check_limits(
+            env,
+            &exchange,
+            &routing_key,
+            frame_max,
+            self.max_message_size,
+        )
+        .map_err(PublishError::TooLarge)?;
         let _slot = self
             .slots
             .acquire()
             .await
             .expect("the semaphore is never closed");
         let (channel, generation) = self.take_channel().await?;
-        let result = self.publish_on(&channel, env).await;
+        let result = self
+            .publish_on(&channel, env, &exchange, &routing_key)
+            .await;
         if !matches!(result, Err(PublishError::Unavailable(_))) {
             self.give_back(channel, generation);
         }
         result
     }
 
-    async fn publish_on(&self, channel: &Channel, env: &Envelope) -> Result<(), PublishError> {
-        let (exchange, routing_key) = self.router.resolve(&env.topic, env.key.as_deref());
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        env: &Envelope,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), PublishError> {
         let confirm = channel
             .basic_publish(
-                &exchange,
-                &routing_key,
+                exchange,
+                routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     immediate: false,
@@ -219,7 +275,7 @@ impl RabbitMqPublisher {
                 properties(env),
             )
             .await
-            .map_err(|e| self.classify(e, &exchange))?;
+            .map_err(|e| self.classify(e, exchange))?;
         let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
             .await
             .map_err(|_| {
@@ -229,7 +285,7 @@ impl RabbitMqPublisher {
                     humantime::format_duration(self.confirm_timeout)
                 ))
             })?
-            .map_err(|e| self.classify(e, &exchange))?;
+            .map_err(|e| self.classify(e, exchange))?;
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
@@ -260,9 +316,11 @@ impl RabbitMqPublisher {
                     "RabbitMQ closed the channel: {amqp} (exchange {exchange:?})"
                 ))
             }
+            // The whole connection went while this message was in flight: maybe its fault
+            // (a frame the broker refused), maybe not; the relay's suspect rule decides.
             _ => {
                 self.reset();
-                PublishError::Unavailable(format!("RabbitMQ at {}: {e}", self.shown_url))
+                PublishError::Disconnected(format!("RabbitMQ at {}: {e}", self.shown_url))
             }
         }
     }
@@ -284,6 +342,21 @@ impl Publisher for RabbitMqPublisher {
         self.publish_one(envelope).boxed()
     }
 
+    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+        async move {
+            if self.connected() {
+                return Ok(());
+            }
+            Err(self
+                .last_error
+                .lock()
+                .expect("lock poisoned")
+                .clone()
+                .unwrap_or_else(|| format!("not connected to RabbitMQ at {}", self.shown_url)))
+        }
+        .boxed()
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
             let live = self.live.lock().expect("lock poisoned").take();
@@ -299,6 +372,151 @@ impl Publisher for RabbitMqPublisher {
         }
         .boxed()
     }
+}
+
+fn not_connected() -> PublishError {
+    PublishError::Unavailable("not connected to RabbitMQ".into())
+}
+
+/// AMQP's limit on short strings (exchange, routing key, header names, content type).
+const SHORT_STRING_MAX: usize = 255;
+/// Room taken in the content header frame by everything but the header table: frame
+/// envelope, class, weight, body size, property flags, and the fixed properties.
+const PROPERTIES_OVERHEAD: usize = 512;
+
+/// Refuses a message that breaks AMQP 0-9-1's limits, naming the limit: a short string
+/// over 255 bytes, properties that do not fit one frame (`frame_max`), or a payload over
+/// `max_message_size`. RabbitMQ answers some of these by closing the whole connection.
+fn check_limits(
+    env: &Envelope,
+    exchange: &str,
+    routing_key: &str,
+    frame_max: u32,
+    max_message_size: u64,
+) -> Result<(), String> {
+    let short = |what: &str, value: &str| {
+        if value.len() > SHORT_STRING_MAX {
+            Err(format!(
+                "{what} is {} bytes; AMQP allows at most {SHORT_STRING_MAX}",
+                value.len()
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    short("the exchange name", exchange)?;
+    short("the routing key", routing_key)?;
+    if let Some(ct) = &env.content_type {
+        short("the content type", ct)?;
+    }
+    // Each header: name (short string), a type tag, a 4-byte length and the value.
+    let mut table = 0usize;
+    for (name, value) in &env.headers {
+        short(&format!("header name {:?}", truncate(name)), name)?;
+        table += 1 + name.len() + 1 + 4 + value.len();
+    }
+    table +=
+        4 * (1 + 12 + 1 + 4) + 36 + env.topic.len() + 20 + env.key.as_ref().map_or(0, String::len);
+    if table + PROPERTIES_OVERHEAD > frame_max as usize {
+        return Err(format!(
+            "its headers take about {table} bytes; with the other properties they must fit \
+             in one frame of {frame_max} bytes (the connection's frame_max)"
+        ));
+    }
+    if env.payload.len() as u64 > max_message_size {
+        return Err(format!(
+            "its payload is {} bytes, over rabbitmq.max_message_size ({max_message_size})",
+            env.payload.len()
+        ));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect::<String>() + if s.chars().count() > 40 { "…" } else { "" }
+}
+
+/// TLS material for `amqps://` URLs, read once at start: extra CAs (PEM) and a client
+/// identity (PKCS#12 and its password).
+#[derive(Clone, Default)]
+pub struct AmqpTls {
+    cert_chain: Option<String>,
+    identity: Option<(Vec<u8>, SecretString)>,
+}
+
+impl AmqpTls {
+    /// lapin's TLS configuration for one connection attempt.
+    pub fn config(&self) -> OwnedTLSConfig {
+        OwnedTLSConfig {
+            identity: self.identity.as_ref().map(|(der, password)| OwnedIdentity {
+                der: der.clone(),
+                password: password.expose_secret().to_owned(),
+            }),
+            cert_chain: self.cert_chain.clone(),
+        }
+    }
+}
+
+/// Reads the files `[rabbitmq.tls]` names; the error names the setting and the file.
+pub fn tls_config(settings: &AmqpTlsSettings) -> Result<AmqpTls, String> {
+    let cert_chain = match &settings.ca_file {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                format!("rabbitmq.tls.ca_file: cannot read {}: {e}", path.display())
+            })?;
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(format!(
+                    "rabbitmq.tls.ca_file: {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    let identity = match &settings.client_identity_file {
+        Some(path) => {
+            let der = std::fs::read(path).map_err(|e| {
+                format!(
+                    "rabbitmq.tls.client_identity_file: cannot read {}: {e}",
+                    path.display()
+                )
+            })?;
+            let password = match (
+                &settings.client_identity_password,
+                &settings.client_identity_password_file,
+            ) {
+                (Some(p), _) => p.clone(),
+                (None, Some(file)) => crate::config::read_secret_file(
+                    "rabbitmq.tls.client_identity_password_file",
+                    file,
+                )?,
+                (None, None) => SecretString::from(String::new()),
+            };
+            // Check it now: a wrong password or a file without a key would otherwise look
+            // like an unreachable broker at every reconnect.
+            let store = p12_keystore::KeyStore::from_pkcs12(&der, password.expose_secret())
+                .map_err(|e| {
+                    format!(
+                        "rabbitmq.tls.client_identity_file: {} is not a PKCS#12 file this \
+                         password opens ({e}); check rabbitmq.tls.client_identity_password",
+                        path.display()
+                    )
+                })?;
+            if store.private_key_chain().is_none() {
+                return Err(format!(
+                    "rabbitmq.tls.client_identity_file: {} holds no private key",
+                    path.display()
+                ));
+            }
+            Some((der, password))
+        }
+        None => None,
+    };
+    Ok(AmqpTls {
+        identity,
+        cert_chain,
+    })
 }
 
 /// AMQP properties: persistent, message id, content type, timestamp, and headers (the

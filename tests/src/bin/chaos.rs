@@ -283,6 +283,8 @@ async fn run() -> anyhow::Result<bool> {
         ("OUTBOX__RELAY__RECONNECT_MAX_DELAY", "1s".to_owned()),
         ("OUTBOX__RABBITMQ__CONFIRM_TIMEOUT", "5s".to_owned()),
         ("OUTBOX__LOG__LEVEL", "warn".to_owned()),
+        // Several relays on one machine: each its own HTTP port.
+        ("OUTBOX__HTTP__LISTEN", "127.0.0.1:0".to_owned()),
     ];
     if o.kafka {
         relay_env.push(("OUTBOX__BROKER", "kafka".to_owned()));

@@ -1,0 +1,414 @@
+//! Poison messages can never wedge a key or cost other messages an attempt: rows over
+//! AMQP's limits die at once without being sent, a row that cannot be read holds its key
+//! back, a message that keeps killing the connection goes dead alone, and a panic in a
+//! relay task stops the relay with an error.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{future::BoxFuture, FutureExt};
+use outbox::{Message, Outbox};
+use outbox_relay::{
+    config::DeadKeyPolicy,
+    envelope::Envelope,
+    publish::{PublishError, Publisher},
+    relay::{Relay, RelayError},
+    store::Store,
+};
+use outbox_tests::{settings, start_relay, topic, with_policy, Consumer, TestDb};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Writes a row through the documented plain-SQL insert, as a non-Rust producer would.
+async fn insert_sql(pool: &PgPool, topic: &str, key: &str, headers: serde_json::Value) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO outbox.messages (id, topic, key, payload, headers, content_type) \
+         VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+    )
+    .bind(id)
+    .bind(topic)
+    .bind(key)
+    .bind(b"poison".to_vec())
+    .bind(headers)
+    .bind(None::<String>)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
+
+async fn row(pool: &PgPool, id: Uuid) -> Option<(String, i32, Option<String>)> {
+    sqlx::query_as("SELECT status, attempts, last_error FROM outbox.messages WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_dead(pool: &PgPool, id: Uuid, what: &str) -> (i32, String) {
+    let start = Instant::now();
+    loop {
+        if let Some((status, attempts, err)) = row(pool, id).await {
+            if status == "dead" {
+                return (attempts, err.unwrap_or_default());
+            }
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{what} never died: {:?}",
+            row(pool, id).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Failed attempts recorded for delivered messages (kept by `retention.delivered`).
+async fn attempts_of_delivered(pool: &PgPool) -> BTreeMap<Uuid, i32> {
+    sqlx::query_as("SELECT id, attempts FROM outbox.delivered")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Rows that break AMQP 0-9-1's limits, written with plain SQL: RabbitMQ would close the
+/// whole connection over some of them. Each dies on its first attempt with the limit
+/// named, without being sent; other keys flow with no failed attempt; the key's later
+/// message waits (`block`) or goes (`skip`).
+#[tokio::test]
+async fn rows_over_amqp_limits_die_at_once_naming_the_limit_and_cost_others_nothing() {
+    for policy in [DeadKeyPolicy::Block, DeadKeyPolicy::Skip] {
+        let db = TestDb::new().await;
+        let q = topic("limits");
+        let consumer = Consumer::connect().await;
+        consumer.queue(&q).await;
+        let long_name = "h".repeat(300);
+        let big = "v".repeat(60 * 1024);
+        let cases = [
+            (
+                "long-header-name",
+                serde_json::json!({ long_name.clone(): "x" }),
+                "AMQP allows at most 255",
+            ),
+            (
+                "huge-headers",
+                serde_json::json!({ "a": big, "b": big, "c": big }),
+                "frame_max",
+            ),
+        ];
+        let mut poisons = Vec::new();
+        let mut behind = Vec::new();
+        for (key, headers, reason) in &cases {
+            poisons.push((
+                insert_sql(&db.pool, &q, key, headers.clone()).await,
+                *reason,
+            ));
+            let m = Message::new(&q, b"behind".to_vec())
+                .unwrap()
+                .with_key(*key)
+                .unwrap();
+            outbox::enqueue(&db.pool, &m).await.unwrap();
+            behind.push(m.id());
+        }
+        let others: Vec<Message> = (0..30)
+            .map(|i| {
+                Message::new(&q, vec![i])
+                    .unwrap()
+                    .with_key(format!("free-{}", i % 10))
+                    .unwrap()
+            })
+            .collect();
+        Outbox::default()
+            .enqueue_batch(&db.pool, &others)
+            .await
+            .unwrap();
+
+        let mut s = with_policy(settings(&db), policy);
+        s.retention.delivered = Duration::from_secs(3600);
+        let relay = start_relay(&s).await;
+        for (id, reason) in &poisons {
+            let (attempts, err) = wait_dead(&db.pool, *id, reason).await;
+            assert_eq!(attempts, 1, "{reason}: dead at once, not retried ({err})");
+            assert!(
+                err.contains(reason),
+                "last_error should name {reason:?}: {err}"
+            );
+        }
+        let expected = others.len() + if policy == DeadKeyPolicy::Skip { 2 } else { 0 };
+        consumer.wait_for_distinct(expected, WAIT).await;
+        let got = consumer.settle(Duration::from_millis(800)).await;
+        relay.stop().await;
+        for (id, _) in &poisons {
+            assert!(got.iter().all(|r| r.id != *id), "a poison row was sent");
+        }
+        for id in &behind {
+            let arrived = got.iter().any(|r| r.id == *id);
+            match policy {
+                DeadKeyPolicy::Block => {
+                    assert!(!arrived, "under block, a key's later message waits");
+                    assert_eq!(row(&db.pool, *id).await.unwrap().1, 0);
+                }
+                DeadKeyPolicy::Skip => assert!(arrived, "under skip, it goes"),
+            }
+        }
+        let charged: Vec<_> = attempts_of_delivered(&db.pool)
+            .await
+            .into_iter()
+            .filter(|(_, a)| *a > 0)
+            .collect();
+        assert!(
+            charged.is_empty(),
+            "{policy:?}: innocent messages charged: {charged:?}"
+        );
+    }
+}
+
+/// A routing key that a template makes longer than AMQP allows dies at once, naming it.
+#[tokio::test]
+async fn a_routing_key_over_255_bytes_dies_at_once() {
+    let db = TestDb::new().await;
+    let mut s = settings(&db);
+    s.rabbitmq.routing_key = "{topic}.{key}.{key}".into();
+    s.validate(true).unwrap();
+    let m = Message::new(topic("rk"), b"x".to_vec())
+        .unwrap()
+        .with_key("k".repeat(200))
+        .unwrap();
+    outbox::enqueue(&db.pool, &m).await.unwrap();
+    let relay = start_relay(&s).await;
+    let (attempts, err) = wait_dead(&db.pool, m.id(), "long routing key").await;
+    relay.stop().await;
+    assert_eq!(attempts, 1);
+    assert!(
+        err.contains("the routing key is") && err.contains("255"),
+        "{err}"
+    );
+}
+
+/// A row that cannot be read (its headers hold a number, written while the check
+/// constraint was off) is dead with the reason, and under `block` its key's next row waits.
+#[tokio::test]
+async fn a_malformed_row_holds_back_its_key_under_block() {
+    let db = TestDb::new().await;
+    let q = topic("malformed");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&q).await;
+    sqlx::query("ALTER TABLE outbox.messages DROP CONSTRAINT messages_header_values_check")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let bad = insert_sql(&db.pool, &q, "m", serde_json::json!({ "n": 1 })).await;
+    let next = Message::new(&q, b"next".to_vec())
+        .unwrap()
+        .with_key("m")
+        .unwrap();
+    let other = Message::new(&q, b"other".to_vec())
+        .unwrap()
+        .with_key("o")
+        .unwrap();
+    Outbox::default()
+        .enqueue_batch(&db.pool, &[next.clone(), other.clone()])
+        .await
+        .unwrap();
+    let relay = start_relay(&settings(&db)).await;
+    let (_, err) = wait_dead(&db.pool, bad, "the malformed row").await;
+    assert!(
+        err.contains("malformed row") && err.contains("header \"n\" is not a string"),
+        "{err}"
+    );
+    consumer.wait_for(1, WAIT).await;
+    let got = consumer.settle(Duration::from_millis(800)).await;
+    relay.stop().await;
+    assert!(got.iter().any(|r| r.id == other.id()), "other keys flow");
+    assert!(
+        got.iter().all(|r| r.id != next.id()),
+        "the key's next row must wait behind the malformed one"
+    );
+    assert_eq!(row(&db.pool, next.id()).await.unwrap().0, "pending");
+}
+
+/// A broker that closes the whole connection whenever one message is in flight, taking
+/// every other in-flight publish down with it: fault injection no real broker gives on
+/// demand.
+struct ConnectionKiller {
+    poison: Uuid,
+    delivered: Mutex<Vec<Uuid>>,
+    lost: tokio::sync::Notify,
+}
+
+impl Publisher for ConnectionKiller {
+    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn publish<'a>(&'a self, env: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
+        async move {
+            let lost = self.lost.notified();
+            tokio::pin!(lost);
+            lost.as_mut().enable();
+            if env.id == self.poison {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                self.lost.notify_waiters();
+                return Err(PublishError::Disconnected(
+                    "connection reset by the broker (fault injection)".into(),
+                ));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(15)) => {
+                    self.delivered.lock().unwrap().push(env.id);
+                    Ok(())
+                }
+                _ = lost => Err(PublishError::Disconnected(
+                    "connection reset by the broker (fault injection)".into(),
+                )),
+            }
+        }
+        .boxed()
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async {}.boxed()
+    }
+}
+
+fn relay_with(db: &TestDb, s: &outbox_relay::config::Settings, p: Arc<dyn Publisher>) -> Relay {
+    Relay::new(
+        Store::new(
+            db.pool.clone(),
+            s.schema(),
+            s.relay.dead_key_policy,
+            !s.retention.delivered.is_zero(),
+        ),
+        p,
+        s.retry_policy(),
+        s.relay.clone(),
+        s.retention(),
+    )
+}
+
+#[tokio::test]
+async fn a_message_that_keeps_killing_the_connection_dies_alone_and_costs_the_others_nothing() {
+    let db = TestDb::new().await;
+    let q = topic("killer");
+    let poison = Message::new(&q, b"kills".to_vec())
+        .unwrap()
+        .with_key("stuck")
+        .unwrap();
+    let behind = Message::new(&q, b"behind".to_vec())
+        .unwrap()
+        .with_key("stuck")
+        .unwrap();
+    let others: Vec<Message> = (0..300)
+        .map(|i| {
+            Message::new(&q, vec![1])
+                .unwrap()
+                .with_key(format!("k{}", i % 30))
+                .unwrap()
+        })
+        .collect();
+    let mut all = vec![poison.clone(), behind.clone()];
+    all.extend(others.iter().cloned());
+    Outbox::default()
+        .enqueue_batch(&db.pool, &all)
+        .await
+        .unwrap();
+
+    let mut s = settings(&db);
+    s.retention.delivered = Duration::from_secs(3600);
+    s.retry.max_attempts = 3;
+    let killer = Arc::new(ConnectionKiller {
+        poison: poison.id(),
+        delivered: Mutex::default(),
+        lost: tokio::sync::Notify::new(),
+    });
+    let relay = Arc::new(relay_with(&db, &s, killer.clone()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+
+    let (attempts, err) = wait_dead(&db.pool, poison.id(), "the connection killer").await;
+    assert_eq!(
+        attempts, 3,
+        "dead after retry.max_attempts failed attempts: {err}"
+    );
+    assert!(err.contains("only one in flight"), "{err}");
+    let start = Instant::now();
+    while killer.delivered.lock().unwrap().len() < others.len() {
+        assert!(
+            start.elapsed() < WAIT,
+            "the other messages did not all go through"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    let charged: Vec<_> = attempts_of_delivered(&db.pool)
+        .await
+        .into_iter()
+        .filter(|(_, a)| *a > 0)
+        .collect();
+    assert!(
+        charged.is_empty(),
+        "innocent messages charged attempts: {charged:?}"
+    );
+    assert!(
+        !killer.delivered.lock().unwrap().contains(&behind.id()),
+        "the key's next message must wait behind its dead head"
+    );
+    assert_eq!(
+        row(&db.pool, behind.id()).await.unwrap(),
+        ("pending".into(), 0, None)
+    );
+}
+
+/// A publisher with a bug.
+struct Panics;
+
+impl Publisher for Panics {
+    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
+        async { Ok(()) }.boxed()
+    }
+    fn publish<'a>(&'a self, _: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
+        async { panic!("publisher bug (fault injection)") }.boxed()
+    }
+    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+        async { Ok(()) }.boxed()
+    }
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async {}.boxed()
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_a_relay_task_stops_the_relay_with_an_error() {
+    let db = TestDb::new().await;
+    let m = Message::new(topic("panic"), b"x".to_vec()).unwrap();
+    outbox::enqueue(&db.pool, &m).await.unwrap();
+    let s = settings(&db);
+    let relay = Arc::new(relay_with(&db, &s, Arc::new(Panics)));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let result = tokio::time::timeout(WAIT, relay.run(shutdown))
+        .await
+        .expect("the relay stops by itself after a panic");
+    match result {
+        Err(RelayError::Panicked(what)) => assert!(what.contains("publisher bug"), "{what}"),
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    assert_eq!(
+        row(&db.pool, m.id()).await.unwrap().0,
+        "pending",
+        "the message stays for the next relay"
+    );
+}
