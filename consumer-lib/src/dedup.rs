@@ -234,6 +234,8 @@ impl Deduplicator {
         message: &Incoming,
         handler: &H,
     ) -> Result<Outcome, ConsumerError> {
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         let span = tracing::info_span!(
             "handle",
             group = %self.group,
@@ -305,7 +307,11 @@ impl Deduplicator {
         }
         .instrument(span)
         .await
-        .inspect(|outcome| self.counters.count(outcome))
+        .inspect(|outcome| {
+            self.counters.count(outcome);
+            #[cfg(feature = "metrics")]
+            crate::metrics::record(&self.group, outcome, started.elapsed());
+        })
     }
 
     /// Handles one delivery until it is settled: retryable failures are retried in place

@@ -39,6 +39,8 @@ mod incoming;
 pub mod kafka;
 #[cfg(any(feature = "rabbitmq", feature = "kafka"))]
 mod lane;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "opentelemetry")]
