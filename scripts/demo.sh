@@ -32,6 +32,7 @@ export OUTBOX__DATABASE__URL=$DATABASE_URL OUTBOX__RABBITMQ__URL=$AMQP_URL
 export OUTBOX__BROKER=$broker OUTBOX__KAFKA__BROKERS=$KAFKA_BROKERS DEMO_BROKER=$broker
 http_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
 export OUTBOX__HTTP__LISTEN=127.0.0.1:$http_port
+export OUTBOX__HTTP__BACKLOG_INTERVAL=1s
 echo "== broker: $broker"
 
 echo "== migrate"

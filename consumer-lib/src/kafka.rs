@@ -15,9 +15,16 @@
 //! waits for the first transaction, then skips), and each lane goes in offset order, so a
 //! message's effect still never happens before the effects of the messages ahead of it.
 //! Nothing is lost, nothing is applied twice, per-partition order holds.
+//!
+//! **Back-pressure per partition.** A lane holds at most 256 messages. When a partition's
+//! lane is full (its handler is slow, or a message waits to be retried), that partition
+//! alone is paused: its next messages wait in the reader (in order) and librdkafka stops
+//! fetching it, while the other partitions keep flowing and the reader keeps polling, so a
+//! slow lane never pushes the consumer out of its group (`max.poll.interval.ms`). The
+//! partition resumes once its lane has taken the waiting messages.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -102,6 +109,10 @@ impl KafkaSource {
 
         let mut tasks = tokio::task::JoinSet::new();
         let mut error_backoff = Duration::from_millis(100);
+        // Partitions paused because their lane is full, with the messages read for them
+        // meanwhile (in offset order); a feeder hands these to the lane and says when done.
+        let mut paused: HashMap<(String, i32), Arc<Mutex<VecDeque<OwnedMessage>>>> = HashMap::new();
+        let (fed_tx, mut fed) = mpsc::unbounded_channel::<(String, i32)>();
         loop {
             // `biased`: a message already taken from librdkafka is always dispatched, never
             // dropped because shutdown fired at the same moment. Rebalances are served
@@ -109,6 +120,27 @@ impl KafkaSource {
             let message = tokio::select! {
                 biased;
                 m = consumer.recv() => m,
+                Some(partition) = fed.recv() => {
+                    let waiting = paused.remove(&partition).expect("a paused partition");
+                    let rest: Vec<OwnedMessage> = waiting.lock().expect("paused lock").drain(..).collect();
+                    if rest.is_empty() {
+                        let mut list = TopicPartitionList::new();
+                        list.add_partition(&partition.0, partition.1);
+                        if let Err(e) = consumer.resume(&list) {
+                            tracing::debug!(error = %e, partition = partition.1, "resume");
+                        }
+                        tracing::debug!(topic = %partition.0, partition = partition.1, "lane drained; partition resumed");
+                    } else {
+                        // More arrived while the feeder worked: feed those too, still paused.
+                        let sender = lanes.sender(&partition, &shutdown, |rx, stop| {
+                            tasks.spawn(lane(rx, stop, consumer.clone(), dedup.clone(), handler.clone()));
+                        });
+                        let queue = Arc::new(Mutex::new(VecDeque::from(rest)));
+                        paused.insert(partition.clone(), queue.clone());
+                        tasks.spawn(feed(sender, queue, partition, fed_tx.clone()));
+                    }
+                    continue;
+                }
                 _ = shutdown.cancelled() => break,
             };
             let message = match message {
@@ -136,9 +168,27 @@ impl KafkaSource {
                     handler.clone(),
                 ));
             });
-            // A closed lane was revoked after this message was fetched: the partition's
-            // next owner reads it from the committed offset.
-            let _ = sender.send(message).await;
+            if let Some(waiting) = paused.get(&partition) {
+                waiting.lock().expect("paused lock").push_back(message);
+                continue;
+            }
+            match sender.try_send(message) {
+                Ok(()) => {}
+                // A closed lane was revoked after this message was fetched: the partition's
+                // next owner reads it from the committed offset.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(message)) => {
+                    let mut list = TopicPartitionList::new();
+                    list.add_partition(&partition.0, partition.1);
+                    if let Err(e) = consumer.pause(&list) {
+                        tracing::debug!(error = %e, partition = partition.1, "pause");
+                    }
+                    tracing::debug!(topic = %partition.0, partition = partition.1, "lane full; partition paused");
+                    let queue = Arc::new(Mutex::new(VecDeque::from([message])));
+                    paused.insert(partition.clone(), queue.clone());
+                    tasks.spawn(feed(sender, queue, partition, fed_tx.clone()));
+                }
+            }
         }
         lanes.stop_all();
         while tasks.join_next().await.is_some() {}
@@ -149,6 +199,27 @@ impl KafkaSource {
         }
         Ok(())
     }
+}
+
+/// Hands a paused partition's waiting messages to its lane, as the lane makes room, then
+/// reports the partition as fed (the reader resumes it, or feeds what arrived meanwhile).
+/// Stops early if the lane closes (revoked or shut down): the rest is read again by the
+/// partition's next owner.
+async fn feed(
+    lane: mpsc::Sender<OwnedMessage>,
+    waiting: Arc<Mutex<VecDeque<OwnedMessage>>>,
+    partition: (String, i32),
+    fed: mpsc::UnboundedSender<(String, i32)>,
+) {
+    loop {
+        let next = waiting.lock().expect("paused lock").pop_front();
+        let Some(message) = next else { break };
+        if lane.send(message).await.is_err() {
+            waiting.lock().expect("paused lock").clear();
+            break;
+        }
+    }
+    let _ = fed.send(partition);
 }
 
 /// The consumer, closed on a thread of its own when the last handle goes. Closing leaves the

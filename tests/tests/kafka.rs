@@ -197,3 +197,55 @@ async fn tls_and_sasl_settings_fail_on_the_handshake_not_on_the_build() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Keys land in the partition the Java client would choose: murmur2 of the key bytes,
+/// `toPositive(h) % partitions`. The hashes are the test vectors of Apache Kafka's own
+/// `UtilsTest.testMurmur2` (checked against an independent port of the Java code); the
+/// expected partitions are those hashes modulo 3.
+#[tokio::test]
+async fn keys_land_in_the_partition_a_java_producer_would_choose() {
+    let expected: &[(&str, i32, i32)] = &[
+        ("21", -973_932_308, 0),
+        ("foobar", -790_332_482, 0),
+        ("a-little-bit-long-string", -985_981_536, 2),
+        ("a-little-bit-longer-string", -1_486_304_829, 2),
+        (
+            "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58_897_971,
+            2,
+        ),
+        ("abc", 479_470_107, 0),
+        ("order-1", 1_221_710_326, 1),
+        ("customer-7", -1_283_830_537, 1),
+    ];
+    for (key, hash, partition) in expected {
+        assert_eq!(
+            (hash & 0x7fff_ffff) % 3,
+            *partition,
+            "{key}: the table itself"
+        );
+    }
+    let db = TestDb::new().await;
+    let t = topic("java-partitions");
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&t).await; // 3 partitions
+    let msgs: Vec<Message> = expected
+        .iter()
+        .map(|(key, _, _)| {
+            Message::new(&t, key.as_bytes().to_vec())
+                .unwrap()
+                .with_key(*key)
+                .unwrap()
+        })
+        .collect();
+    enqueue_all(&db, &msgs).await;
+    let relay = start_relay(&Broker::Kafka.settings(&db)).await;
+    let got = consumer
+        .wait_for_distinct(msgs.len(), Duration::from_secs(30))
+        .await;
+    relay.stop().await;
+    for (key, _, partition) in expected {
+        let r = got.iter().find(|r| r.key.as_deref() == Some(*key)).unwrap();
+        assert_eq!(r.partition, Some(*partition), "key {key:?}");
+    }
+}

@@ -104,6 +104,10 @@ impl KafkaPublisher {
             .set("max.in.flight.requests.per.connection", "5")
             .set("linger.ms", "2")
             .set("client.id", "outbox-relay")
+            // The Java client's partitioner (murmur2 of the key; unkeyed messages spread at
+            // random), so a key lands where a Java or Kafka Streams producer would put it.
+            // librdkafka's own default (consistent_random, CRC32) would not.
+            .set("partitioner", "murmur2_random")
             .set("queue.buffering.max.messages", "1000000");
         for (name, value) in &settings.properties {
             config.set(name, value);
