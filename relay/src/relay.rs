@@ -204,7 +204,7 @@ impl Relay {
         }
         crate::metrics::broker_up(broker.is_ok());
         if let Err(e) = broker {
-            problems.push(format!("broker: {e}"));
+            problems.push(e);
         }
         if problems.is_empty() {
             Ok(())
