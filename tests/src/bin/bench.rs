@@ -1,0 +1,696 @@
+//! The benchmark: the relay against the raw ceilings of the same servers, measured in one
+//! run on one machine (disk flush latency drifts during a day: compare only figures of one
+//! run). Not a test: it prints figures.
+//!
+//! - Raw ceilings: RabbitMQ publish with confirms and 100 / 1,000 outstanding; Kafka's
+//!   idempotent producer (`acks=all`), pipelined; PostgreSQL claim + delete with the relay's
+//!   own SQL (`Store::claim`, `Store::settle`).
+//! - Relay drain of a pre-written backlog of 200-byte messages to each broker, with 1, 100
+//!   and 1,000 keys and without keys: msg/s, the ratio to the broker's ceiling, relay CPU
+//!   seconds per 10,000 messages and peak RSS (the relay runs as its own process).
+//! - Steady-state latency commit → consumer at fixed rates, p50/p95/p99/max (RabbitMQ).
+//! - Peak RSS of a relay draining a 1,000,000-row backlog (full mode only).
+//!
+//! Runs against the stack of `scripts/stack.sh` (`DATABASE_URL`, `AMQP_URL`,
+//! `KAFKA_BROKERS`); `scripts/bench.sh` builds in release mode and runs it.
+//!
+//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH]`
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use futures::{stream::FuturesUnordered, StreamExt};
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::FieldTable,
+    BasicProperties, Connection, ConnectionProperties,
+};
+use outbox::Schema;
+use outbox_relay::{
+    config::DeadKeyPolicy,
+    store::{Settlement, Store},
+};
+use serde::Serialize;
+use sqlx::{postgres::PgPoolOptions, PgPool};
+use uuid::Uuid;
+
+const PAYLOAD: usize = 200;
+
+#[derive(Debug, Serialize)]
+struct Row {
+    section: &'static str,
+    what: String,
+    value: f64,
+    unit: &'static str,
+    note: String,
+}
+
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn add(
+        &mut self,
+        section: &'static str,
+        what: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        note: impl Into<String>,
+    ) {
+        let row = Row {
+            section,
+            what: what.into(),
+            value,
+            unit,
+            note: note.into(),
+        };
+        eprintln!(
+            "  {:<12} {:<58} {:>12.1} {:<8} {}",
+            row.section, row.what, row.value, row.unit, row.note
+        );
+        self.rows.push(row);
+    }
+}
+
+struct Env {
+    db_url: String,
+    amqp_url: String,
+    kafka: String,
+    relay_bin: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json = args.iter().any(|a| a == "--json");
+    let relay_bin = match args.iter().position(|a| a == "--relay-bin") {
+        Some(i) => PathBuf::from(args.get(i + 1).context("--relay-bin needs a path")?),
+        None => std::env::current_exe()?.with_file_name("outbox-relay"),
+    };
+    anyhow::ensure!(
+        relay_bin.is_file(),
+        "relay binary {} not found (build it, or pass --relay-bin)",
+        relay_bin.display()
+    );
+    let env = Env {
+        db_url: std::env::var("DATABASE_URL")
+            .context("DATABASE_URL (run through scripts/bench.sh)")?,
+        amqp_url: std::env::var("AMQP_URL").context("AMQP_URL")?,
+        kafka: std::env::var("KAFKA_BROKERS").context("KAFKA_BROKERS")?,
+        relay_bin,
+    };
+    let mut report = Report { rows: Vec::new() };
+    eprintln!(
+        "outbox-bench ({} mode), relay {}",
+        if quick { "quick" } else { "full" },
+        env.relay_bin.display()
+    );
+
+    let n_raw = if quick { 3_000 } else { 40_000 };
+    let rabbit_100 = rabbit_ceiling(&env, n_raw, 100).await?;
+    report.add(
+        "ceiling",
+        "RabbitMQ publish+confirm, 100 outstanding",
+        rabbit_100,
+        "msg/s",
+        "",
+    );
+    let rabbit_1000 = rabbit_ceiling(&env, n_raw, 1000).await?;
+    report.add(
+        "ceiling",
+        "RabbitMQ publish+confirm, 1,000 outstanding",
+        rabbit_1000,
+        "msg/s",
+        "",
+    );
+    let kafka = kafka_ceiling(&env, if quick { 2_000 } else { 20_000 }).await?;
+    report.add(
+        "ceiling",
+        "Kafka idempotent acks=all, pipelined",
+        kafka,
+        "msg/s",
+        "",
+    );
+    let pool = fresh_db(&env.db_url, "bench_ceiling").await?;
+    let pg = pg_ceiling(&pool, n_raw).await?;
+    report.add(
+        "ceiling",
+        "PostgreSQL claim+delete (relay SQL, batch 500)",
+        pg,
+        "msg/s",
+        "",
+    );
+    pool.close().await;
+
+    let n_drain = if quick { 2_000 } else { 40_000 };
+    for broker in ["rabbitmq", "kafka"] {
+        let ceiling = if broker == "rabbitmq" {
+            rabbit_1000
+        } else {
+            kafka
+        };
+        for keys in [Some(1), Some(100), Some(1000), None] {
+            // One key moves at one broker round trip per message: a smaller backlog.
+            let n = if keys == Some(1) {
+                n_drain / 10
+            } else {
+                n_drain
+            };
+            let d = drain(&env, broker, n, keys).await?;
+            let label = match keys {
+                Some(k) => format!("relay drain → {broker}, {n} msgs, {k} key(s)"),
+                None => format!("relay drain → {broker}, {n} msgs, no keys"),
+            };
+            report.add(
+                "drain",
+                label,
+                d.rate,
+                "msg/s",
+                format!(
+                    "{:.2}× ceiling; CPU {:.2} s/10k; peak RSS {:.1} MiB",
+                    d.rate / ceiling,
+                    d.cpu_per_10k,
+                    d.peak_rss_mib
+                ),
+            );
+        }
+    }
+
+    let rates: &[(u32, u64)] = if quick {
+        &[(50, 2)]
+    } else {
+        &[(50, 10), (2_000, 10)]
+    };
+    for &(rate, secs) in rates {
+        let l = latency(&env, rate, secs).await?;
+        report.add(
+            "latency",
+            format!(
+                "commit → consumer at {rate} msg/s (achieved {:.0})",
+                l.achieved
+            ),
+            l.p50,
+            "ms p50",
+            format!("p95 {:.1}  p99 {:.1}  max {:.1} ms", l.p95, l.p99, l.max),
+        );
+    }
+
+    if !quick {
+        let rss = backlog_rss(&env, 1_000_000).await?;
+        report.add(
+            "memory",
+            "relay peak RSS, 1,000,000-row backlog (first 20 s)",
+            rss,
+            "MiB",
+            "",
+        );
+    }
+
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report.rows)?);
+    } else {
+        println!("| section | what | value | unit | note |");
+        println!("| --- | --- | ---: | --- | --- |");
+        for r in &report.rows {
+            println!(
+                "| {} | {} | {:.1} | {} | {} |",
+                r.section, r.what, r.value, r.unit, r.note
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn amqp(url: &str) -> anyhow::Result<Connection> {
+    Ok(Connection::connect(
+        url,
+        ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio),
+    )
+    .await?)
+}
+
+/// Publishes `n` persistent 200-byte messages with `mandatory` to a durable queue, keeping
+/// `window` unconfirmed: what the broker allows, without our code.
+async fn rabbit_ceiling(env: &Env, n: usize, window: usize) -> anyhow::Result<f64> {
+    let conn = amqp(&env.amqp_url).await?;
+    let ch = conn.create_channel().await?;
+    let q = format!("bench.raw.{}", Uuid::new_v4().simple());
+    ch.queue_declare(
+        &q,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let body = vec![b'x'; PAYLOAD];
+    let start = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..n {
+        if pending.len() >= window {
+            pending.next().await.expect("pending")?;
+        }
+        let confirm = ch
+            .basic_publish(
+                "",
+                &q,
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        pending.push(confirm);
+    }
+    while let Some(c) = pending.next().await {
+        c?;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    ch.queue_delete(&q, QueueDeleteOptions::default()).await?;
+    let _ = conn.close(200, "bench").await;
+    Ok(rate)
+}
+
+fn kafka_producer(env: &Env) -> anyhow::Result<rdkafka::producer::FutureProducer> {
+    Ok(rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+async fn kafka_topic(env: &Env, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .create()?;
+    admin
+        .create_topics(
+            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The idempotent producer, every message queued before any delivery report is awaited.
+async fn kafka_ceiling(env: &Env, n: usize) -> anyhow::Result<f64> {
+    use rdkafka::producer::FutureRecord;
+    let topic = format!("bench.raw.{}", Uuid::new_v4().simple());
+    kafka_topic(env, &topic).await?;
+    let producer = kafka_producer(env)?;
+    let body = vec![b'x'; PAYLOAD];
+    // Warm up: metadata and the producer id.
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&topic)
+                .payload(&body)
+                .key("warm"),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let start = Instant::now();
+    let mut reports = Vec::with_capacity(n);
+    for i in 0..n {
+        let key = format!("k{}", i % 100);
+        let record = FutureRecord::to(&topic).payload(&body[..]).key(&key);
+        reports.push(producer.send_result(record).map_err(|(e, _)| e)?);
+    }
+    for r in reports {
+        r.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A fresh database with the outbox migrated.
+async fn fresh_db(admin_url: &str, prefix: &str) -> anyhow::Result<PgPool> {
+    let name = format!("{prefix}_{}", Uuid::new_v4().simple());
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin_url)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let mut url = url::Url::parse(admin_url)?;
+    url.set_path(&name);
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(url.as_str())
+        .await?;
+    outbox::migrate(&pool).await?;
+    Ok(pool)
+}
+
+fn db_url_of(pool: &PgPool, admin_url: &str) -> anyhow::Result<String> {
+    let mut url = url::Url::parse(admin_url)?;
+    url.set_path(pool.connect_options().get_database().unwrap_or("postgres"));
+    Ok(url.to_string())
+}
+
+/// Writes `n` 200-byte rows for `topic`; keys `k0..k{keys}` or none. With `held`, they are
+/// not due for an hour (see [`release`]).
+async fn backlog(pool: &PgPool, topic: &str, n: usize, keys: Option<usize>) -> anyhow::Result<()> {
+    backlog_held(pool, topic, n, keys, false).await
+}
+
+async fn backlog_held(
+    pool: &PgPool,
+    topic: &str,
+    n: usize,
+    keys: Option<usize>,
+    held: bool,
+) -> anyhow::Result<()> {
+    let mut written = 0;
+    while written < n {
+        let chunk = (n - written).min(100_000);
+        sqlx::query(
+            "INSERT INTO outbox.messages (topic, key, payload, available_at)
+             SELECT $1, CASE WHEN $3::int IS NULL THEN NULL ELSE 'k' || (i % $3::int) END,
+                    convert_to(repeat('x', $4), 'UTF8'),
+                    now() + CASE WHEN $6 THEN interval '1 hour' ELSE interval '0' END
+             FROM generate_series($5::bigint, $5::bigint + $2::bigint - 1) i",
+        )
+        .bind(topic)
+        .bind(chunk as i64)
+        .bind(keys.map(|k| k as i32))
+        .bind(PAYLOAD as i32)
+        .bind(written as i64)
+        .bind(held)
+        .execute(pool)
+        .await?;
+        written += chunk;
+    }
+    Ok(())
+}
+
+/// The relay's own claim and delete, with nothing published: the database's ceiling.
+async fn pg_ceiling(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
+    backlog(pool, "bench.pg", n, Some(100)).await?;
+    let store = Store::new(
+        pool.clone(),
+        Schema::parse("outbox")?,
+        DeadKeyPolicy::Block,
+        false,
+    );
+    let me = Uuid::new_v4();
+    let mut owned = Vec::new();
+    while owned.len() < 64 {
+        owned = store.rebalance(me, Duration::from_secs(60)).await?;
+    }
+    let start = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let claim = store.claim(me, &owned, 500).await?;
+        anyhow::ensure!(
+            !claim.is_empty(),
+            "claimed nothing with {} rows left",
+            n - done
+        );
+        let settlement = Settlement {
+            delivered: claim.envelopes.iter().map(|e| e.seq).collect(),
+            failed: Vec::new(),
+        };
+        done += store.settle(me, &settlement).await?.delivered as usize;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+struct Drain {
+    rate: f64,
+    cpu_per_10k: f64,
+    peak_rss_mib: f64,
+}
+
+/// CPU seconds (user + system) and peak RSS in MiB of a running process, from /proc.
+fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = &stat[stat.rfind(')').context("stat")? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime), counted from `state` as field 3.
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let hz = 100.0; // USER_HZ on Linux
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok((ticks / hz, hwm_kib / 1024.0))
+}
+
+fn spawn_relay(env: &Env, db_url: &str, broker: &str) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&env.relay_bin);
+    cmd.arg("run")
+        .env("OUTBOX__DATABASE__URL", db_url)
+        .env("OUTBOX__BROKER", broker)
+        .env("OUTBOX__RABBITMQ__URL", &env.amqp_url)
+        .env("OUTBOX__KAFKA__BROKERS", &env.kafka)
+        .env("OUTBOX__HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTBOX__LOG__LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    Ok(cmd.spawn()?)
+}
+
+async fn stop(mut child: tokio::process::Child) -> anyhow::Result<()> {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+    Ok(())
+}
+
+/// A relay process drains `n` pre-written rows; timed from its start to an empty outbox.
+async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow::Result<Drain> {
+    let pool = fresh_db(&env.db_url, "bench_drain").await?;
+    let topic = format!("bench.drain.{}", Uuid::new_v4().simple());
+    let conn = amqp(&env.amqp_url).await?;
+    let ch = conn.create_channel().await?;
+    if broker == "rabbitmq" {
+        ch.queue_declare(
+            &topic,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    } else {
+        kafka_topic(env, &topic).await?;
+    }
+    // The rows wait (not due) until the relay is up and holds every partition, so the
+    // clock measures draining, not starting.
+    backlog_held(&pool, &topic, n, keys, true).await?;
+    let db_url = db_url_of(&pool, &env.db_url)?;
+    let child = spawn_relay(env, &db_url, broker)?;
+    let pid = child.id().context("relay pid")?;
+    let ready = Instant::now();
+    loop {
+        let owned: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox.partitions WHERE owner IS NOT NULL AND lease_until > now()",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if owned == 64 {
+            break;
+        }
+        anyhow::ensure!(
+            ready.elapsed() < Duration::from_secs(30),
+            "the relay took no partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu_before = proc_usage(pid)?.0;
+    let start = Instant::now();
+    sqlx::query("UPDATE outbox.messages SET available_at = now()")
+        .execute(&pool)
+        .await?;
+    // What the insert trigger sends to an idle relay: wake up.
+    sqlx::query("SELECT pg_notify('outbox_wakeup_outbox', '')")
+        .execute(&pool)
+        .await?;
+    let mut usage = (cpu_before, 0.0);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.messages")
+            .fetch_one(&pool)
+            .await?;
+        if let Ok(u) = proc_usage(pid) {
+            usage = u;
+        }
+        if left == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(600),
+            "drain to {broker} stalled with {left} rows left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed();
+    stop(child).await?;
+    if broker == "rabbitmq" {
+        ch.queue_delete(&topic, QueueDeleteOptions::default())
+            .await?;
+    }
+    let _ = conn.close(200, "bench").await;
+    pool.close().await;
+    Ok(Drain {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu_per_10k: (usage.0 - cpu_before) / n as f64 * 10_000.0,
+        peak_rss_mib: usage.1,
+    })
+}
+
+struct Latency {
+    achieved: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// One producer commits single-message transactions at `rate` for `secs`; a RabbitMQ
+/// consumer notes each arrival. Latency is arrival time minus the commit's return.
+async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
+    let pool = fresh_db(&env.db_url, "bench_latency").await?;
+    let topic = format!("bench.latency.{}", Uuid::new_v4().simple());
+    let conn = amqp(&env.amqp_url).await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        &topic,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let arrived: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let mut consumer = ch
+        .basic_consume(
+            &topic,
+            "bench",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let sink = arrived.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let now = Instant::now();
+            if let Some(id) = d
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|m| m.as_str().parse().ok())
+            {
+                sink.lock().unwrap().entry(id).or_insert(now);
+            }
+            let _ = d.ack(BasicAckOptions::default()).await;
+        }
+    });
+    let db_url = db_url_of(&pool, &env.db_url)?;
+    let relay = spawn_relay(env, &db_url, "rabbitmq")?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // partitions taken, idle, waiting
+    let outbox = outbox::Outbox::default();
+    let total = rate as u64 * secs;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut committed: Vec<(Uuid, Instant)> = Vec::with_capacity(total as usize);
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let m =
+            outbox::Message::new(&topic, vec![b'x'; PAYLOAD])?.with_key(format!("k{}", i % 100))?;
+        let mut tx = pool.begin().await?;
+        outbox.enqueue(&mut *tx, &m).await?;
+        tx.commit().await?;
+        committed.push((m.id(), Instant::now()));
+    }
+    let achieved = total as f64 / start.elapsed().as_secs_f64();
+    let wait = Instant::now();
+    while arrived.lock().unwrap().len() < committed.len() {
+        anyhow::ensure!(
+            wait.elapsed() < Duration::from_secs(60),
+            "not every message arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(relay).await?;
+    reader.abort();
+    let arrived = std::mem::take(&mut *arrived.lock().unwrap());
+    let mut ms: Vec<f64> = committed
+        .iter()
+        .map(|(id, at)| arrived[id].saturating_duration_since(*at).as_secs_f64() * 1e3)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| ms[((ms.len() as f64 * p) as usize).min(ms.len() - 1)];
+    let _ = ch.queue_delete(&topic, QueueDeleteOptions::default()).await;
+    Ok(Latency {
+        achieved,
+        p50: pct(0.50),
+        p95: pct(0.95),
+        p99: pct(0.99),
+        max: *ms.last().unwrap(),
+    })
+}
+
+/// Peak RSS of a relay that starts on a backlog of `n` rows and drains for 20 s.
+async fn backlog_rss(env: &Env, n: usize) -> anyhow::Result<f64> {
+    let pool = fresh_db(&env.db_url, "bench_backlog").await?;
+    let topic = format!("bench.backlog.{}", Uuid::new_v4().simple());
+    let conn = amqp(&env.amqp_url).await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        &topic,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    backlog(&pool, &topic, n, Some(1000)).await?;
+    let db_url = db_url_of(&pool, &env.db_url)?;
+    let child = spawn_relay(env, &db_url, "rabbitmq")?;
+    let pid = child.id().context("relay pid")?;
+    let mut peak: f64 = 0.0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok((_, rss)) = proc_usage(pid) {
+            peak = peak.max(rss);
+        }
+    }
+    stop(child).await?;
+    ch.queue_delete(&topic, QueueDeleteOptions::default())
+        .await?;
+    Ok(peak)
+}
