@@ -321,6 +321,10 @@ impl Relay {
                         Next::Dead => None,
                     };
                     crate::metrics::failed(&env.topic, "rejected");
+                    match retry_after {
+                        Some(_) => crate::metrics::retried(&env.topic),
+                        None => crate::metrics::dead(&env.topic),
+                    }
                     log_failure(env, failures, error, retry_after);
                     settlement.failed.push(Failure {
                         seq: env.seq,
@@ -336,6 +340,7 @@ impl Relay {
                         _ => "permanent",
                     };
                     crate::metrics::failed(&env.topic, reason);
+                    crate::metrics::dead(&env.topic);
                     log_failure(env, env.attempts + 1, error, None);
                     settlement.failed.push(Failure {
                         seq: env.seq,
@@ -355,26 +360,15 @@ impl Relay {
                 None => report.released += 1,
             }
         }
-        for (seq, error) in &claim.malformed {
-            crate::metrics::failed("", "malformed");
-            tracing::error!(seq, error = %error, "malformed outbox row; parking it as dead");
+        for m in &claim.malformed {
+            crate::metrics::failed(&m.topic, "malformed");
+            crate::metrics::dead(&m.topic);
+            tracing::error!(seq = m.seq, topic = %m.topic, error = %m.error, "malformed outbox row; parking it as dead");
             settlement.failed.push(Failure {
-                seq: *seq,
-                error: format!("malformed row: {error}"),
+                seq: m.seq,
+                error: format!("malformed row: {}", m.error),
                 retry_after: None,
             });
-        }
-        let topics: BTreeMap<i64, &str> = claim
-            .envelopes
-            .iter()
-            .map(|e| (e.seq, e.topic.as_str()))
-            .collect();
-        for f in &settlement.failed {
-            let topic = topics.get(&f.seq).copied().unwrap_or("");
-            match f.retry_after {
-                Some(_) => crate::metrics::retried(topic),
-                None => crate::metrics::dead(topic),
-            }
         }
         report.retried = settlement
             .failed

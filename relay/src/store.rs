@@ -40,8 +40,19 @@ pub const PARTITIONS: i16 = 64;
 pub struct Claim {
     /// Rows ready to publish, in `seq` order.
     pub envelopes: Vec<Envelope>,
-    /// Rows that cannot be published as stored (`seq`, what is wrong). They are dead-lettered.
-    pub malformed: Vec<(i64, String)>,
+    /// Rows that cannot be published as stored. They are dead-lettered.
+    pub malformed: Vec<Malformed>,
+}
+
+/// A row that cannot be read as a message.
+#[derive(Debug)]
+pub struct Malformed {
+    /// Its position in the outbox.
+    pub seq: i64,
+    /// Its topic, when even that cannot be read: empty.
+    pub topic: String,
+    /// What is wrong with it.
+    pub error: String,
 }
 
 impl Claim {
@@ -233,7 +244,11 @@ impl Store {
                             *first = (*first).min(seq);
                         }
                     }
-                    claim.malformed.push((seq, e));
+                    claim.malformed.push(Malformed {
+                        seq,
+                        topic: row.try_get("topic").unwrap_or_default(),
+                        error: e,
+                    });
                 }
             }
         }
@@ -456,28 +471,29 @@ pub async fn missing_privileges(
     pool: &PgPool,
     schema: &Schema,
 ) -> Result<Vec<String>, sqlx::Error> {
-    let mut missing = Vec::new();
     let usage: bool = sqlx::query_scalar("SELECT has_schema_privilege($1, 'USAGE')")
         .bind(schema.to_string())
         .fetch_one(pool)
         .await?;
     if !usage {
-        missing.push(format!("USAGE on schema {schema}"));
-        return Ok(missing);
+        return Ok(vec![format!("USAGE on schema {schema}")]);
     }
-    for (table, privileges) in RELAY_PRIVILEGES {
-        for privilege in *privileges {
-            let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, $2)")
-                .bind(format!("{schema}.{table}"))
-                .bind(*privilege)
-                .fetch_one(pool)
-                .await?;
-            if !granted {
-                missing.push(format!("{privilege} on {schema}.{table}"));
-            }
-        }
-    }
-    Ok(missing)
+    let (tables, privileges): (Vec<String>, Vec<&str>) = RELAY_PRIVILEGES
+        .iter()
+        .flat_map(|(table, privileges)| {
+            privileges
+                .iter()
+                .map(move |p| (format!("{schema}.{table}"), *p))
+        })
+        .unzip();
+    sqlx::query_scalar(
+        "SELECT p || ' on ' || t FROM unnest($1::text[], $2::text[]) AS g(t, p)
+         WHERE NOT has_table_privilege(t, p)",
+    )
+    .bind(&tables)
+    .bind(&privileges)
+    .fetch_all(pool)
+    .await
 }
 
 fn envelope(row: &PgRow) -> Result<Envelope, String> {

@@ -752,3 +752,30 @@ async fn create_kafka_topic(topic: &str) {
         }
     }
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// The SQL block that follows `<!-- sql-contract:NAME -->` in the README: what the README
+/// tells users to run is what the tests run.
+pub fn readme_sql(name: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let marker = format!("<!-- sql-contract:{name} -->");
+    let at = readme
+        .find(&marker)
+        .unwrap_or_else(|| panic!("README has no {marker}"));
+    readme[at + marker.len()..]
+        .split("```sql")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .unwrap_or_else(|| panic!("no sql block after {marker}"))
+        .trim()
+        .to_owned()
+}

@@ -8,7 +8,7 @@ use std::{
 
 use outbox::{Message, Outbox};
 use outbox_tests::{
-    amqp_url, enqueue_all, for_each_broker, keyed_messages, start_relay, topic, Broker,
+    amqp_url, enqueue_all, for_each_broker, free_port, keyed_messages, start_relay, topic, Broker,
     RelayProcess, TestDb,
 };
 
@@ -19,14 +19,6 @@ impl Proc {
     fn spawn(args: &[&str], env: &[(&str, String)]) -> RelayProcess {
         RelayProcess::spawn(env!("CARGO_BIN_EXE_outbox-relay-under-test"), args, env)
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn with_password(url: &str, password: &str) -> String {

@@ -9,18 +9,8 @@ use uuid::Uuid;
 
 /// The grants block of the README, for these role names.
 fn readme_grants(relay: &str, writer: &str) -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let marker = "<!-- sql-contract:grants -->";
-    let after = &readme[readme.find(marker).expect("README has the grants") + marker.len()..];
-    let sql = after
-        .split("```sql")
-        .nth(1)
-        .unwrap()
-        .split("```")
-        .next()
-        .unwrap();
-    sql.replace("outbox_relay", relay)
+    outbox_tests::readme_sql("grants")
+        .replace("outbox_relay", relay)
         .replace("outbox_writer", writer)
 }
 

@@ -12,21 +12,13 @@ use std::{
 };
 
 use outbox::{Message, Outbox};
-use outbox_tests::{amqp_url, topic, Consumer, RelayProcess, TestDb};
+use outbox_tests::{amqp_url, free_port, topic, Consumer, RelayProcess, TestDb};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `GET path` on 127.0.0.1:port: (status code, body).
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {

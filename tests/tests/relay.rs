@@ -342,21 +342,8 @@ async fn with_skip_policy_a_key_moves_past_its_dead_message(b: Broker) {
 
 /// The documented plain-SQL insert, read from the README, is relayed like a library write.
 async fn the_documented_plain_sql_insert_is_relayed(b: Broker) {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let marker = "<!-- sql-contract:insert -->";
-    let after = &readme[readme
-        .find(marker)
-        .expect("README has the SQL contract insert")
-        + marker.len()..];
-    let sql = after
-        .split("```sql")
-        .nth(1)
-        .unwrap()
-        .split("```")
-        .next()
-        .unwrap()
-        .trim();
+    let sql = outbox_tests::readme_sql("insert");
+    let sql = sql.as_str();
 
     let db = TestDb::new().await;
     let t = topic("plain");

@@ -241,14 +241,10 @@ async fn amqp(url: &str) -> anyhow::Result<Connection> {
     .await?)
 }
 
-/// Publishes `n` persistent 200-byte messages with `mandatory` to a durable queue, keeping
-/// `window` unconfirmed: what the broker allows, without our code.
-async fn rabbit_ceiling(env: &Env, n: usize, window: usize) -> anyhow::Result<f64> {
-    let conn = amqp(&env.amqp_url).await?;
-    let ch = conn.create_channel().await?;
-    let q = format!("bench.raw.{}", Uuid::new_v4().simple());
+/// Declares a durable queue.
+async fn declare_queue(ch: &lapin::Channel, name: &str) -> anyhow::Result<()> {
     ch.queue_declare(
-        &q,
+        name,
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -256,6 +252,16 @@ async fn rabbit_ceiling(env: &Env, n: usize, window: usize) -> anyhow::Result<f6
         FieldTable::default(),
     )
     .await?;
+    Ok(())
+}
+
+/// Publishes `n` persistent 200-byte messages with `mandatory` to a durable queue, keeping
+/// `window` unconfirmed: what the broker allows, without our code.
+async fn rabbit_ceiling(env: &Env, n: usize, window: usize) -> anyhow::Result<f64> {
+    let conn = amqp(&env.amqp_url).await?;
+    let ch = conn.create_channel().await?;
+    let q = format!("bench.raw.{}", Uuid::new_v4().simple());
+    declare_queue(&ch, &q).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let body = vec![b'x'; PAYLOAD];
     let start = Instant::now();
@@ -494,15 +500,7 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
     let conn = amqp(&env.amqp_url).await?;
     let ch = conn.create_channel().await?;
     if broker == "rabbitmq" {
-        ch.queue_declare(
-            &topic,
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        declare_queue(&ch, &topic).await?;
     } else {
         kafka_topic(env, &topic).await?;
     }
@@ -584,15 +582,7 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
     let topic = format!("bench.latency.{}", Uuid::new_v4().simple());
     let conn = amqp(&env.amqp_url).await?;
     let ch = conn.create_channel().await?;
-    ch.queue_declare(
-        &topic,
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
+    declare_queue(&ch, &topic).await?;
     let arrived: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
     let mut consumer = ch
         .basic_consume(
@@ -684,15 +674,7 @@ async fn backlog_rss(env: &Env, n: usize) -> anyhow::Result<f64> {
     let topic = format!("bench.backlog.{}", Uuid::new_v4().simple());
     let conn = amqp(&env.amqp_url).await?;
     let ch = conn.create_channel().await?;
-    ch.queue_declare(
-        &topic,
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
+    declare_queue(&ch, &topic).await?;
     backlog(&pool, &topic, n, Some(1000)).await?;
     let db_url = db_url_of(&pool, &env.db_url)?;
     let child = spawn_relay(env, &db_url, "rabbitmq")?;
