@@ -180,10 +180,15 @@ pub enum DeadKeyPolicy {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelaySettings {
-    /// Most rows claimed in one batch.
+    /// Most rows read in one claim.
     pub batch_size: u32,
-    /// Batches in flight at once in this relay.
+    /// Workers of this relay, each streaming a fixed subset of its partitions.
     pub workers: u32,
+    /// Most rows one worker holds at once: read and not yet settled (waiting in their key's
+    /// queue, at the broker, or being recorded).
+    pub window: u32,
+    /// Most payload bytes one worker holds at once (a claim may pass it by one claim's worth).
+    pub window_bytes: u64,
     /// How long a partition lease lasts. Leases are renewed every third of it; a relay that
     /// dies is taken over once its leases run out.
     #[serde(with = "humantime_serde")]
@@ -207,7 +212,9 @@ impl Default for RelaySettings {
     fn default() -> Self {
         Self {
             batch_size: 500,
-            workers: 2,
+            workers: 1,
+            window: 2000,
+            window_bytes: 16 * 1024 * 1024,
             lease: Duration::from_secs(6),
             poll_interval: Duration::from_secs(1),
             listen: true,
@@ -550,11 +557,12 @@ impl Settings {
                 "database.max_connections must be between 1 and 1000 (got {})",
                 self.database.max_connections
             ));
-        } else if self.database.max_connections < self.relay.workers + 1 {
+        } else if self.database.max_connections < 2 * self.relay.workers + 1 {
             p.push(format!(
-                "database.max_connections ({}) must be at least relay.workers + 1 ({})",
+                "database.max_connections ({}) must be at least 2 × relay.workers + 1 ({}): \
+                 each worker reads and settles at once",
                 self.database.max_connections,
-                self.relay.workers + 1
+                2 * self.relay.workers + 1
             ));
         }
         positive(
@@ -573,6 +581,18 @@ impl Settings {
             p.push(format!(
                 "relay.workers must be between 1 and 64 (got {})",
                 r.workers
+            ));
+        }
+        if !(1..=100_000).contains(&r.window) {
+            p.push(format!(
+                "relay.window must be between 1 and 100000 (got {})",
+                r.window
+            ));
+        }
+        if r.window_bytes < 1024 {
+            p.push(format!(
+                "relay.window_bytes must be at least 1024 (got {})",
+                r.window_bytes
             ));
         }
         if r.lease < Duration::from_secs(1) {

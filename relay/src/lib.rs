@@ -7,8 +7,10 @@
 //! message again after its lease expires, and consumers deduplicate on the message id.
 //!
 //! Layout: [`store`] holds every SQL statement (and knows no broker), [`publish`] holds one
-//! folder per broker (and knows no SQL), and [`relay`] joins them in a claim → publish →
-//! settle loop whose single step, [`relay::Relay::relay_once`], is public.
+//! folder per broker (and knows no SQL), `pipeline` streams rows from one to the other
+//! (read → publish → settle, all under way at once), and [`relay`] runs the pipelines with
+//! the partition leases, wake-ups and shutdown around them. A single batch step,
+//! [`relay::Relay::relay_once`], is public for embedding and tests.
 #![deny(missing_docs)]
 
 pub mod cli;
@@ -18,6 +20,7 @@ pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod metrics;
+mod pipeline;
 pub mod publish;
 pub mod relay;
 pub mod retry;

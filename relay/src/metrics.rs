@@ -86,13 +86,17 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Row created_at to broker confirm"
     );
-    describe_histogram!(CLAIM_DURATION, metrics::Unit::Seconds, "Reading one batch");
+    describe_histogram!(
+        CLAIM_DURATION,
+        metrics::Unit::Seconds,
+        "One read of the outbox"
+    );
     describe_histogram!(
         SETTLE_DURATION,
         metrics::Unit::Seconds,
-        "Recording one batch's outcome"
+        "One settle: a group commit of outcomes"
     );
-    describe_histogram!(BATCH_SIZE, "Rows per claimed batch");
+    describe_histogram!(BATCH_SIZE, "Rows per read");
 }
 
 /// One message confirmed: `sent` is the publish's duration, `since_commit` the time since
@@ -125,6 +129,17 @@ pub fn batch(rows: usize, claim: Duration, settle: Duration) {
     histogram!(BATCH_SIZE).record(rows as f64);
     histogram!(CLAIM_DURATION).record(claim);
     histogram!(SETTLE_DURATION).record(settle);
+}
+
+/// One read of the outbox, and the rows it brought.
+pub fn claim(rows: usize, took: Duration) {
+    histogram!(BATCH_SIZE).record(rows as f64);
+    histogram!(CLAIM_DURATION).record(took);
+}
+
+/// One settle (a group commit of outcomes).
+pub fn settle(took: Duration) {
+    histogram!(SETTLE_DURATION).record(took);
 }
 
 /// The partitions this relay holds now.

@@ -66,16 +66,25 @@ enum Outcome {
     Failed(PublishError),
 }
 
+/// What a failed publish comes to.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// A failed attempt to record.
+    Failed(Failure),
+    /// Nothing to record: the row is let go untouched (the broker was unavailable).
+    Released(PublishError),
+}
+
 /// A relay: one store, one publisher, one policy.
 pub struct Relay {
-    store: Store,
-    publisher: Arc<dyn Publisher>,
+    pub(crate) store: Store,
+    pub(crate) publisher: Arc<dyn Publisher>,
     policy: RetryPolicy,
-    settings: RelaySettings,
+    pub(crate) settings: RelaySettings,
     retention: Retention,
-    id: Uuid,
-    owned: tokio::sync::watch::Sender<Vec<i16>>,
-    heartbeats: Heartbeats,
+    pub(crate) id: Uuid,
+    pub(crate) owned: tokio::sync::watch::Sender<Vec<i16>>,
+    pub(crate) heartbeats: Heartbeats,
     observe: Observe,
     suspects: Suspects,
 }
@@ -264,7 +273,7 @@ impl Relay {
         let started = std::time::Instant::now();
         let claim = self
             .store
-            .claim(self.id, partitions, self.settings.batch_size)
+            .claim(self.id, partitions, self.settings.batch_size, &[])
             .await?;
         if claim.is_empty() {
             return Ok(BatchReport::default());
@@ -310,65 +319,21 @@ impl Relay {
             ..Default::default()
         };
         let mut settlement = Settlement::default();
-        let mut rng = rand::rng();
         for env in &claim.envelopes {
             match outcomes.get(&env.seq) {
                 Some(Outcome::Delivered) => settlement.delivered.push(env.seq),
-                Some(Outcome::Failed(PublishError::Rejected(error))) => {
-                    let failures = env.attempts + 1;
-                    let retry_after = match self.policy.next(failures, &mut rng) {
-                        Next::RetryAfter(d) => Some(d),
-                        Next::Dead => None,
-                    };
-                    crate::metrics::failed(&env.topic, "rejected");
-                    match retry_after {
-                        Some(_) => crate::metrics::retried(&env.topic),
-                        None => crate::metrics::dead(&env.topic),
+                Some(Outcome::Failed(e)) => match self.judge(env, e) {
+                    Verdict::Failed(failure) => settlement.failed.push(failure),
+                    Verdict::Released(e) => {
+                        report.unavailable.get_or_insert_with(|| e.to_string());
+                        report.released += 1;
                     }
-                    log_failure(env, failures, error, retry_after);
-                    settlement.failed.push(Failure {
-                        seq: env.seq,
-                        error: error.clone(),
-                        retry_after,
-                    });
-                }
-                Some(Outcome::Failed(
-                    e @ (PublishError::Permanent(error) | PublishError::TooLarge(error)),
-                )) => {
-                    let reason = match e {
-                        PublishError::TooLarge(_) => "too_large",
-                        _ => "permanent",
-                    };
-                    crate::metrics::failed(&env.topic, reason);
-                    crate::metrics::dead(&env.topic);
-                    log_failure(env, env.attempts + 1, error, None);
-                    settlement.failed.push(Failure {
-                        seq: env.seq,
-                        error: error.clone(),
-                        retry_after: None,
-                    });
-                }
-                Some(Outcome::Failed(
-                    e @ (PublishError::Unavailable(_)
-                    | PublishError::Disconnected(_)
-                    | PublishError::Fatal(_)),
-                )) => {
-                    crate::metrics::failed(&env.topic, "unavailable");
-                    report.unavailable.get_or_insert_with(|| e.to_string());
-                    report.released += 1;
-                }
+                },
                 None => report.released += 1,
             }
         }
         for m in &claim.malformed {
-            crate::metrics::failed(&m.topic, "malformed");
-            crate::metrics::dead(&m.topic);
-            tracing::error!(seq = m.seq, topic = %m.topic, error = %m.error, "malformed outbox row; parking it as dead");
-            settlement.failed.push(Failure {
-                seq: m.seq,
-                error: format!("malformed row: {}", m.error),
-                retry_after: None,
-            });
+            settlement.failed.push(self.malformed(m));
         }
         report.retried = settlement
             .failed
@@ -377,6 +342,63 @@ impl Relay {
             .count() as u64;
         report.dead = settlement.failed.len() as u64 - report.retried;
         (settlement, report)
+    }
+
+    /// What a failed publish of `env` comes to: a failure to record (retried later or dead,
+    /// by the retry policy), or nothing to record (the broker was unavailable).
+    pub(crate) fn judge(&self, env: &Envelope, error: &PublishError) -> Verdict {
+        match error {
+            PublishError::Rejected(error) => {
+                let failures = env.attempts + 1;
+                let retry_after = match self.policy.next(failures, &mut rand::rng()) {
+                    Next::RetryAfter(d) => Some(d),
+                    Next::Dead => None,
+                };
+                crate::metrics::failed(&env.topic, "rejected");
+                match retry_after {
+                    Some(_) => crate::metrics::retried(&env.topic),
+                    None => crate::metrics::dead(&env.topic),
+                }
+                log_failure(env, failures, error, retry_after);
+                Verdict::Failed(Failure {
+                    seq: env.seq,
+                    error: error.clone(),
+                    retry_after,
+                })
+            }
+            e @ (PublishError::Permanent(error) | PublishError::TooLarge(error)) => {
+                let reason = match e {
+                    PublishError::TooLarge(_) => "too_large",
+                    _ => "permanent",
+                };
+                crate::metrics::failed(&env.topic, reason);
+                crate::metrics::dead(&env.topic);
+                log_failure(env, env.attempts + 1, error, None);
+                Verdict::Failed(Failure {
+                    seq: env.seq,
+                    error: error.clone(),
+                    retry_after: None,
+                })
+            }
+            e @ (PublishError::Unavailable(_)
+            | PublishError::Disconnected(_)
+            | PublishError::Fatal(_)) => {
+                crate::metrics::failed(&env.topic, "unavailable");
+                Verdict::Released(e.clone())
+            }
+        }
+    }
+
+    /// The dead-letter record of a row that cannot be read.
+    pub(crate) fn malformed(&self, m: &crate::store::Malformed) -> Failure {
+        crate::metrics::failed(&m.topic, "malformed");
+        crate::metrics::dead(&m.topic);
+        tracing::error!(seq = m.seq, topic = %m.topic, error = %m.error, "malformed outbox row; parking it as dead");
+        Failure {
+            seq: m.seq,
+            error: format!("malformed row: {}", m.error),
+            retry_after: None,
+        }
     }
 
     /// Publishes a batch: one chain per key (a message starts only after the previous one
@@ -429,7 +451,7 @@ impl Relay {
 
     /// Publishes one message under the suspect rule (see [`Suspects`]); returns how long
     /// the broker took to confirm it.
-    async fn publish_one(&self, env: &Envelope) -> Result<Duration, PublishError> {
+    pub(crate) async fn publish_one(&self, env: &Envelope) -> Result<Duration, PublishError> {
         let suspect = self.suspects.is_suspect(env.seq);
         let (result, sent) = if suspect {
             let _alone = self.suspects.alone.write().await;
@@ -467,7 +489,7 @@ impl Relay {
 
     /// Settles, retrying while PostgreSQL is unreachable for up to one lease (after which
     /// the rows are another relay's to publish again).
-    async fn settle_with_retries(
+    pub(crate) async fn settle_with_retries(
         &self,
         settlement: &Settlement,
     ) -> Result<crate::store::Settled, RelayError> {
@@ -499,11 +521,13 @@ impl Relay {
                 Ok(())
             });
         }
+        // The leases are renewed until the workers have settled their last messages.
+        let workers_done = CancellationToken::new();
         {
             let relay = self.clone();
-            let shutdown = shutdown.clone();
+            let (shutdown, done) = (shutdown.clone(), workers_done.clone());
             tasks.spawn(async move {
-                relay.keep_partitions(shutdown).await;
+                relay.keep_partitions(shutdown, done).await;
                 Ok(())
             });
         }
@@ -523,10 +547,18 @@ impl Relay {
                 Ok(())
             });
         }
+        let running = Arc::new(AtomicUsize::new(self.settings.workers as usize));
         for worker in 0..self.settings.workers {
             let relay = self.clone();
             let (wake, shutdown, abort) = (wake.clone(), shutdown.clone(), abort.clone());
-            tasks.spawn(async move { relay.worker(worker, wake, shutdown, abort).await });
+            let (running, done) = (running.clone(), workers_done.clone());
+            tasks.spawn(async move {
+                let result = crate::pipeline::run(&relay, worker, &wake, shutdown, abort).await;
+                if running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    done.cancel();
+                }
+                result
+            });
         }
         tracing::info!(relay_id = %self.id, workers = self.settings.workers, "relay running");
 
@@ -555,6 +587,8 @@ impl Relay {
                             result = Err(RelayError::Panicked(what));
                         }
                         shutdown.cancel();
+                        // A worker that panicked never says it is done.
+                        workers_done.cancel();
                     }
                 },
                 _ = &mut grace_timer, if !grace_over => {
@@ -614,14 +648,27 @@ impl Relay {
         }
     }
 
-    /// Renews the partition leases every third of a lease, and rebalances.
-    async fn keep_partitions(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Renews the partition leases every third of a lease, and rebalances; once shutting
+    /// down, only renews them, until the workers are `done`.
+    async fn keep_partitions(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        done: CancellationToken,
+    ) {
         let every = self.settings.lease / 3;
         let mut backoff = Backoff::new(every);
-        while !shutdown.is_cancelled() {
+        while !done.is_cancelled() {
             self.heartbeats.beat(keeper_slot(&self.settings));
-            let wait = match self.rebalance().await {
-                Ok(_) => {
+            let renewed = if shutdown.is_cancelled() {
+                self.store
+                    .renew(self.id, self.settings.lease)
+                    .await
+                    .map_err(RelayError::from)
+            } else {
+                self.rebalance().await.map(|_| ())
+            };
+            let wait = match renewed {
+                Ok(()) => {
                     backoff.reset();
                     every
                 }
@@ -633,90 +680,15 @@ impl Relay {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.cancelled() => {}
+                _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+                _ = done.cancelled() => {}
             }
         }
     }
 
-    async fn worker(
-        self: Arc<Self>,
-        worker: u32,
-        wake: Arc<Wake>,
-        shutdown: CancellationToken,
-        abort: CancellationToken,
-    ) -> Result<(), RelayError> {
-        let mut db_backoff = Backoff::new(self.settings.reconnect_max_delay);
-        let mut broker_backoff = Backoff::new(self.settings.reconnect_max_delay);
-        let mut owned = self.owned.subscribe();
-        let workers = self.settings.workers as i16;
-        let beat = || self.heartbeats.beat(worker as usize);
-        while !shutdown.is_cancelled() {
-            beat();
-            let woken = wake.notify.notified();
-            let mut woken = std::pin::pin!(woken);
-            woken.as_mut().enable();
-            // Each worker serves a fixed subset of the partitions, so no two share a key.
-            let mine: Vec<i16> = owned
-                .borrow_and_update()
-                .iter()
-                .copied()
-                .filter(|p| p % workers == worker as i16)
-                .collect();
-            if mine.is_empty() {
-                // Nothing to serve counts as idle, so the relay still registers for wake-ups.
-                wake.went_idle(self.settings.workers);
-                tokio::select! {
-                    _ = owned.changed() => {}
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                wake.busy();
-                continue;
-            }
-            let pause = match self.batch(&mine, &abort, &beat).await {
-                Ok(report) => {
-                    db_backoff.reset();
-                    if let Some(reason) = &report.unavailable {
-                        let wait = broker_backoff.next_delay();
-                        tracing::warn!(worker, error = %reason, retry_in = ?wait, "broker unavailable");
-                        Some(wait)
-                    } else {
-                        broker_backoff.reset();
-                        if report.claimed > 0 {
-                            tracing::debug!(worker, ?report, "batch settled");
-                            None
-                        } else {
-                            wake.went_idle(self.settings.workers);
-                            tokio::select! {
-                                _ = woken => {}
-                                _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                                _ = shutdown.cancelled() => {}
-                            }
-                            wake.busy();
-                            None
-                        }
-                    }
-                }
-                Err(RelayError::Fatal(e)) => return Err(RelayError::Fatal(e)),
-                Err(e) => {
-                    let wait = db_backoff.next_delay();
-                    tracing::warn!(worker, error = %error_chain(&e), retry_in = ?wait, "PostgreSQL unavailable");
-                    Some(wait)
-                }
-            };
-            if let Some(wait) = pause {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// LISTENs for inserts. While every worker is idle this relay is registered in
-    /// `relay_waiters`, so producers' inserts send a NOTIFY; while busy it is not, so
-    /// producers' commits do not pay for NOTIFY.
+    /// LISTENs for inserts. While a worker is idle this relay is registered in
+    /// `relay_waiters`, so producers' inserts send a NOTIFY; while all are busy it is not,
+    /// so producers' commits do not pay for NOTIFY.
     async fn wake_on_notify(self: Arc<Self>, wake: Arc<Wake>, shutdown: CancellationToken) {
         let channel = self.store.schema().wakeup_channel();
         let mut backoff = Backoff::new(self.settings.reconnect_max_delay);
@@ -756,7 +728,7 @@ impl Relay {
                             continue 'connect;
                         }
                     },
-                    _ = wake.all_idle.notified(), if !registered => {
+                    _ = wake.some_idle.notified(), if !registered => {
                         if self.store.register_waiter(self.id, ttl).await.is_ok() {
                             registered = true;
                             // Rows committed before the registration sent no NOTIFY.
@@ -765,7 +737,7 @@ impl Relay {
                     }
                     _ = tick.tick() => {
                         if registered {
-                            let refreshed = if wake.is_all_idle(self.settings.workers) {
+                            let refreshed = if wake.is_any_idle() {
                                 self.store.register_waiter(self.id, ttl).await
                             } else {
                                 self.store.remove_waiter(self.id).await.map(|()| registered = false)
@@ -782,27 +754,29 @@ impl Relay {
     }
 }
 
-/// Wake-up plumbing between the workers and the LISTEN task.
+/// Wake-up plumbing between the workers and the LISTEN task. The relay is registered for
+/// wake-ups while any of its workers is idle, so an idle worker is woken within
+/// milliseconds even while the others are busy.
 #[derive(Default)]
-struct Wake {
-    notify: Notify,
-    all_idle: Notify,
+pub(crate) struct Wake {
+    pub(crate) notify: Notify,
+    some_idle: Notify,
     idle: AtomicUsize,
 }
 
 impl Wake {
-    fn went_idle(&self, workers: u32) {
-        if self.idle.fetch_add(1, Ordering::SeqCst) + 1 == workers as usize {
-            self.all_idle.notify_one();
+    pub(crate) fn went_idle(&self) {
+        if self.idle.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.some_idle.notify_one();
         }
     }
 
-    fn busy(&self) {
+    pub(crate) fn busy(&self) {
         self.idle.fetch_sub(1, Ordering::SeqCst);
     }
 
-    fn is_all_idle(&self, workers: u32) -> bool {
-        self.idle.load(Ordering::SeqCst) == workers as usize
+    fn is_any_idle(&self) -> bool {
+        self.idle.load(Ordering::SeqCst) > 0
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Claim {
     pub envelopes: Vec<Envelope>,
     /// Rows that cannot be published as stored. They are dead-lettered.
     pub malformed: Vec<Malformed>,
+    /// Some partition had more rows than this claim took from it.
+    pub more: bool,
 }
 
 /// A row that cannot be read as a message.
@@ -51,6 +53,8 @@ pub struct Malformed {
     pub seq: i64,
     /// Its topic, when even that cannot be read: empty.
     pub topic: String,
+    /// Its key, when it has one and it can be read.
+    pub key: Option<String>,
     /// What is wrong with it.
     pub error: String,
 }
@@ -135,13 +139,14 @@ impl Store {
         let claim_sql = format!(
             "SELECT r.* FROM {s}.partitions p
              CROSS JOIN LATERAL (
-                 SELECT m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.content_type,
+                 SELECT m.seq, m.partition, m.id, m.topic, m.key, m.payload, m.headers, m.content_type,
                         (extract(epoch FROM m.created_at) * 1000000)::bigint AS created_at_micros,
                         m.attempts
                  FROM {s}.messages m
                  WHERE m.partition = p.partition
                    AND m.status = 'pending'
                    AND m.available_at <= now()
+                   AND m.seq NOT IN (SELECT unnest($4::bigint[]))
                    AND (m.key IS NULL OR NOT EXISTS (
                         SELECT 1 FROM {s}.messages e
                         WHERE e.key = m.key AND e.seq < m.seq AND e.key IS NOT NULL
@@ -206,13 +211,15 @@ impl Store {
     }
 
     /// Reads up to about `limit` publishable rows from `partitions`, as far as `relay` holds
-    /// their leases, sharing the limit evenly between the partitions.
-    #[tracing::instrument(skip_all, fields(limit, partitions = partitions.len()), err)]
+    /// their leases, sharing the limit evenly between the partitions; rows in `held` (the
+    /// caller has them already) are passed over.
+    #[tracing::instrument(skip_all, fields(limit, partitions = partitions.len(), held = held.len()), err)]
     pub async fn claim(
         &self,
         relay: Uuid,
         partitions: &[i16],
         limit: u32,
+        held: &[i64],
     ) -> Result<Claim, sqlx::Error> {
         if partitions.is_empty() {
             return Ok(Claim::default());
@@ -223,40 +230,50 @@ impl Store {
             .bind(partitions)
             .bind(relay)
             .bind(per_partition)
+            .bind(held)
             .fetch_all(&self.pool)
             .await?;
         let mut claim = Claim {
             envelopes: Vec::with_capacity(rows.len()),
             malformed: Vec::new(),
+            more: false,
         };
+        let mut per: BTreeMap<i16, i64> = BTreeMap::new();
+        for row in &rows {
+            let n = per.entry(row.try_get("partition")?).or_default();
+            *n += 1;
+            claim.more |= *n >= per_partition;
+        }
         // Under `block`, a malformed row is about to be dead: its key's later rows wait
         // behind it, as they would behind any dead row (they are read again next time, and
         // the claim query then holds them back).
-        let mut held: BTreeMap<String, i64> = BTreeMap::new();
+        let mut stopped: BTreeMap<String, i64> = BTreeMap::new();
         for row in rows {
             match envelope(&row) {
                 Ok(env) => claim.envelopes.push(env),
                 Err(e) => {
                     let seq: i64 = row.try_get("seq")?;
+                    let key = row.try_get::<Option<String>, _>("key").ok().flatten();
                     if self.policy == DeadKeyPolicy::Block {
-                        if let Ok(Some(key)) = row.try_get::<Option<String>, _>("key") {
-                            let first = held.entry(key).or_insert(seq);
+                        if let Some(key) = &key {
+                            let first = stopped.entry(key.clone()).or_insert(seq);
                             *first = (*first).min(seq);
                         }
                     }
                     claim.malformed.push(Malformed {
                         seq,
                         topic: row.try_get("topic").unwrap_or_default(),
+                        key,
                         error: e,
                     });
                 }
             }
         }
-        if !held.is_empty() {
+        if !stopped.is_empty() {
             claim.envelopes.retain(|env| {
                 env.key
                     .as_ref()
-                    .and_then(|k| held.get(k))
+                    .and_then(|k| stopped.get(k))
                     .is_none_or(|&dead_seq| env.seq < dead_seq)
             });
         }
@@ -368,6 +385,21 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(owned)
+    }
+
+    /// Renews the leases `relay` holds, taking and giving up none (while it shuts down, so
+    /// that no partition changes hands before its in-flight messages are settled).
+    pub async fn renew(&self, relay: Uuid, lease: Duration) -> Result<(), sqlx::Error> {
+        let s = &self.schema;
+        sqlx::query(&format!(
+            "UPDATE {s}.partitions SET lease_until = now() + make_interval(secs => $2)
+             WHERE owner = $1 AND lease_until > now()"
+        ))
+        .bind(relay)
+        .bind(lease.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Gives up every partition `relay` holds and forgets the relay (on shutdown), so the

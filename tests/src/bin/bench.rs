@@ -427,7 +427,7 @@ async fn pg_ceiling(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut done = 0;
     while done < n {
-        let claim = store.claim(me, &owned, 500).await?;
+        let claim = store.claim(me, &owned, 500, &[]).await?;
         anyhow::ensure!(
             !claim.is_empty(),
             "claimed nothing with {} rows left",

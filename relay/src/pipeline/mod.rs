@@ -1,0 +1,333 @@
+//! A relay worker as a stream: read → publish → settle, all three under way at once.
+//!
+//! - **Read** ([`lanes`]) keeps a queue per key topped up from the worker's partitions,
+//!   passing over the rows it holds already, within a window bounded in rows
+//!   (`relay.window`) and in payload bytes (`relay.window_bytes`).
+//! - **Publish** starts a key's next message as soon as the broker confirmed its previous
+//!   one, with every key that has a message waiting in flight at once.
+//! - **Settle** ([`settle`]) commits the outcomes that arrived while the previous settle ran
+//!   in one round trip: a group commit, so settles never wait for each other and never hold
+//!   up a publish.
+//!
+//! A row leaves the window only once its outcome is committed, so no read can hand it out
+//! twice; per-key order rests on the lane rules in [`lanes`].
+
+mod lanes;
+mod settle;
+
+use std::{
+    future::Future,
+    pin::Pin,
+    time::{Duration, Instant},
+};
+
+use futures::{stream::FuturesUnordered, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use self::{lanes::LaneId, lanes::Lanes, settle::Pending};
+use crate::{
+    envelope::Envelope,
+    publish::PublishError,
+    relay::{error_chain, Backoff, Relay, RelayError, Verdict, Wake},
+    store::Claim,
+};
+
+/// How soon a busy worker reads again after a read that found everything read.
+const BUSY_POLL: Duration = Duration::from_millis(5);
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a read brought.
+enum Read {
+    /// The broker connection is not up; nothing was read.
+    Broker(PublishError),
+    Rows {
+        claim: Result<Claim, sqlx::Error>,
+        asked: u32,
+        took: Duration,
+    },
+}
+
+/// Runs worker `worker` of `relay` until `shutdown`, then finishes what is at the broker
+/// (until `abort`) and commits its outcomes.
+pub(crate) async fn run(
+    relay: &Relay,
+    worker: u32,
+    wake: &Wake,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) -> Result<(), RelayError> {
+    let settings = &relay.settings;
+    let workers = settings.workers as i16;
+    let beat = || relay.heartbeats.beat(worker as usize);
+    let mut owned = relay.owned.subscribe();
+    let mine = |owned: &[i16]| -> Vec<i16> {
+        owned
+            .iter()
+            .copied()
+            .filter(|p| p % workers == worker as i16)
+            .collect()
+    };
+    let mut partitions = mine(&owned.borrow_and_update());
+
+    let mut lanes = Lanes::default();
+    let mut pending = Pending::default();
+    let mut publishing: FuturesUnordered<Boxed<'_, (Envelope, Result<Duration, PublishError>)>> =
+        FuturesUnordered::new();
+    let mut reading: Option<Boxed<'_, Read>> = None;
+    let mut settling: Option<Boxed<'_, (Pending, Result<crate::store::Settled, RelayError>)>> =
+        None;
+
+    let mut woken = Box::pin(wake.notify.notified());
+    woken.as_mut().enable();
+    // When the next read is due.
+    let mut read_at = Instant::now();
+    // No read or publish before this (backing off from PostgreSQL or the broker).
+    let mut pause_until: Option<Instant> = None;
+    let mut db_backoff = Backoff::new(settings.reconnect_max_delay);
+    let mut broker_backoff = Backoff::new(settings.reconnect_max_delay);
+    // Set while the broker is in trouble: nothing new starts until what is in flight is
+    // back, then the worker backs off and reconnects.
+    let mut broker_trouble: Option<String> = None;
+    // The publisher answered `ready` since the last trouble.
+    let mut broker_ok = false;
+    let mut fatal: Option<String> = None;
+    let mut stopping = false;
+    let mut aborted = false;
+    let mut idle = false;
+
+    loop {
+        beat();
+        let now = Instant::now();
+        if pause_until.is_some_and(|t| t <= now) {
+            pause_until = None;
+        }
+        let may_start = !stopping && pause_until.is_none() && broker_trouble.is_none();
+
+        // Publish: every lane whose previous message is confirmed.
+        if may_start && broker_ok {
+            while let Some(env) = lanes.next() {
+                publishing.push(Box::pin(async move {
+                    let result = relay.publish_one(&env).await;
+                    (env, result)
+                }));
+            }
+        }
+        // Broker trouble: once nothing is in flight, back off, then reconnect with a read.
+        if let Some(reason) = &broker_trouble {
+            if publishing.is_empty() {
+                let wait = broker_backoff.next_delay();
+                tracing::warn!(worker, error = %reason, retry_in = ?wait, "broker unavailable");
+                lanes.drop_queued();
+                broker_trouble = None;
+                broker_ok = false;
+                pause_until = Some(now + wait);
+                read_at = now + wait;
+                continue;
+            }
+        }
+        // Settle: everything that arrived while the previous settle ran.
+        if settling.is_none() && !pending.is_empty() {
+            let batch = std::mem::take(&mut pending);
+            settling = Some(Box::pin(async move {
+                let started = Instant::now();
+                let result = relay.settle_with_retries(&batch.settlement).await;
+                crate::metrics::settle(started.elapsed());
+                (batch, result)
+            }));
+        }
+        // Read: when due and there is room.
+        let room = (settings.window as usize).saturating_sub(lanes.held());
+        let bytes_room = lanes.held_bytes() < settings.window_bytes as usize;
+        let low_water = (settings.batch_size.min(settings.window) as usize / 8).max(1);
+        if may_start
+            && reading.is_none()
+            && read_at <= now
+            && bytes_room
+            && (room >= low_water || lanes.is_empty())
+            && !partitions.is_empty()
+        {
+            let asked = settings.batch_size.min(room as u32).max(1);
+            let held = lanes.start_read();
+            let parts = partitions.clone();
+            reading = Some(Box::pin(async move {
+                // Reconnects if the connection dropped (cheap when it is up): no rows are
+                // read for a broker that cannot take them.
+                if let Err(e) = relay.publisher.ready().await {
+                    return Read::Broker(e);
+                }
+                let started = Instant::now();
+                let claim = relay.store.claim(relay.id, &parts, asked, &held).await;
+                Read::Rows {
+                    claim,
+                    asked,
+                    took: started.elapsed(),
+                }
+            }));
+        }
+
+        let now_idle = lanes.is_empty()
+            && pending.is_empty()
+            && reading.is_none()
+            && settling.is_none()
+            && publishing.is_empty()
+            && read_at > now;
+        if now_idle != idle {
+            idle = now_idle;
+            if idle {
+                wake.went_idle();
+            } else {
+                wake.busy();
+            }
+        }
+        if stopping
+            && publishing.is_empty()
+            && settling.is_none()
+            && pending.is_empty()
+            && reading.is_none()
+        {
+            break;
+        }
+
+        tokio::select! {
+            biased;
+            _ = abort.cancelled(), if !aborted => {
+                aborted = true;
+                if !publishing.is_empty() {
+                    tracing::warn!(worker, in_flight = publishing.len(), "shutdown grace period over; releasing unconfirmed messages");
+                }
+                // Dropped publishes were never confirmed: their rows stay pending.
+                publishing.clear();
+                lanes.drop_queued();
+            }
+            _ = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                reading = None;
+                lanes.read_failed();
+                lanes.drop_queued();
+            }
+            Some((env, result)) = publishing.next(), if !publishing.is_empty() => {
+                match result {
+                    Ok(sent) => {
+                        crate::metrics::published(&env.topic, sent, env.age());
+                        lanes.confirmed(&env);
+                        pending.delivered(env.seq);
+                        broker_backoff.reset();
+                    }
+                    Err(e) => match relay.judge(&env, &e) {
+                        Verdict::Failed(failure) => {
+                            let dropped = lanes.failed(&env);
+                            pending.failed(failure, LaneId::of(&env), dropped);
+                        }
+                        Verdict::Released(e) => {
+                            lanes.released(&env);
+                            match e {
+                                PublishError::Fatal(msg) => {
+                                    fatal.get_or_insert(msg);
+                                    stopping = true;
+                                    lanes.drop_queued();
+                                }
+                                e => {
+                                    broker_trouble.get_or_insert_with(|| e.to_string());
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+            (batch, result) = maybe(&mut settling) => {
+                settling = None;
+                match result {
+                    Ok(done) => {
+                        let not_owned = batch.settlement.failed.len() as u64 - done.failed;
+                        if not_owned > 0 {
+                            tracing::warn!(
+                                rows = not_owned,
+                                "partition taken over before failures were recorded; the new owner retries them"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        let wait = db_backoff.next_delay();
+                        tracing::warn!(worker, error = %error_chain(&e), rows = batch.len(), retry_in = ?wait,
+                            "outcomes not recorded; the rows will be read and published again");
+                        pause_until = Some(Instant::now() + wait);
+                    }
+                }
+                lanes.settled(batch.rows().collect::<Vec<_>>(), batch.unblock);
+            }
+            read = maybe(&mut reading) => {
+                reading = None;
+                match read {
+                    Read::Broker(PublishError::Fatal(msg)) => {
+                        lanes.read_failed();
+                        fatal.get_or_insert(msg);
+                        stopping = true;
+                    }
+                    Read::Broker(e) => {
+                        lanes.read_failed();
+                        let wait = broker_backoff.next_delay();
+                        tracing::warn!(worker, error = %e, retry_in = ?wait, "broker unavailable");
+                        read_at = Instant::now() + wait;
+                    }
+                    Read::Rows { claim: Err(e), .. } => {
+                        lanes.read_failed();
+                        let wait = db_backoff.next_delay();
+                        tracing::warn!(worker, error = %error_chain(&e), retry_in = ?wait, "PostgreSQL unavailable");
+                        read_at = Instant::now() + wait;
+                    }
+                    Read::Rows { claim: Ok(claim), asked, took } => {
+                        broker_ok = true;
+                        db_backoff.reset();
+                        let rows = claim.len();
+                        crate::metrics::claim(rows, took);
+                        let more = claim.more || rows >= asked as usize;
+                        for m in &claim.malformed {
+                            let id = LaneId::new(m.seq, m.key.as_deref());
+                            if lanes.admit_unpublishable(m.seq, &id) {
+                                pending.failed(relay.malformed(m), id, Vec::new());
+                            }
+                        }
+                        lanes.admit(claim.envelopes);
+                        let now = Instant::now();
+                        read_at = if more {
+                            now
+                        } else if rows > 0 || !lanes.is_empty() {
+                            now + BUSY_POLL
+                        } else {
+                            now + settings.poll_interval
+                        };
+                    }
+                }
+            }
+            _ = &mut woken => {
+                woken.set(wake.notify.notified());
+                woken.as_mut().enable();
+                read_at = Instant::now();
+            }
+            changed = owned.changed() => {
+                if changed.is_ok() {
+                    partitions = mine(&owned.borrow_and_update());
+                    read_at = Instant::now();
+                }
+            }
+            _ = tokio::time::sleep_until(read_at.into()), if reading.is_none() && !stopping => {}
+            _ = tokio::time::sleep_until(pause_until.unwrap_or(read_at).into()), if pause_until.is_some() => {}
+        }
+    }
+    if idle {
+        wake.busy();
+    }
+    match fatal {
+        Some(msg) => Err(RelayError::Fatal(msg)),
+        None => Ok(()),
+    }
+}
+
+/// Awaits the future in `slot`, or never when there is none.
+async fn maybe<T>(slot: &mut Option<Boxed<'_, T>>) -> T {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
