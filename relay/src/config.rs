@@ -274,6 +274,9 @@ pub struct RabbitMqSettings {
     /// Largest payload sent, in bytes; larger messages are dead at once without being sent.
     /// Keep it at or below the broker's `max_message_size` (RabbitMQ's default: 128 MiB).
     pub max_message_size: u64,
+    /// Channels on the connection, each with one unconfirmed message at a time: the most
+    /// messages (of different keys) at the broker at once.
+    pub channels: u16,
     /// A file holding the password; replaces the URL's password (e.g. a mounted secret).
     pub password_file: Option<PathBuf>,
     /// TLS for `amqps://` URLs.
@@ -344,6 +347,7 @@ impl Default for RabbitMqSettings {
             routes: BTreeMap::new(),
             confirm_timeout: Duration::from_secs(10),
             max_message_size: 128 * 1024 * 1024,
+            channels: 512,
             password_file: None,
             tls: AmqpTlsSettings::default(),
         }
@@ -627,6 +631,12 @@ impl Settings {
                 }
             }
             positive(&mut p, "rabbitmq.confirm_timeout", rb.confirm_timeout);
+            if !(1..=2047).contains(&rb.channels) {
+                p.push(format!(
+                    "rabbitmq.channels must be between 1 and 2047 (RabbitMQ's default channel_max); got {}",
+                    rb.channels
+                ));
+            }
             if !(1..=512 * 1024 * 1024).contains(&rb.max_message_size) {
                 p.push(format!(
                     "rabbitmq.max_message_size must be between 1 and 536870912 bytes (RabbitMQ's own ceiling); got {}",

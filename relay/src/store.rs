@@ -42,8 +42,8 @@ pub struct Claim {
     pub envelopes: Vec<Envelope>,
     /// Rows that cannot be published as stored. They are dead-lettered.
     pub malformed: Vec<Malformed>,
-    /// Some partition had more rows than this claim took from it.
-    pub more: bool,
+    /// The partitions that gave as many rows as they were asked for (they may have more).
+    pub full: Vec<i16>,
 }
 
 /// A row that cannot be read as a message.
@@ -137,7 +137,8 @@ impl Store {
         // Per partition, the oldest rows that are due and not held back; only from
         // partitions this relay holds a live lease on.
         let claim_sql = format!(
-            "SELECT r.* FROM {s}.partitions p
+            "SELECT r.* FROM unnest($1::smallint[], $3::int[]) AS q(partition, lim)
+             JOIN {s}.partitions p ON p.partition = q.partition
              CROSS JOIN LATERAL (
                  SELECT m.seq, m.partition, m.id, m.topic, m.key, m.payload, m.headers, m.content_type,
                         (extract(epoch FROM m.created_at) * 1000000)::bigint AS created_at_micros,
@@ -153,14 +154,21 @@ impl Store {
                           AND (e.status = 'dead' OR e.attempts > 0)
                           AND {blocking}))
                  ORDER BY m.seq
-                 LIMIT $3
+                 LIMIT q.lim
              ) r
-             WHERE p.partition = ANY($1) AND p.owner = $2 AND p.lease_until > now()"
+             WHERE p.owner = $2 AND p.lease_until > now()"
         );
+        // Deletes commit without waiting for the WAL flush (`synchronous_commit = off` for
+        // that one statement): a delete lost in a PostgreSQL crash leaves a confirmed row
+        // pending, which is published again, a duplicate the consumers' dedup absorbs.
+        // Failure updates stay synchronous: a lost dead-marking could let a key's message
+        // reappear after later ones had moved past it.
         let delete_sql = if archive {
             format!(
-                "WITH gone AS (
-                     DELETE FROM {s}.messages WHERE seq = ANY($1)
+                "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true) AS v),
+                 gone AS (
+                     DELETE FROM {s}.messages
+                     WHERE seq = ANY($1) AND (SELECT v FROM lazy) IS NOT NULL
                      RETURNING id, seq, topic, key, created_at, attempts
                  ), kept AS (
                      INSERT INTO {s}.delivered (id, seq, topic, key, created_at, attempts)
@@ -170,7 +178,15 @@ impl Store {
                  SELECT count(*) FROM gone"
             )
         } else {
-            format!("WITH gone AS (DELETE FROM {s}.messages WHERE seq = ANY($1) RETURNING 1) SELECT count(*) FROM gone")
+            format!(
+                "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true) AS v),
+                 gone AS (
+                     DELETE FROM {s}.messages
+                     WHERE seq = ANY($1) AND (SELECT v FROM lazy) IS NOT NULL
+                     RETURNING 1
+                 )
+                 SELECT count(*) FROM gone"
+            )
         };
         let fail_sql = format!(
             "WITH owned AS (
@@ -213,7 +229,6 @@ impl Store {
     /// Reads up to about `limit` publishable rows from `partitions`, as far as `relay` holds
     /// their leases, sharing the limit evenly between the partitions; rows in `held` (the
     /// caller has them already) are passed over.
-    #[tracing::instrument(skip_all, fields(limit, partitions = partitions.len(), held = held.len()), err)]
     pub async fn claim(
         &self,
         relay: Uuid,
@@ -221,29 +236,50 @@ impl Store {
         limit: u32,
         held: &[i64],
     ) -> Result<Claim, sqlx::Error> {
-        if partitions.is_empty() {
+        let n = partitions.len().max(1) as u32;
+        let each = limit.div_ceil(n).max(1);
+        let limits: Vec<(i16, u32)> = partitions.iter().map(|&p| (p, each)).collect();
+        self.claim_from(relay, &limits, held).await
+    }
+
+    /// Reads, from each partition of `limits` that `relay` holds a lease on, up to its limit
+    /// of the oldest publishable rows, passing over the rows in `held`.
+    #[tracing::instrument(skip_all, fields(partitions = limits.len(), held = held.len()), err)]
+    pub async fn claim_from(
+        &self,
+        relay: Uuid,
+        limits: &[(i16, u32)],
+        held: &[i64],
+    ) -> Result<Claim, sqlx::Error> {
+        if limits.is_empty() {
             return Ok(Claim::default());
         }
-        let n = partitions.len() as i64;
-        let per_partition = ((i64::from(limit) + n - 1) / n).max(1);
+        let partitions: Vec<i16> = limits.iter().map(|l| l.0).collect();
+        let lims: Vec<i32> = limits
+            .iter()
+            .map(|l| i32::try_from(l.1).unwrap_or(i32::MAX))
+            .collect();
         let rows = sqlx::query(&self.claim_sql)
-            .bind(partitions)
+            .bind(&partitions)
             .bind(relay)
-            .bind(per_partition)
+            .bind(&lims)
             .bind(held)
             .fetch_all(&self.pool)
             .await?;
         let mut claim = Claim {
             envelopes: Vec::with_capacity(rows.len()),
             malformed: Vec::new(),
-            more: false,
+            full: Vec::new(),
         };
-        let mut per: BTreeMap<i16, i64> = BTreeMap::new();
+        let mut per: BTreeMap<i16, u32> = BTreeMap::new();
         for row in &rows {
-            let n = per.entry(row.try_get("partition")?).or_default();
-            *n += 1;
-            claim.more |= *n >= per_partition;
+            *per.entry(row.try_get("partition")?).or_default() += 1;
         }
+        claim.full = limits
+            .iter()
+            .filter(|(p, lim)| per.get(p).is_some_and(|n| n >= lim))
+            .map(|l| l.0)
+            .collect();
         // Under `block`, a malformed row is about to be dead: its key's later rows wait
         // behind it, as they would behind any dead row (they are read again next time, and
         // the claim query then holds them back).

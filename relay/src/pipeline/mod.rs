@@ -16,6 +16,7 @@ mod lanes;
 mod settle;
 
 use std::{
+    collections::HashSet,
     future::Future,
     pin::Pin,
     time::{Duration, Instant},
@@ -34,6 +35,11 @@ use crate::{
 
 /// How soon a busy worker reads again after a read that found everything read.
 const BUSY_POLL: Duration = Duration::from_millis(5);
+/// How long outcomes wait to be settled together (unless there are many, or the window is
+/// full): one round trip per few milliseconds instead of one per confirm.
+const SETTLE_LINGER: Duration = Duration::from_millis(3);
+/// Outcomes that are settled at once without waiting for more.
+const SETTLE_BATCH: usize = 500;
 
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -43,7 +49,6 @@ enum Read {
     Broker(PublishError),
     Rows {
         claim: Result<Claim, sqlx::Error>,
-        asked: u32,
         took: Duration,
     },
 }
@@ -69,6 +74,8 @@ pub(crate) async fn run(
             .collect()
     };
     let mut partitions = mine(&owned.borrow_and_update());
+    // Partitions that had more rows than the last read took.
+    let mut hot: HashSet<i16> = HashSet::new();
 
     let mut lanes = Lanes::default();
     let mut pending = Pending::default();
@@ -95,6 +102,8 @@ pub(crate) async fn run(
     let mut stopping = false;
     let mut aborted = false;
     let mut idle = false;
+    // When the oldest outcome waiting to be settled arrived.
+    let mut pending_since: Option<Instant> = None;
 
     loop {
         beat();
@@ -126,8 +135,17 @@ pub(crate) async fn run(
                 continue;
             }
         }
-        // Settle: everything that arrived while the previous settle ran.
-        if settling.is_none() && !pending.is_empty() {
+        if pending.is_empty() {
+            pending_since = None;
+        }
+        // Settle: everything that arrived while the previous settle ran, once it lingered
+        // a little (or there is much of it, or the worker needs the room, or is stopping).
+        let settle_due = pending_since.is_some_and(|t| now >= t + SETTLE_LINGER)
+            || pending.len() >= SETTLE_BATCH
+            || lanes.held() >= settings.window as usize
+            || stopping;
+        if settling.is_none() && !pending.is_empty() && settle_due {
+            pending_since = None;
             let batch = std::mem::take(&mut pending);
             settling = Some(Box::pin(async move {
                 let started = Instant::now();
@@ -139,17 +157,21 @@ pub(crate) async fn run(
         // Read: when due and there is room.
         let room = (settings.window as usize).saturating_sub(lanes.held());
         let bytes_room = lanes.held_bytes() < settings.window_bytes as usize;
-        let low_water = (settings.batch_size.min(settings.window) as usize / 8).max(1);
-        if may_start
+        // Each read passes over every held row, so a full window is topped up in large
+        // steps, not one small read per confirm.
+        let low_water = (settings.batch_size.min(settings.window / 4) as usize).max(1);
+        // A read may start (now, or when `read_at` comes); the read timer is armed only
+        // then, so a worker without room sleeps until a settle makes some.
+        let mut can_read = may_start
             && reading.is_none()
-            && read_at <= now
             && bytes_room
             && (room >= low_water || lanes.is_empty())
-            && !partitions.is_empty()
-        {
+            && !partitions.is_empty();
+        if can_read && read_at <= now {
+            can_read = false;
             let asked = settings.batch_size.min(room as u32).max(1);
             let held = lanes.start_read();
-            let parts = partitions.clone();
+            let limits = share(&partitions, &hot, asked);
             reading = Some(Box::pin(async move {
                 // Reconnects if the connection dropped (cheap when it is up): no rows are
                 // read for a broker that cannot take them.
@@ -157,10 +179,9 @@ pub(crate) async fn run(
                     return Read::Broker(e);
                 }
                 let started = Instant::now();
-                let claim = relay.store.claim(relay.id, &parts, asked, &held).await;
+                let claim = relay.store.claim_from(relay.id, &limits, &held).await;
                 Read::Rows {
                     claim,
-                    asked,
                     took: started.elapsed(),
                 }
             }));
@@ -207,6 +228,7 @@ pub(crate) async fn run(
                 lanes.drop_queued();
             }
             Some((env, result)) = publishing.next(), if !publishing.is_empty() => {
+                pending_since.get_or_insert_with(Instant::now);
                 match result {
                     Ok(sent) => {
                         crate::metrics::published(&env.topic, sent, env.age());
@@ -276,16 +298,18 @@ pub(crate) async fn run(
                         tracing::warn!(worker, error = %error_chain(&e), retry_in = ?wait, "PostgreSQL unavailable");
                         read_at = Instant::now() + wait;
                     }
-                    Read::Rows { claim: Ok(claim), asked, took } => {
+                    Read::Rows { claim: Ok(claim), took } => {
                         broker_ok = true;
                         db_backoff.reset();
                         let rows = claim.len();
                         crate::metrics::claim(rows, took);
-                        let more = claim.more || rows >= asked as usize;
+                        let more = !claim.full.is_empty();
+                        hot = claim.full.iter().copied().collect();
                         for m in &claim.malformed {
                             let id = LaneId::new(m.seq, m.key.as_deref());
                             if lanes.admit_unpublishable(m.seq, &id) {
                                 pending.failed(relay.malformed(m), id, Vec::new());
+                                pending_since.get_or_insert_with(Instant::now);
                             }
                         }
                         lanes.admit(claim.envelopes);
@@ -311,8 +335,10 @@ pub(crate) async fn run(
                     read_at = Instant::now();
                 }
             }
-            _ = tokio::time::sleep_until(read_at.into()), if reading.is_none() && !stopping => {}
+            _ = tokio::time::sleep_until(read_at.into()), if can_read => {}
             _ = tokio::time::sleep_until(pause_until.unwrap_or(read_at).into()), if pause_until.is_some() => {}
+            _ = tokio::time::sleep_until((pending_since.unwrap_or(now) + SETTLE_LINGER).into()),
+                if pending_since.is_some() && settling.is_none() => {}
         }
     }
     if idle {
@@ -324,10 +350,58 @@ pub(crate) async fn run(
     }
 }
 
+/// How many rows to read from each partition: `room` shared evenly, except that once some
+/// partitions are known to have more rows than the last read took (`hot`), the others get a
+/// few rows each and the hot ones share the rest. One key with a long backlog is read in
+/// long runs instead of `room / 64` rows at a time.
+fn share(partitions: &[i16], hot: &HashSet<i16>, room: u32) -> Vec<(i16, u32)> {
+    const COLD: u32 = 4;
+    let n = partitions.len().max(1) as u32;
+    let hot_n = partitions.iter().filter(|p| hot.contains(p)).count() as u32;
+    if hot_n == 0 || hot_n == n {
+        let each = room.div_ceil(n).max(1);
+        return partitions.iter().map(|&p| (p, each)).collect();
+    }
+    let cold_each = room.div_ceil(n).clamp(1, COLD);
+    let hot_each = (room.saturating_sub(cold_each * (n - hot_n)) / hot_n).max(cold_each);
+    partitions
+        .iter()
+        .map(|&p| {
+            (
+                p,
+                if hot.contains(&p) {
+                    hot_each
+                } else {
+                    cold_each
+                },
+            )
+        })
+        .collect()
+}
+
 /// Awaits the future in `slot`, or never when there is none.
 async fn maybe<T>(slot: &mut Option<Boxed<'_, T>>) -> T {
     match slot {
         Some(f) => f.await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hot_partition_gets_most_of_the_room() {
+        let parts: Vec<i16> = (0..64).collect();
+        let even = share(&parts, &HashSet::new(), 500);
+        assert!(even.iter().all(|&(_, n)| n == 8), "{even:?}");
+        let hot: HashSet<i16> = [5].into();
+        let skewed = share(&parts, &hot, 500);
+        let hot_limit = skewed.iter().find(|l| l.0 == 5).unwrap().1;
+        assert_eq!(hot_limit, 500 - 63 * 4);
+        assert!(skewed.iter().filter(|l| l.0 != 5).all(|l| l.1 == 4));
+        let all: HashSet<i16> = parts.iter().copied().collect();
+        assert_eq!(share(&parts, &all, 500), even);
     }
 }

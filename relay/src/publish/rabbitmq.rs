@@ -6,7 +6,7 @@
 //! released untouched.
 //!
 //! Each channel carries **one unconfirmed message at a time**; concurrency comes from a
-//! pool of channels. A `basic.return` names no delivery tag, and when the broker acks
+//! pool of channels (`rabbitmq.channels`, opened as needed and reused). A `basic.return` names no delivery tag, and when the broker acks
 //! several messages at once (`multiple`), lapin hands a pending return to whichever of their
 //! confirms it completes first — with several messages in flight on one channel, a returned
 //! message could look confirmed (and be lost) while a routed one looked returned. With one
@@ -47,9 +47,6 @@ pub struct RabbitMqPublisher {
     last_error: Mutex<Option<String>>,
 }
 
-/// Most channels (hence unconfirmed messages) in flight at once per connection.
-const CHANNELS: usize = 128;
-
 struct Live {
     connection: std::sync::Arc<Connection>,
     generation: u64,
@@ -89,7 +86,7 @@ impl RabbitMqPublisher {
             max_message_size: settings.max_message_size,
             live: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
-            slots: tokio::sync::Semaphore::new(CHANNELS),
+            slots: tokio::sync::Semaphore::new(usize::from(settings.channels)),
             generations: std::sync::atomic::AtomicU64::new(0),
             last_error: Mutex::new(None),
         })
