@@ -19,6 +19,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod publish;
+pub mod reconcile;
 pub mod relay;
 pub mod retry;
 pub mod route;
