@@ -400,13 +400,18 @@ pub async fn reconcile(
         report.pending.push(r, limit);
     }
     drop(rows);
-    report.delivered_records_from = sqlx::query_scalar(&format!(
-        "SELECT {} FROM {o}.delivered",
+    // The oldest delivery record, and whether a live relay started before it (then records
+    // are missing: retention.delivered is shorter than the window, or was off).
+    let (records_from, missing): (Option<String>, bool) = sqlx::query_as(&format!(
+        "SELECT {}, coalesce((SELECT min(started_at) FROM {o}.relays)
+                             < coalesce(min(delivered_at), now()) - interval '1 minute', false)
+         FROM {o}.delivered",
         utc("min(delivered_at)")
     ))
     .fetch_one(outbox)
     .await
     .map_err(db("reading the oldest delivery record"))?;
+    report.delivered_records_from = records_from;
 
     // Where the groups are.
     let mut units = units(consumers, opts).await?;
@@ -570,12 +575,12 @@ pub async fn reconcile(
             "{o}.delivered holds no records: nothing delivered can be checked (set \
              retention.delivered on the relays, longer than the window)"
         )),
-        Some(from) if *from > report.window_start => report.notes.push(format!(
-            "delivery records begin at {from}, after the window's start: anything delivered \
-             earlier is not checked (if relays ran before then, retention.delivered is shorter \
-             than the window)"
+        Some(from) if missing && *from > report.window_start => report.notes.push(format!(
+            "delivery records begin at {from}, after the window's start, although a relay has \
+             run since earlier: anything delivered before {from} is not checked \
+             (retention.delivered must be longer than the window)"
         )),
-        Some(_) => {}
+        _ => {}
     }
     for unit in &units {
         if unit.inferred && unit.topics.is_empty() {
