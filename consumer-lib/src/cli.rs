@@ -229,11 +229,15 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("migrating the consumer schema")?;
             if applied.is_empty() {
                 println!(
-                    "consumer schema {schema:?} is up to date (version {})",
+                    "consumer schema {:?} is up to date (version {})",
+                    schema.as_str(),
                     crate::CONSUMER_SCHEMA_VERSION
                 );
             } else {
-                println!("consumer schema {schema:?}: applied migrations {applied:?}");
+                println!(
+                    "consumer schema {:?}: applied migrations {applied:?}",
+                    schema.as_str()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
