@@ -98,8 +98,10 @@ impl KafkaSource {
     ) -> Result<(), ConsumerError> {
         let stop_replays = shutdown.child_token();
         let replays = dedup.spawn_replays(handler.clone(), stop_replays.clone());
+        // Also stops the replays if this future is dropped midway (an aborted task).
+        let stop_replays = stop_replays.drop_guard();
         let result = self.consume(dedup, handler, shutdown).await;
-        stop_replays.cancel();
+        drop(stop_replays);
         if let Some(replays) = replays {
             let _ = replays.await;
         }
