@@ -3,8 +3,12 @@
 # and a Kafka-protocol broker (tansu) on free loopback ports, with all state under
 # $OUTBOX_STACK_DIR (default .stack/).
 #
-#   scripts/stack.sh install   install missing Debian packages (idempotent)
-#   scripts/stack.sh up        install, start both servers, write $OUTBOX_STACK_DIR/env
+#   scripts/stack.sh install [--no-kafka]
+#                              install missing Debian packages (idempotent) and, unless
+#                              --no-kafka, build the Kafka-protocol broker once
+#   scripts/stack.sh up [--no-kafka]
+#                              install, start the servers, write $OUTBOX_STACK_DIR/env;
+#                              --no-kafka: PostgreSQL and RabbitMQ only (no broker build)
 #   scripts/stack.sh down      stop what `up` started (by PID) and remove the state
 #   scripts/stack.sh env       print the exports for the running stack
 #   scripts/stack.sh restart rabbitmq|kafka|postgres
@@ -14,6 +18,7 @@
 #                              on the same port (a clean broker for the next suite)
 #
 # `up` is safe to run twice: a running stack is reused. Everything listens on 127.0.0.1.
+# OUTBOX_STACK_KAFKA=0 in the environment means the same as --no-kafka.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +26,7 @@ STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack}
 ENV_FILE=$STACK_DIR/env
 
 TANSU_VERSION=0.6.0
+KAFKA=${OUTBOX_STACK_KAFKA:-1}
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
@@ -61,7 +67,7 @@ install() {
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${pkgs[@]}" >/dev/null
   fi
-  install_tansu
+  if [ "$KAFKA" != 0 ]; then install_tansu; fi
   # Debian starts the packaged services where it can; ours run on private ports, and a
   # packaged node would only hold on to memory.
   if command -v service >/dev/null && [ -e /etc/init.d/rabbitmq-server ]; then
@@ -271,6 +277,7 @@ restart() {
       boot_rabbitmq
       log "RabbitMQ restarted" ;;
     kafka)
+      require_kafka
       stop_pid "$STACK_DIR/kafka.pid" "Kafka-protocol broker"
       boot_kafka
       log "Kafka-protocol broker restarted" ;;
@@ -288,6 +295,7 @@ reset() {
   [ -f "$ENV_FILE" ] || die "no stack is running under $STACK_DIR"
   case "${1:-}" in
     kafka)
+      require_kafka
       stop_pid "$STACK_DIR/kafka.pid" "Kafka-protocol broker"
       rm -rf "$STACK_DIR/kafka"
       mkdir -p "$STACK_DIR/kafka"
@@ -302,8 +310,8 @@ rabbit_ctl() {
 }
 
 write_env() {
-  local pg rb rbs kf
-  pg=$(cat "$STACK_DIR/pg.port"); rb=$(cat "$STACK_DIR/rabbitmq.port"); kf=$(cat "$STACK_DIR/kafka.port")
+  local pg rb rbs
+  pg=$(cat "$STACK_DIR/pg.port"); rb=$(cat "$STACK_DIR/rabbitmq.port")
   rbs=$(cat "$STACK_DIR/rabbitmq-tls.port")
   cat >"$ENV_FILE" <<EOF
 export OUTBOX_STACK_DIR=$STACK_DIR
@@ -311,17 +319,24 @@ export DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$pg/postgres
 export AMQP_URL=amqp://guest:guest@127.0.0.1:$rb/%2f
 export OUTBOX_TEST_PG_PORT=$pg
 export OUTBOX_TEST_AMQP_PORT=$rb
-export KAFKA_BROKERS=127.0.0.1:$kf
 export AMQPS_URL=amqps://guest:guest@localhost:$rbs/%2f
 export OUTBOX_TEST_TLS_DIR=$STACK_DIR/tls
 EOF
+  if [ -f "$STACK_DIR/kafka.port" ]; then
+    echo "export KAFKA_BROKERS=127.0.0.1:$(cat "$STACK_DIR/kafka.port")" >>"$ENV_FILE"
+  fi
+}
+
+# Dies unless this stack runs the Kafka-protocol broker.
+require_kafka() {
+  [ -f "$STACK_DIR/kafka.port" ] || die "this stack runs without Kafka (started with --no-kafka)"
 }
 
 up() {
   install
   mkdir -p "$STACK_DIR"
   if pid_alive "$STACK_DIR/pg.pid" && pid_alive "$STACK_DIR/rabbitmq.pid" \
-     && pid_alive "$STACK_DIR/kafka.pid" && [ -f "$ENV_FILE" ]; then
+     && { [ "$KAFKA" = 0 ] || pid_alive "$STACK_DIR/kafka.pid"; } && [ -f "$ENV_FILE" ]; then
     log "stack already running ($ENV_FILE)"
     return 0
   fi
@@ -330,7 +345,7 @@ up() {
   make_certs
   start_postgres
   start_rabbitmq
-  start_kafka
+  if [ "$KAFKA" != 0 ]; then start_kafka; else log "no Kafka-protocol broker (--no-kafka)"; fi
   write_env
   log "ready: . $ENV_FILE"
 }
@@ -369,6 +384,10 @@ down_quiet() {
   rm -rf "$STACK_DIR"
 }
 
+if [ "${2:-}" = "--no-kafka" ] && { [ "${1:-}" = install ] || [ "${1:-}" = up ]; }; then
+  KAFKA=0
+fi
+
 case "${1:-}" in
   install) install ;;
   up) up ;;
@@ -376,5 +395,5 @@ case "${1:-}" in
   env) cat "$ENV_FILE" ;;
   restart) restart "${2:-}" ;;
   reset) reset "${2:-}" ;;
-  *) echo "usage: $0 install|up|down|env|restart rabbitmq|kafka|postgres|reset kafka" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up [--no-kafka]|down|env|restart rabbitmq|kafka|postgres|reset kafka" >&2; exit 2 ;;
 esac

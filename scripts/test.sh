@@ -6,6 +6,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export OUTBOX_STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack-test}
+# The suite tests both brokers: the Kafka-protocol broker is always built and started.
+export OUTBOX_STACK_KAFKA=1
 
 scripts/stack.sh install
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }

@@ -17,11 +17,29 @@ use uuid::Uuid;
 
 use crate::{ConsumerError, HandlerError, Incoming};
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_consumer.sql",
-    sql: include_str!("../migrations/0001_consumer.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_consumer.sql",
+        sql: include_str!("../migrations/0001_consumer.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_replay.sql",
+        sql: include_str!("../migrations/0002_replay.sql"),
+    },
+];
+
+/// The newest consumer schema version this library ships.
+pub const CONSUMER_SCHEMA_VERSION: i32 = 2;
+
+/// Creates the consumer schema `schema` and applies pending migrations (version
+/// [`CONSUMER_SCHEMA_VERSION`]); what [`Deduplicator::migrate`] does, without a group.
+/// Returns the versions applied by this call.
+pub async fn migrate(pool: &PgPool, schema: &Schema) -> Result<Vec<i32>, ConsumerError> {
+    let mut conn = pool.acquire().await?;
+    Ok(outbox::migrate::apply(&mut conn, schema, MIGRATIONS).await?)
+}
 
 /// Namespace of the ids derived from content ([`MissingId::DeriveFromContent`]).
 const DERIVED_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f75_7462_6f78_2d63_6f6e_7375_6d65_7200);
@@ -126,14 +144,17 @@ pub struct Stats {
     pub dead_lettered: u64,
     /// Retryable handler failures (each one rolled back and to be tried again).
     pub retries: u64,
+    /// Dead letters replayed: the handler ran again and committed.
+    pub replayed: u64,
 }
 
 #[derive(Debug, Default)]
-struct Counters {
+pub(crate) struct Counters {
     processed: AtomicU64,
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
     retries: AtomicU64,
+    pub(crate) replayed: AtomicU64,
 }
 
 impl Counters {
@@ -152,12 +173,13 @@ impl Counters {
 /// [`Stats`].
 #[derive(Debug, Clone)]
 pub struct Deduplicator {
-    pool: PgPool,
-    schema: Schema,
-    group: String,
+    pub(crate) pool: PgPool,
+    pub(crate) schema: Schema,
+    pub(crate) group: String,
     missing_id: MissingId,
     retry: RetryPolicy,
-    counters: Arc<Counters>,
+    pub(crate) replay_interval: Duration,
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl Deduplicator {
@@ -173,6 +195,7 @@ impl Deduplicator {
             group,
             missing_id: MissingId::default(),
             retry: RetryPolicy::default(),
+            replay_interval: Duration::from_secs(5),
             counters: Arc::default(),
         })
     }
@@ -195,6 +218,14 @@ impl Deduplicator {
         self
     }
 
+    /// How often a running source ([`Deduplicator::serve_replays`]) looks for dead letters an
+    /// operator asked to replay. Default 5 s; zero turns the search off (then replay with
+    /// [`Deduplicator::replay_requested`] or [`Deduplicator::replay_dead_letters`] yourself).
+    pub fn with_replay_interval(mut self, every: Duration) -> Self {
+        self.replay_interval = every;
+        self
+    }
+
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
@@ -213,13 +244,14 @@ impl Deduplicator {
             duplicates: c.duplicates.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
         }
     }
 
-    /// Creates the consumer schema and applies pending migrations.
+    /// Creates the consumer schema and applies pending migrations (version
+    /// [`CONSUMER_SCHEMA_VERSION`]).
     pub async fn migrate(&self) -> Result<Vec<i32>, ConsumerError> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(outbox::migrate::apply(&mut conn, &self.schema, MIGRATIONS).await?)
+        migrate(&self.pool, &self.schema).await
     }
 
     /// Handles one delivery: records the id, runs `handler` in the same transaction,
@@ -374,7 +406,8 @@ impl Deduplicator {
         Ok(attempts.max(0) as u32)
     }
 
-    /// Parks the message and marks it processed, in one transaction.
+    /// Parks the message and marks it processed (as dead-lettered, which a replay may turn
+    /// into handled), in one transaction.
     async fn dead_letter(
         &self,
         m: &Incoming,
@@ -399,8 +432,12 @@ impl Deduplicator {
         .execute(&mut *tx)
         .await?;
         if let Some(id) = id {
+            // A row already there stays as it is: if a handler committed it meanwhile (a
+            // concurrent delivery), the message counts as handled, and a replay of this letter
+            // finds it a duplicate.
             sqlx::query(&format!(
-                "INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+                "INSERT INTO {s}.processed (consumer_group, message_id, dead_lettered) VALUES ($1, $2, true)
+                 ON CONFLICT DO NOTHING"
             ))
             .bind(&self.group)
             .bind(id)
@@ -446,7 +483,7 @@ impl Deduplicator {
     }
 }
 
-fn derived_id(m: &Incoming) -> Uuid {
+pub(crate) fn derived_id(m: &Incoming) -> Uuid {
     let mut name = Vec::with_capacity(m.source.len() + m.payload.len() + 64);
     name.extend_from_slice(m.source.as_bytes());
     name.push(0);

@@ -40,4 +40,24 @@ pub enum ConsumerError {
     /// The broker failed.
     #[error("broker error: {0}")]
     Broker(String),
+    /// An action that changes dead letters named none of them.
+    #[error(
+        "name the dead letters (letter or message id, group, source, key, time) or ask for all of them explicitly"
+    )]
+    NoSelection,
+    /// A discard without a reason.
+    #[error("discarding dead letters needs a reason")]
+    MissingReason,
+}
+
+/// `e` and its sources, joined by `: `.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }

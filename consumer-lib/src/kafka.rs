@@ -88,8 +88,27 @@ impl KafkaSource {
 
     /// Consumes until `shutdown` fires. Then each lane finishes the message it is handling,
     /// the stored offsets are committed and the consumer leaves its group; messages read but
-    /// not started are left to the group's next owner.
+    /// not started are left to the group's next owner. Meanwhile it replays the group's dead
+    /// letters that an operator asked to replay ([`Deduplicator::serve_replays`]).
     pub async fn run<H: Handler + 'static>(
+        &self,
+        dedup: Deduplicator,
+        handler: Arc<H>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ConsumerError> {
+        let stop_replays = shutdown.child_token();
+        let replays = dedup.spawn_replays(handler.clone(), stop_replays.clone());
+        // Also stops the replays if this future is dropped midway (an aborted task).
+        let stop_replays = stop_replays.drop_guard();
+        let result = self.consume(dedup, handler, shutdown).await;
+        drop(stop_replays);
+        if let Some(replays) = replays {
+            let _ = replays.await;
+        }
+        result
+    }
+
+    async fn consume<H: Handler + 'static>(
         &self,
         dedup: Deduplicator,
         handler: Arc<H>,

@@ -26,12 +26,19 @@
 //! - **Tracing**: each delivery is handled in a `handle` span (group, source, message id).
 //!   With the `opentelemetry` feature, the producer's W3C `traceparent` header becomes that
 //!   span's OpenTelemetry parent (for a subscriber with a `tracing-opentelemetry` layer).
+//! - **Operators** replay or discard dead letters ([`DeadLetters`], the `outbox-consumer`
+//!   command of the `cli` feature). A replay runs the handler again through the dedup step
+//!   ([`Deduplicator::replay_dead_letters`]; the sources pick up replays an operator asked
+//!   for, [`Deduplicator::serve_replays`]), so it never applies an effect twice: a message
+//!   that was handled meanwhile is settled as a duplicate without running the handler.
 //! - **Retention**: [`Deduplicator::purge`] deletes `processed` rows older than a window in
 //!   bounded batches. The window must exceed the longest time a broker may redeliver a
 //!   message (unacked redelivery, Kafka retention for a consumer that rewinds); a delivery
 //!   older than the window would be handled again.
 #![deny(missing_docs)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 mod dedup;
 mod error;
 mod incoming;
@@ -39,16 +46,22 @@ mod incoming;
 pub mod kafka;
 #[cfg(any(feature = "rabbitmq", feature = "kafka"))]
 mod lane;
+pub mod letters;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+mod replay;
 #[cfg(feature = "opentelemetry")]
 mod trace;
 
-pub use dedup::{Deduplicator, Handler, MissingId, Outcome, RetryPolicy, Stats};
+pub use dedup::{
+    migrate, Deduplicator, Handler, MissingId, Outcome, RetryPolicy, Stats, CONSUMER_SCHEMA_VERSION,
+};
 pub use error::{ConsumerError, HandlerError};
 pub use incoming::Incoming;
+pub use letters::{DeadLetter, DeadLetters, LetterFilter};
+pub use replay::{Replay, ReplayOutcome};
 
 /// The header every relayed message carries its id in; deduplicate on it.
 pub const MESSAGE_ID_HEADER: &str = "outbox-id";

@@ -116,16 +116,36 @@ impl RabbitMqSource {
 
     /// Consumes until `shutdown` fires, reconnecting with capped backoff when the broker
     /// goes away. Messages being handled when it fires are finished (committed and acked)
-    /// first; deliveries received but not started are left unacked for redelivery.
+    /// first; deliveries received but not started are left unacked for redelivery. Meanwhile
+    /// it replays the group's dead letters that an operator asked to replay
+    /// ([`Deduplicator::serve_replays`]).
     pub async fn run<H: Handler + 'static>(
         &self,
         dedup: Deduplicator,
         handler: Arc<H>,
         shutdown: CancellationToken,
     ) -> Result<(), ConsumerError> {
+        let stop_replays = shutdown.child_token();
+        let replays = dedup.spawn_replays(handler.clone(), stop_replays.clone());
+        // Also stops the replays if this future is dropped midway (an aborted task).
+        let stop_replays = stop_replays.drop_guard();
+        let result = self.consume(&dedup, &handler, &shutdown).await;
+        drop(stop_replays);
+        if let Some(replays) = replays {
+            let _ = replays.await;
+        }
+        result
+    }
+
+    async fn consume<H: Handler + 'static>(
+        &self,
+        dedup: &Deduplicator,
+        handler: &Arc<H>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ConsumerError> {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
-            match self.session(&dedup, &handler, &shutdown).await {
+            match self.session(dedup, handler, shutdown).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(queue = %self.queue, error = %e, retry_in = ?backoff, "RabbitMQ consumer lost; reconnecting");

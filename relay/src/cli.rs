@@ -1,4 +1,4 @@
-//! The `outbox-relay` command line: `migrate`, `run`, `status`.
+//! The `outbox-relay` command line: `migrate`, `run`, `status`, `dead`, `reconcile`.
 
 use std::{path::PathBuf, process::ExitCode, str::FromStr, sync::Arc};
 
@@ -70,6 +70,50 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadAction,
     },
+    /// Compare what the outbox delivered with what the consumer groups processed, and report
+    /// what needs attention: exit 0 when nothing does, 1 when something does, 2 when the
+    /// comparison could not be made.
+    Reconcile(ReconcileArgs),
+}
+
+/// `outbox-relay reconcile ...`
+#[derive(Debug, clap::Args)]
+pub struct ReconcileArgs {
+    /// A database holding consumer schemas (repeatable); default: the outbox's own database.
+    #[arg(
+        long = "consumer-db",
+        value_name = "URL",
+        env = "OUTBOX_RECONCILE_CONSUMER_DBS",
+        value_delimiter = ' ',
+        hide_env_values = true
+    )]
+    pub consumer_dbs: Vec<String>,
+    /// A consumer schema to look for in every consumer database (repeatable).
+    #[arg(
+        long = "consumer-schema",
+        value_name = "NAME",
+        default_value = "outbox_consumer"
+    )]
+    pub consumer_schemas: Vec<String>,
+    /// A consumer group to reconcile, as NAME or NAME=TOPIC[,TOPIC...] (repeatable); default:
+    /// every group found, each checked on the topics it processed in the window.
+    #[arg(long = "group", value_name = "NAME[=TOPICS]")]
+    pub groups: Vec<crate::reconcile::GroupSpec>,
+    /// The window: compare what was delivered and processed this long ago until now.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub since: std::time::Duration,
+    /// Report pending messages older than this.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub max_pending_age: std::time::Duration,
+    /// Report messages delivered longer ago than this that a group has not processed.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub max_lag: std::time::Duration,
+    /// Rows shown per kind of finding (counts are always complete).
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Print JSON instead of a report.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `outbox-relay dead ...`
@@ -167,9 +211,15 @@ impl Cli {
 }
 
 /// Entry point of the binary: exit 0 on success, 1 on a runtime failure, 2 on invalid
-/// configuration or usage.
+/// configuration or usage. `reconcile` exits 1 when it found something that needs attention
+/// and 2 when it could not compare.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let failure = if matches!(cli.command, Command::Reconcile(_)) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    };
     let settings = match Settings::load(cli.config.as_deref(), cli.overrides(), cli.needs_broker())
     {
         Ok(s) => s,
@@ -190,16 +240,94 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(execute(cli.command, settings)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "outbox-relay failed");
             eprintln!("outbox-relay: {e:#}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }
 
-async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    if let Command::Reconcile(args) = command {
+        return reconcile(args, settings).await;
+    }
+    execute_other(command, settings)
+        .await
+        .map(|()| ExitCode::SUCCESS)
+}
+
+async fn reconcile(args: ReconcileArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    use crate::reconcile::{ConsumerDatabase, Options};
+    let pool = connect_once(&settings).await?;
+    let (_, _, shown) = pool_options(&settings)?;
+    let mut consumers = Vec::new();
+    if args.consumer_dbs.is_empty() {
+        consumers.push(ConsumerDatabase {
+            pool: pool.clone(),
+            name: shown,
+        });
+    }
+    for url in &args.consumer_dbs {
+        let shown = redact_url(url);
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                anyhow::anyhow!("--consumer-db ({shown}) is not a usable PostgreSQL URL: {e}")
+            })?
+            .application_name("outbox-relay");
+        let consumer = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(settings.database.connect_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| {
+                let hint = if is_tls_failure(&e) {
+                    " (check the URL's sslmode and sslrootcert)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!(
+                    "cannot connect to the consumer database at {shown}: {}{hint}",
+                    error_chain(&e)
+                )
+            })?;
+        consumers.push(ConsumerDatabase {
+            pool: consumer,
+            name: shown,
+        });
+    }
+    let consumer_schemas = args
+        .consumer_schemas
+        .iter()
+        .map(|s| {
+            outbox::Schema::parse(s.clone()).map_err(|e| anyhow::anyhow!("--consumer-schema: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = Options {
+        since: args.since,
+        max_pending_age: args.max_pending_age,
+        max_lag: args.max_lag,
+        groups: args.groups,
+        consumer_schemas,
+        limit: args.limit,
+    };
+    let report = crate::reconcile::reconcile(&pool, &settings.schema(), &consumers, &options)
+        .await
+        .context("reconciliation failed")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(if report.findings() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn execute_other(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
             let pool = connect_once(&settings).await?;
@@ -234,6 +362,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Run => run(settings).await,
         Command::Dead { action } => dead(action, settings).await,
+        Command::Reconcile(_) => unreachable!("handled by execute"),
     }
 }
 

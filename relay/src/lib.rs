@@ -22,6 +22,7 @@ pub mod http;
 pub mod metrics;
 mod pipeline;
 pub mod publish;
+pub mod reconcile;
 pub mod relay;
 pub mod retry;
 pub mod route;

@@ -1,0 +1,939 @@
+//! Reconciliation: compares what the outbox delivered with what each consumer group
+//! processed, and reports everything that needs attention.
+//!
+//! Five kinds of finding:
+//!
+//! - **dead in the outbox**: messages the relay parked (`status = 'dead'`);
+//! - **pending too long**: messages still waiting for the broker longer than
+//!   `max_pending_age`;
+//! - **delivered, not processed**: messages delivered (a record in `delivered`) inside the
+//!   window, longer ago than `max_lag`, on a topic the group consumes, without a dedup row of
+//!   the group;
+//! - **processed, unknown to the outbox**: dedup rows of the group written inside the window
+//!   for ids the outbox never had (neither delivered, pending, dead nor discarded);
+//! - **parked in a consumer's dead letters**: letters still waiting for an operator.
+//!
+//! Producers and consumers may live in different databases, so nothing is joined across
+//! them: ids go from one side to the other in chunks (`unnest($1::uuid[])`), which keeps
+//! memory bounded by the chunk and the rows shown. Which topics a group consumes is given
+//! (`GroupSpec::topics`) or inferred: the topics of the messages it processed or parked in
+//! the window.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+    time::Duration,
+};
+
+use futures::TryStreamExt;
+use outbox::Schema;
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Ids sent from one database to the other per query.
+const CHUNK: usize = 1000;
+
+const TIME: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'";
+
+fn utc(column: &str) -> String {
+    format!("to_char(({column}) AT TIME ZONE 'UTC', {TIME})")
+}
+
+/// A consumer group to reconcile, and the topics it consumes (empty: inferred).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// The consumer group.
+    pub name: String,
+    /// Outbox topics the group consumes; empty to infer them from what it processed.
+    pub topics: Vec<String>,
+}
+
+impl FromStr for GroupSpec {
+    type Err = String;
+
+    /// `NAME` or `NAME=TOPIC[,TOPIC...]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, topics) = match s.split_once('=') {
+            Some((name, topics)) => (
+                name,
+                topics
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            ),
+            None => (s, Vec::new()),
+        };
+        if name.is_empty() || (s.contains('=') && topics.is_empty()) {
+            return Err(format!(
+                "{s:?}: write a group as NAME or NAME=TOPIC[,TOPIC...]"
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            topics,
+        })
+    }
+}
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The window: messages delivered and processed within this much of now.
+    pub since: Duration,
+    /// Pending messages older than this are stuck.
+    pub max_pending_age: Duration,
+    /// Messages delivered longer ago than this should have been processed.
+    pub max_lag: Duration,
+    /// Groups to reconcile; empty: every group found in the consumer schemas.
+    pub groups: Vec<GroupSpec>,
+    /// Consumer schemas to look in, in every consumer database.
+    pub consumer_schemas: Vec<Schema>,
+    /// Rows shown per kind of finding (counts are always complete).
+    pub limit: usize,
+}
+
+/// A consumer database.
+#[derive(Debug, Clone)]
+pub struct ConsumerDatabase {
+    /// Its pool (at least two connections when it is also the outbox's).
+    pub pool: PgPool,
+    /// How to name it in the report (a URL without its password).
+    pub name: String,
+}
+
+/// Reconciliation could not be done.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReconcileError {
+    /// A query failed.
+    #[error("{what}")]
+    Database {
+        /// What was being read.
+        what: String,
+        /// The error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The outbox has no `delivered` table (not migrated, wrong schema).
+    #[error("{0}.messages or {0}.delivered does not exist (or this role cannot see it); check database.schema")]
+    NoOutbox(String),
+    /// None of the consumer databases has any of the consumer schemas.
+    #[error(
+        "no consumer schema ({schemas}) in {databases}; check --consumer-db and --consumer-schema"
+    )]
+    NoConsumerSchema {
+        /// The schemas looked for.
+        schemas: String,
+        /// The databases looked in.
+        databases: String,
+    },
+    /// A group named with `--group` was found in none of several consumer schemas.
+    #[error("group {0:?} is in none of the consumer schemas; with several, it must have processed something to be found")]
+    GroupNotFound(String),
+}
+
+fn db(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> ReconcileError {
+    let what = what.into();
+    move |source| ReconcileError::Database { what, source }
+}
+
+/// A message in the outbox table (dead, or pending too long).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// Position in the outbox.
+    pub seq: i64,
+    /// Message id.
+    pub id: Uuid,
+    /// Topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<String>,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When it was written (UTC, RFC 3339).
+    pub created_at: String,
+    /// When it died (UTC, RFC 3339).
+    pub dead_at: Option<String>,
+}
+
+/// A message delivered but not processed by a group.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Unprocessed {
+    /// The group that has no record of it.
+    pub group: String,
+    /// Message id.
+    pub id: Uuid,
+    /// Position in the outbox.
+    pub seq: i64,
+    /// Topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<String>,
+    /// When the broker confirmed it (UTC, RFC 3339).
+    pub delivered_at: String,
+}
+
+/// A message a group processed that the outbox does not know.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Unknown {
+    /// The group.
+    pub group: String,
+    /// The message id it recorded.
+    pub message_id: Uuid,
+    /// When (UTC, RFC 3339).
+    pub processed_at: String,
+}
+
+/// A message parked in a consumer's dead letters.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
+pub struct Letter {
+    /// The group that parked it.
+    #[sqlx(default)]
+    pub group: String,
+    /// The letter's number (`outbox-consumer dead list`).
+    pub letter: i64,
+    /// Message id.
+    pub message_id: Option<Uuid>,
+    /// Queue or topic it came from.
+    pub source: String,
+    /// Key.
+    pub key: Option<String>,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// The last failure.
+    pub error: String,
+    /// When it was parked (UTC, RFC 3339).
+    pub dead_at: String,
+}
+
+/// One kind of finding: how many, and the first of them.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Finding<T> {
+    /// How many there are.
+    pub count: u64,
+    /// The first `limit` of them.
+    pub rows: Vec<T>,
+}
+
+impl<T> Default for Finding<T> {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            rows: Vec::new(),
+        }
+    }
+}
+
+impl<T> Finding<T> {
+    fn push(&mut self, row: T, limit: usize) {
+        self.count += 1;
+        if self.rows.len() < limit {
+            self.rows.push(row);
+        }
+    }
+}
+
+/// One consumer group, where it was found and what was checked.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GroupReport {
+    /// The group.
+    pub group: String,
+    /// Its database (without password).
+    pub database: String,
+    /// Its consumer schema.
+    pub schema: String,
+    /// The topics checked for it.
+    pub topics: Vec<String>,
+    /// True when the topics were inferred from what it processed or parked in the window.
+    pub topics_inferred: bool,
+    /// Its dedup rows written in the window (handled messages).
+    pub processed_in_window: u64,
+    /// Its messages delivered but not processed.
+    pub unprocessed: u64,
+    /// Its processed ids unknown to the outbox.
+    pub unknown: u64,
+    /// Its dead letters.
+    pub dead_letters: u64,
+}
+
+/// The outcome of a reconciliation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    /// The outbox schema.
+    pub outbox: String,
+    /// When the comparison ran, by the outbox database's clock (UTC, RFC 3339).
+    pub now: String,
+    /// Start of the window (UTC, RFC 3339).
+    pub window_start: String,
+    /// `max_pending_age`, in seconds.
+    pub max_pending_age_seconds: f64,
+    /// `max_lag`, in seconds.
+    pub max_lag_seconds: f64,
+    /// Delivery records in the window.
+    pub delivered_in_window: u64,
+    /// The oldest delivery record kept (UTC, RFC 3339), if any.
+    pub delivered_records_from: Option<String>,
+    /// Topics delivered in the window that no reconciled group consumes (not checked).
+    pub unchecked_topics: Vec<String>,
+    /// The groups compared.
+    pub groups: Vec<GroupReport>,
+    /// Things to know about the comparison itself (not findings).
+    pub notes: Vec<String>,
+    /// Dead messages in the outbox.
+    pub dead: Finding<OutboxMessage>,
+    /// Messages pending longer than `max_pending_age`.
+    pub pending: Finding<OutboxMessage>,
+    /// Messages delivered longer than `max_lag` ago and not processed by a group.
+    pub unprocessed: Finding<Unprocessed>,
+    /// Messages a group processed that the outbox does not know.
+    pub unknown: Finding<Unknown>,
+    /// Messages parked in the consumers' dead letters.
+    pub dead_letters: Finding<Letter>,
+}
+
+impl Report {
+    /// How many findings need attention.
+    pub fn findings(&self) -> u64 {
+        self.dead.count
+            + self.pending.count
+            + self.unprocessed.count
+            + self.unknown.count
+            + self.dead_letters.count
+    }
+}
+
+/// A delivery record.
+#[derive(sqlx::FromRow)]
+struct Delivery {
+    id: Uuid,
+    seq: i64,
+    topic: String,
+    key: Option<String>,
+    delivered_at: String,
+    /// Delivered longer than `max_lag` ago.
+    due: bool,
+}
+
+/// Where one group's dedup rows live.
+struct Unit {
+    db: usize,
+    schema: Schema,
+    handled: &'static str,
+    group: String,
+    topics: BTreeSet<String>,
+    inferred: bool,
+    report: GroupReport,
+}
+
+/// Compares the outbox in `schema` on `outbox` with the consumer groups in `consumers`.
+pub async fn reconcile(
+    outbox: &PgPool,
+    schema: &Schema,
+    consumers: &[ConsumerDatabase],
+    opts: &Options,
+) -> Result<Report, ReconcileError> {
+    let o = schema;
+    let limit = opts.limit;
+    let (present, now, window_start): (bool, String, String) = sqlx::query_as(&format!(
+        "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL, {}, {}",
+        utc("now()"),
+        utc("now() - make_interval(secs => $3)")
+    ))
+    .bind(format!("{o}.messages"))
+    .bind(format!("{o}.delivered"))
+    .bind(opts.since.as_secs_f64())
+    .fetch_one(outbox)
+    .await
+    .map_err(db("reading the outbox database's clock"))?;
+    if !present {
+        return Err(ReconcileError::NoOutbox(o.to_string()));
+    }
+    let mut report = Report {
+        outbox: o.to_string(),
+        now,
+        window_start,
+        max_pending_age_seconds: opts.max_pending_age.as_secs_f64(),
+        max_lag_seconds: opts.max_lag.as_secs_f64(),
+        delivered_in_window: 0,
+        delivered_records_from: None,
+        unchecked_topics: Vec::new(),
+        groups: Vec::new(),
+        notes: Vec::new(),
+        dead: Finding::default(),
+        pending: Finding::default(),
+        unprocessed: Finding::default(),
+        unknown: Finding::default(),
+        dead_letters: Finding::default(),
+    };
+
+    // The outbox itself: dead messages, and pending ones older than the threshold.
+    let columns = format!(
+        "seq, id, topic, key, attempts, last_error, {} AS created_at, {} AS dead_at",
+        utc("created_at"),
+        utc("dead_at")
+    );
+    let sql = format!("SELECT {columns} FROM {o}.messages WHERE status = 'dead' ORDER BY seq");
+    let mut rows = sqlx::query_as::<_, OutboxMessage>(&sql).fetch(outbox);
+    while let Some(r) = rows.try_next().await.map_err(db("reading dead messages"))? {
+        report.dead.push(r, limit);
+    }
+    drop(rows);
+    let sql = format!(
+        "SELECT {columns} FROM {o}.messages
+         WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
+         ORDER BY seq"
+    );
+    let mut rows = sqlx::query_as::<_, OutboxMessage>(&sql)
+        .bind(opts.max_pending_age.as_secs_f64())
+        .fetch(outbox);
+    while let Some(r) = rows
+        .try_next()
+        .await
+        .map_err(db("reading pending messages"))?
+    {
+        report.pending.push(r, limit);
+    }
+    drop(rows);
+    // The oldest delivery record, and whether a live relay started before it (then records
+    // are missing: retention.delivered is shorter than the window, or was off).
+    let (records_from, missing): (Option<String>, bool) = sqlx::query_as(&format!(
+        "SELECT {}, coalesce((SELECT min(started_at) FROM {o}.relays)
+                             < coalesce(min(delivered_at), now()) - interval '1 minute', false)
+         FROM {o}.delivered",
+        utc("min(delivered_at)")
+    ))
+    .fetch_one(outbox)
+    .await
+    .map_err(db("reading the oldest delivery record"))?;
+    report.delivered_records_from = records_from;
+
+    // Where the groups are.
+    let mut units = units(consumers, opts).await?;
+
+    // Consumer → outbox: each group's processed ids in the window, looked up in the outbox;
+    // their topics tell which topics the group consumes, when not given.
+    for unit in &mut units {
+        let pool = &consumers[unit.db].pool;
+        let c = &unit.schema;
+        let mut seen_topics: BTreeMap<String, u64> = BTreeMap::new();
+        let sql = format!(
+            "SELECT message_id, {} FROM {c}.processed
+             WHERE consumer_group = $1 AND processed_at >= now() - make_interval(secs => $2)
+               AND {}",
+            utc("processed_at"),
+            unit.handled
+        );
+        let mut rows = sqlx::query_as::<_, (Uuid, String)>(&sql)
+            .bind(&unit.group)
+            .bind(opts.since.as_secs_f64())
+            .fetch(pool);
+        let mut chunk = Vec::with_capacity(CHUNK);
+        loop {
+            let next = rows.try_next().await.map_err(db(format!(
+                "reading processed messages of group {:?}",
+                unit.group
+            )))?;
+            let end = next.is_none();
+            if let Some(row) = next {
+                chunk.push(row);
+            }
+            if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
+                unit.report.processed_in_window += chunk.len() as u64;
+                let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+                let topics = outbox_topics(outbox, o, &ids).await?;
+                for (id, processed_at) in chunk.drain(..) {
+                    match topics.get(&id) {
+                        Some(topic) => *seen_topics.entry(topic.clone()).or_default() += 1,
+                        None => {
+                            unit.report.unknown += 1;
+                            report.unknown.push(
+                                Unknown {
+                                    group: unit.group.clone(),
+                                    message_id: id,
+                                    processed_at,
+                                },
+                                limit,
+                            );
+                        }
+                    }
+                }
+            }
+            if end {
+                break;
+            }
+        }
+        drop(rows);
+
+        // The group's dead letters (all of them: each waits for an operator).
+        let letters: Vec<Letter> = sqlx::query_as(&format!(
+            "SELECT id AS letter, message_id, source, key, attempts, error, {} AS dead_at
+             FROM {c}.dead_letters WHERE consumer_group = $1 ORDER BY id",
+            utc("dead_at")
+        ))
+        .bind(&unit.group)
+        .fetch_all(pool)
+        .await
+        .map_err(db(format!(
+            "reading dead letters of group {:?}",
+            unit.group
+        )))?;
+        let ids: Vec<Uuid> = letters.iter().filter_map(|l| l.message_id).collect();
+        for ids in ids.chunks(CHUNK) {
+            for topic in outbox_topics(outbox, o, ids).await?.into_values() {
+                *seen_topics.entry(topic).or_default() += 1;
+            }
+        }
+        unit.report.dead_letters = letters.len() as u64;
+        for mut letter in letters {
+            letter.group = unit.group.clone();
+            report.dead_letters.push(letter, limit);
+        }
+        if unit.inferred {
+            unit.topics = seen_topics.into_keys().collect();
+        }
+        unit.report.topics = unit.topics.iter().cloned().collect();
+    }
+
+    // Outbox → consumers: every delivery in the window, older than the lag, checked against
+    // the dedup rows of each group that consumes its topic.
+    let sql = format!(
+        "SELECT id, seq, topic, key, {} AS delivered_at,
+                delivered_at < now() - make_interval(secs => $2) AS due
+         FROM {o}.delivered d
+         WHERE d.delivered_at >= now() - make_interval(secs => $1)
+         ORDER BY d.delivered_at, d.id",
+        utc("delivered_at")
+    );
+    let mut rows = sqlx::query_as::<_, Delivery>(&sql)
+        .bind(opts.since.as_secs_f64())
+        .bind(opts.max_lag.as_secs_f64())
+        .fetch(outbox);
+    let mut delivered_topics = BTreeSet::new();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        let next = rows
+            .try_next()
+            .await
+            .map_err(db("reading delivery records"))?;
+        let end = next.is_none();
+        if let Some(row) = next {
+            report.delivered_in_window += 1;
+            if !delivered_topics.contains(&row.topic) {
+                delivered_topics.insert(row.topic.clone());
+            }
+            if row.due {
+                chunk.push(row);
+            }
+        }
+        if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
+            for unit in &mut units {
+                let due: Vec<&Delivery> = chunk
+                    .iter()
+                    .filter(|r| unit.topics.contains(&r.topic))
+                    .collect();
+                if due.is_empty() {
+                    continue;
+                }
+                let ids: Vec<Uuid> = due.iter().map(|r| r.id).collect();
+                let missing = unprocessed(&consumers[unit.db].pool, unit, &ids).await?;
+                for r in due.into_iter().filter(|r| missing.contains(&r.id)) {
+                    unit.report.unprocessed += 1;
+                    report.unprocessed.push(
+                        Unprocessed {
+                            group: unit.group.clone(),
+                            id: r.id,
+                            seq: r.seq,
+                            topic: r.topic.clone(),
+                            key: r.key.clone(),
+                            delivered_at: r.delivered_at.clone(),
+                        },
+                        limit,
+                    );
+                }
+            }
+            chunk.clear();
+        }
+        if end {
+            break;
+        }
+    }
+    drop(rows);
+
+    let checked: BTreeSet<&String> = units.iter().flat_map(|u| u.topics.iter()).collect();
+    report.unchecked_topics = delivered_topics
+        .into_iter()
+        .filter(|t| !checked.contains(t))
+        .collect();
+    match &report.delivered_records_from {
+        None => report.notes.push(format!(
+            "{o}.delivered holds no records: nothing delivered can be checked (set \
+             retention.delivered on the relays, longer than the window)"
+        )),
+        Some(from) if missing && *from > report.window_start => report.notes.push(format!(
+            "delivery records begin at {from}, after the window's start, although a relay has \
+             run since earlier: anything delivered before {from} is not checked \
+             (retention.delivered must be longer than the window)"
+        )),
+        _ => {}
+    }
+    for unit in &units {
+        if unit.inferred && unit.topics.is_empty() {
+            report.notes.push(format!(
+                "group {:?} processed nothing of this outbox in the window, so no topic is \
+                 checked for it; name its topics with --group {}=TOPIC,...",
+                unit.group, unit.group
+            ));
+        }
+    }
+    report.groups = units.into_iter().map(|u| u.report).collect();
+    Ok(report)
+}
+
+/// The consumer schemas found in the consumer databases, and the groups to reconcile in them.
+async fn units(
+    consumers: &[ConsumerDatabase],
+    opts: &Options,
+) -> Result<Vec<Unit>, ReconcileError> {
+    struct Location {
+        db: usize,
+        schema: Schema,
+        handled: &'static str,
+        groups: Vec<String>,
+    }
+    let mut locations = Vec::new();
+    for (i, consumer) in consumers.iter().enumerate() {
+        for schema in &opts.consumer_schemas {
+            let (present, v2): (bool, bool) = sqlx::query_as(
+                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL,
+                        EXISTS (SELECT 1 FROM pg_attribute
+                                WHERE attrelid = to_regclass($1) AND attname = 'dead_lettered'
+                                  AND NOT attisdropped)",
+            )
+            .bind(format!("{schema}.processed"))
+            .bind(format!("{schema}.dead_letters"))
+            .fetch_one(&consumer.pool)
+            .await
+            .map_err(db(format!(
+                "looking for consumer schema {schema} in {}",
+                consumer.name
+            )))?;
+            if !present {
+                continue;
+            }
+            // Every group with a dedup row (one index probe per group) or a dead letter.
+            let groups: Vec<String> = sqlx::query_scalar(&format!(
+                "WITH RECURSIVE g AS (
+                     (SELECT consumer_group FROM {schema}.processed ORDER BY consumer_group LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT p.consumer_group FROM {schema}.processed p
+                             WHERE p.consumer_group > g.consumer_group
+                             ORDER BY p.consumer_group LIMIT 1)
+                     FROM g WHERE g.consumer_group IS NOT NULL
+                 )
+                 SELECT consumer_group FROM g WHERE consumer_group IS NOT NULL
+                 UNION
+                 SELECT DISTINCT consumer_group FROM {schema}.dead_letters
+                 ORDER BY 1"
+            ))
+            .fetch_all(&consumer.pool)
+            .await
+            .map_err(db(format!(
+                "listing consumer groups in {schema} of {}",
+                consumer.name
+            )))?;
+            locations.push(Location {
+                db: i,
+                schema: schema.clone(),
+                // Version 1 schemas have no such column; their dedup rows all count.
+                handled: if v2 { "NOT dead_lettered" } else { "true" },
+                groups,
+            });
+        }
+    }
+    if locations.is_empty() {
+        return Err(ReconcileError::NoConsumerSchema {
+            schemas: opts
+                .consumer_schemas
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            databases: consumers
+                .iter()
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let unit = |loc: &Location, group: &str, topics: &[String]| Unit {
+        db: loc.db,
+        schema: loc.schema.clone(),
+        handled: loc.handled,
+        group: group.to_owned(),
+        topics: topics.iter().cloned().collect(),
+        inferred: topics.is_empty(),
+        report: GroupReport {
+            group: group.to_owned(),
+            database: consumers[loc.db].name.clone(),
+            schema: loc.schema.to_string(),
+            topics: Vec::new(),
+            topics_inferred: topics.is_empty(),
+            processed_in_window: 0,
+            unprocessed: 0,
+            unknown: 0,
+            dead_letters: 0,
+        },
+    };
+    let mut units = Vec::new();
+    if opts.groups.is_empty() {
+        for loc in &locations {
+            for g in &loc.groups {
+                units.push(unit(loc, g, &[]));
+            }
+        }
+    } else {
+        for spec in &opts.groups {
+            let found: Vec<&Location> = locations
+                .iter()
+                .filter(|l| l.groups.contains(&spec.name))
+                .collect();
+            match (found.as_slice(), locations.as_slice()) {
+                ([], [only]) => units.push(unit(only, &spec.name, &spec.topics)),
+                ([], _) => return Err(ReconcileError::GroupNotFound(spec.name.clone())),
+                (found, _) => units.extend(found.iter().map(|l| unit(l, &spec.name, &spec.topics))),
+            }
+        }
+    }
+    Ok(units)
+}
+
+/// The topics of those of `ids` that the outbox knows (delivered, pending, dead or
+/// discarded).
+async fn outbox_topics(
+    outbox: &PgPool,
+    o: &Schema,
+    ids: &[Uuid],
+) -> Result<BTreeMap<Uuid, String>, ReconcileError> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(&format!(
+        "SELECT u.id, coalesce(d.topic, m.topic, x.topic)
+         FROM unnest($1::uuid[]) AS u(id)
+         LEFT JOIN {o}.delivered d ON d.id = u.id
+         LEFT JOIN {o}.messages m ON m.id = u.id
+         LEFT JOIN {o}.discarded x ON x.id = u.id
+         WHERE d.id IS NOT NULL OR m.id IS NOT NULL OR x.id IS NOT NULL"
+    ))
+    .bind(ids)
+    .fetch_all(outbox)
+    .await
+    .map_err(db("looking processed ids up in the outbox"))?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Those of `ids` that `unit`'s group has no dedup row for (handled or dead-lettered: a
+/// dead-lettered message is reported as a dead letter, or was discarded on purpose).
+async fn unprocessed(
+    pool: &PgPool,
+    unit: &Unit,
+    ids: &[Uuid],
+) -> Result<BTreeSet<Uuid>, ReconcileError> {
+    let rows: Vec<Uuid> = sqlx::query_scalar(&format!(
+        "SELECT u.id FROM unnest($1::uuid[]) AS u(id)
+         WHERE NOT EXISTS (SELECT 1 FROM {}.processed p
+                           WHERE p.consumer_group = $2 AND p.message_id = u.id)",
+        unit.schema
+    ))
+    .bind(ids)
+    .bind(&unit.group)
+    .fetch_all(pool)
+    .await
+    .map_err(db(format!(
+        "looking delivered ids up in group {:?}",
+        unit.group
+    )))?;
+    Ok(rows.into_iter().collect())
+}
+
+fn seconds(s: f64) -> String {
+    humantime::format_duration(Duration::from_secs_f64(s.max(0.0))).to_string()
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "outbox schema {:?}: window {} .. {}; {} delivered in the window (records from {})",
+            self.outbox,
+            self.window_start,
+            self.now,
+            self.delivered_in_window,
+            self.delivered_records_from.as_deref().unwrap_or("-")
+        )?;
+        writeln!(
+            f,
+            "{:<16} {:<18} {:<40} {:>9} {:>11} {:>7} {:>12}  DATABASE",
+            "GROUP", "SCHEMA", "TOPICS", "PROCESSED", "UNPROCESSED", "UNKNOWN", "DEAD LETTERS"
+        )?;
+        for g in &self.groups {
+            let topics = if g.topics.is_empty() {
+                "-".to_owned()
+            } else {
+                g.topics.join(",")
+            };
+            writeln!(
+                f,
+                "{:<16} {:<18} {:<40} {:>9} {:>11} {:>7} {:>12}  {}",
+                g.group,
+                g.schema,
+                format!(
+                    "{topics}{}",
+                    if g.topics_inferred { " (inferred)" } else { "" }
+                ),
+                g.processed_in_window,
+                g.unprocessed,
+                g.unknown,
+                g.dead_letters,
+                g.database
+            )?;
+        }
+        if !self.unchecked_topics.is_empty() {
+            writeln!(
+                f,
+                "topics delivered in the window that no group above consumes (not checked): {}",
+                self.unchecked_topics.join(", ")
+            )?;
+        }
+        for note in &self.notes {
+            writeln!(f, "note: {note}")?;
+        }
+        let more = |f: &mut fmt::Formatter<'_>, count: u64, shown: usize| {
+            if count > shown as u64 {
+                writeln!(f, "  … and {} more", count - shown as u64)
+            } else {
+                Ok(())
+            }
+        };
+        let outbox_rows = |f: &mut fmt::Formatter<'_>, rows: &[OutboxMessage]| {
+            for r in rows {
+                writeln!(
+                    f,
+                    "  seq {:<8} {} {:<24} key {:<14} attempts {:<3} written {} {}",
+                    r.seq,
+                    r.id,
+                    r.topic,
+                    r.key.as_deref().unwrap_or("-"),
+                    r.attempts,
+                    r.created_at,
+                    r.last_error.as_deref().unwrap_or("")
+                )?;
+            }
+            Ok(())
+        };
+        writeln!(f)?;
+        writeln!(f, "dead in the outbox: {}", self.dead.count)?;
+        outbox_rows(f, &self.dead.rows)?;
+        more(f, self.dead.count, self.dead.rows.len())?;
+        writeln!(
+            f,
+            "pending for longer than {}: {}",
+            seconds(self.max_pending_age_seconds),
+            self.pending.count
+        )?;
+        outbox_rows(f, &self.pending.rows)?;
+        more(f, self.pending.count, self.pending.rows.len())?;
+        writeln!(
+            f,
+            "delivered more than {} ago, not processed: {}",
+            seconds(self.max_lag_seconds),
+            self.unprocessed.count
+        )?;
+        for r in &self.unprocessed.rows {
+            writeln!(
+                f,
+                "  group {:<14} seq {:<8} {} {:<24} key {:<14} delivered {}",
+                r.group,
+                r.seq,
+                r.id,
+                r.topic,
+                r.key.as_deref().unwrap_or("-"),
+                r.delivered_at
+            )?;
+        }
+        more(f, self.unprocessed.count, self.unprocessed.rows.len())?;
+        writeln!(
+            f,
+            "processed but unknown to the outbox: {}",
+            self.unknown.count
+        )?;
+        for r in &self.unknown.rows {
+            writeln!(
+                f,
+                "  group {:<14} {} processed {}",
+                r.group, r.message_id, r.processed_at
+            )?;
+        }
+        more(f, self.unknown.count, self.unknown.rows.len())?;
+        writeln!(
+            f,
+            "parked in consumers' dead letters: {}",
+            self.dead_letters.count
+        )?;
+        for r in &self.dead_letters.rows {
+            writeln!(
+                f,
+                "  group {:<14} letter {:<6} {} {:<24} key {:<14} attempts {:<3} {}",
+                r.group,
+                r.letter,
+                r.message_id
+                    .map(|id| id.to_string())
+                    .as_deref()
+                    .unwrap_or("-"),
+                r.source,
+                r.key.as_deref().unwrap_or("-"),
+                r.attempts,
+                r.error
+            )?;
+        }
+        more(f, self.dead_letters.count, self.dead_letters.rows.len())?;
+        writeln!(f)?;
+        match self.findings() {
+            0 => writeln!(f, "reconciled: nothing needs attention"),
+            n => writeln!(
+                f,
+                "reconciled: {n} finding{} need{} attention",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "s" } else { "" }
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_specs_parse() {
+        assert_eq!(
+            "billing".parse::<GroupSpec>().unwrap(),
+            GroupSpec {
+                name: "billing".into(),
+                topics: vec![]
+            }
+        );
+        assert_eq!(
+            "billing=orders.paid, orders.refunded"
+                .parse::<GroupSpec>()
+                .unwrap()
+                .topics,
+            vec!["orders.paid", "orders.refunded"]
+        );
+        assert!("billing=".parse::<GroupSpec>().is_err());
+        assert!("=orders".parse::<GroupSpec>().is_err());
+    }
+}
