@@ -472,7 +472,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.schema(),
         settings.relay.dead_key_policy,
         !settings.retention.delivered.is_zero(),
-    );
+    )
+    .with_max_payload(settings.relay.max_payload);
     let publisher: Arc<dyn Publisher> = crate::publish::from_settings(&settings)?;
     let relay = Arc::new(
         Relay::new(

@@ -187,8 +187,11 @@ pub struct RelaySettings {
     /// Most rows one worker holds at once: read and not yet settled (waiting in their key's
     /// queue, at the broker, or being recorded).
     pub window: u32,
-    /// Most payload bytes one worker holds at once (a claim may pass it by one claim's worth).
+    /// Most payload bytes one worker holds at once (a read may pass it by one row).
     pub window_bytes: u64,
+    /// Largest payload relayed; a row with a larger one is parked as dead with the reason,
+    /// without its payload being read.
+    pub max_payload: u64,
     /// How long a partition lease lasts. Leases are renewed every third of it; a relay that
     /// dies is taken over once its leases run out.
     #[serde(with = "humantime_serde")]
@@ -215,6 +218,7 @@ impl Default for RelaySettings {
             workers: 1,
             window: 2000,
             window_bytes: 16 * 1024 * 1024,
+            max_payload: 64 * 1024 * 1024,
             lease: Duration::from_secs(6),
             poll_interval: Duration::from_secs(1),
             listen: true,
@@ -591,6 +595,12 @@ impl Settings {
             p.push(format!(
                 "relay.window must be between 1 and 100000 (got {})",
                 r.window
+            ));
+        }
+        if !(1..=1024 * 1024 * 1024).contains(&r.max_payload) {
+            p.push(format!(
+                "relay.max_payload must be between 1 and 1073741824 bytes (PostgreSQL's bytea limit); got {}",
+                r.max_payload
             ));
         }
         if r.window_bytes < 1024 {

@@ -389,14 +389,22 @@ impl Relay {
         }
     }
 
-    /// The dead-letter record of a row that cannot be read.
+    /// The dead-letter record of a row that cannot be read (or whose payload is over
+    /// `relay.max_payload`).
     pub(crate) fn malformed(&self, m: &crate::store::Malformed) -> Failure {
-        crate::metrics::failed(&m.topic, "malformed");
         crate::metrics::dead(&m.topic);
-        tracing::error!(seq = m.seq, topic = %m.topic, error = %m.error, "malformed outbox row; parking it as dead");
+        let error = if let Some(reason) = m.error.strip_prefix(crate::store::TOO_LARGE) {
+            crate::metrics::failed(&m.topic, "too_large");
+            tracing::error!(seq = m.seq, topic = %m.topic, error = %reason, "outbox row too large; parking it as dead");
+            format!("too large: {reason}")
+        } else {
+            crate::metrics::failed(&m.topic, "malformed");
+            tracing::error!(seq = m.seq, topic = %m.topic, error = %m.error, "malformed outbox row; parking it as dead");
+            format!("malformed row: {}", m.error)
+        };
         Failure {
             seq: m.seq,
-            error: format!("malformed row: {}", m.error),
+            error,
             retry_after: None,
         }
     }

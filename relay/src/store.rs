@@ -46,6 +46,9 @@ pub struct Claim {
     pub full: Vec<i16>,
 }
 
+/// How [`Malformed::error`] starts for a row whose payload is over `relay.max_payload`.
+pub const TOO_LARGE: &str = "too large: ";
+
 /// A row that cannot be read as a message.
 #[derive(Debug)]
 pub struct Malformed {
@@ -106,6 +109,7 @@ pub struct Store {
     pool: PgPool,
     schema: Schema,
     policy: DeadKeyPolicy,
+    max_payload: u64,
     claim_sql: String,
     delete_sql: String,
     fail_sql: String,
@@ -136,27 +140,43 @@ impl Store {
         };
         // Per partition, the oldest rows that are due and not held back; only from
         // partitions this relay holds a live lease on.
+        // Per partition, the oldest rows that are due and not held back, up to a row limit;
+        // only from partitions this relay holds a live lease on. Then, in `seq` order, as
+        // many as start within the byte budget (the first always does). A payload over the
+        // largest allowed is not read at all: its size stands in for it.
         let claim_sql = format!(
-            "SELECT r.* FROM unnest($1::smallint[], $3::int[]) AS q(partition, lim)
-             JOIN {s}.partitions p ON p.partition = q.partition
-             CROSS JOIN LATERAL (
-                 SELECT m.seq, m.partition, m.id, m.topic, m.key, m.payload, m.headers, m.content_type,
-                        (extract(epoch FROM m.created_at) * 1000000)::bigint AS created_at_micros,
-                        m.attempts
-                 FROM {s}.messages m
-                 WHERE m.partition = p.partition
-                   AND m.status = 'pending'
-                   AND m.available_at <= now()
-                   AND m.seq NOT IN (SELECT unnest($4::bigint[]))
-                   AND (m.key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM {s}.messages e
-                        WHERE e.key = m.key AND e.seq < m.seq AND e.key IS NOT NULL
-                          AND (e.status = 'dead' OR e.attempts > 0)
-                          AND {blocking}))
-                 ORDER BY m.seq
-                 LIMIT q.lim
-             ) r
-             WHERE p.owner = $2 AND p.lease_until > now()"
+            "SELECT * FROM (
+                 SELECT r.*,
+                        sum(r.loaded) OVER (ORDER BY r.seq) - r.loaded AS before,
+                        count(*) OVER (PARTITION BY r.partition) AS found,
+                        count(*) OVER () AS found_all
+                 FROM unnest($1::smallint[], $3::int[]) AS q(partition, lim)
+                 JOIN {s}.partitions p ON p.partition = q.partition
+                 CROSS JOIN LATERAL (
+                     SELECT m.seq, m.partition, m.id, m.topic, m.key,
+                            CASE WHEN octet_length(m.payload) <= $6 THEN m.payload END AS payload,
+                            octet_length(m.payload)::bigint AS size,
+                            CASE WHEN octet_length(m.payload) <= $6
+                                 THEN octet_length(m.payload) ELSE 0 END::bigint AS loaded,
+                            m.headers, m.content_type,
+                            (extract(epoch FROM m.created_at) * 1000000)::bigint AS created_at_micros,
+                            m.attempts
+                     FROM {s}.messages m
+                     WHERE m.partition = p.partition
+                       AND m.status = 'pending'
+                       AND m.available_at <= now()
+                       AND m.seq NOT IN (SELECT unnest($4::bigint[]))
+                       AND (m.key IS NULL OR NOT EXISTS (
+                            SELECT 1 FROM {s}.messages e
+                            WHERE e.key = m.key AND e.seq < m.seq AND e.key IS NOT NULL
+                              AND (e.status = 'dead' OR e.attempts > 0)
+                              AND {blocking}))
+                     ORDER BY m.seq
+                     LIMIT q.lim
+                 ) r
+                 WHERE p.owner = $2 AND p.lease_until > now()
+             ) w
+             WHERE w.before = 0 OR w.before < $5"
         );
         // Deletes commit without waiting for the WAL flush (`synchronous_commit = off` for
         // that one statement): a delete lost in a PostgreSQL crash leaves a confirmed row
@@ -210,10 +230,18 @@ impl Store {
             pool,
             schema,
             policy,
+            max_payload: u64::from(u32::MAX),
             claim_sql,
             delete_sql,
             fail_sql,
         }
+    }
+
+    /// Rows with a larger payload are not read: they come back as [`Malformed`] (too large),
+    /// to be parked as dead, without their payload ever leaving PostgreSQL.
+    pub fn with_max_payload(mut self, bytes: u64) -> Self {
+        self.max_payload = bytes;
+        self
     }
 
     /// The pool this store runs on.
@@ -239,16 +267,18 @@ impl Store {
         let n = partitions.len().max(1) as u32;
         let each = limit.div_ceil(n).max(1);
         let limits: Vec<(i16, u32)> = partitions.iter().map(|&p| (p, each)).collect();
-        self.claim_from(relay, &limits, held).await
+        self.claim_from(relay, &limits, u64::MAX, held).await
     }
 
-    /// Reads, from each partition of `limits` that `relay` holds a lease on, up to its limit
-    /// of the oldest publishable rows, passing over the rows in `held`.
+    /// Reads, from each partition of `limits` that `relay` holds a lease on, the oldest
+    /// publishable rows up to its row limit, passing over the rows in `held`; of those, as
+    /// many (in `seq` order) as start within `bytes` of payload, and always the first.
     #[tracing::instrument(skip_all, fields(partitions = limits.len(), held = held.len()), err)]
     pub async fn claim_from(
         &self,
         relay: Uuid,
         limits: &[(i16, u32)],
+        bytes: u64,
         held: &[i64],
     ) -> Result<Claim, sqlx::Error> {
         if limits.is_empty() {
@@ -264,6 +294,8 @@ impl Store {
             .bind(relay)
             .bind(&lims)
             .bind(held)
+            .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+            .bind(i64::try_from(self.max_payload).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
         let mut claim = Claim {
@@ -271,13 +303,18 @@ impl Store {
             malformed: Vec::new(),
             full: Vec::new(),
         };
-        let mut per: BTreeMap<i16, u32> = BTreeMap::new();
+        // Rows each partition had before the byte budget cut the read short.
+        let mut found: BTreeMap<i16, i64> = BTreeMap::new();
         for row in &rows {
-            *per.entry(row.try_get("partition")?).or_default() += 1;
+            found.insert(row.try_get("partition")?, row.try_get("found")?);
         }
+        let cut = match rows.first() {
+            Some(row) => row.try_get::<i64, _>("found_all")? > rows.len() as i64,
+            None => false,
+        };
         claim.full = limits
             .iter()
-            .filter(|(p, lim)| per.get(p).is_some_and(|n| n >= lim))
+            .filter(|(p, lim)| found.get(p).is_some_and(|&n| cut || n >= i64::from(*lim)))
             .map(|l| l.0)
             .collect();
         // Under `block`, a malformed row is about to be dead: its key's later rows wait
@@ -285,7 +322,7 @@ impl Store {
         // the claim query then holds them back).
         let mut stopped: BTreeMap<String, i64> = BTreeMap::new();
         for row in rows {
-            match envelope(&row) {
+            match envelope(&row, self.max_payload) {
                 Ok(env) => claim.envelopes.push(env),
                 Err(e) => {
                     let seq: i64 = row.try_get("seq")?;
@@ -564,8 +601,14 @@ pub async fn missing_privileges(
     .await
 }
 
-fn envelope(row: &PgRow) -> Result<Envelope, String> {
+fn envelope(row: &PgRow, max_payload: u64) -> Result<Envelope, String> {
     let get_err = |e: sqlx::Error| format!("row could not be read: {e}");
+    let size: i64 = row.try_get("size").map_err(get_err)?;
+    if size as u64 > max_payload {
+        return Err(format!(
+            "{TOO_LARGE}the payload is {size} bytes, over relay.max_payload ({max_payload})"
+        ));
+    }
     let headers: serde_json::Value = row.try_get("headers").map_err(get_err)?;
     let headers = match headers {
         serde_json::Value::Object(map) => map

@@ -249,7 +249,8 @@ pub async fn relay(settings: &Settings) -> Arc<Relay> {
         settings.schema(),
         settings.relay.dead_key_policy,
         !settings.retention.delivered.is_zero(),
-    );
+    )
+    .with_max_payload(settings.relay.max_payload);
     let publisher = outbox_relay::publish::from_settings(settings).expect("publisher");
     Arc::new(Relay::new(
         store,

@@ -1,7 +1,7 @@
 //! Poison messages can never wedge a key or cost other messages an attempt: rows over
 //! AMQP's limits die at once without being sent, a row that cannot be read holds its key
-//! back, a message that keeps killing the connection goes dead alone, and a panic in a
-//! relay task stops the relay with an error.
+//! back, a payload over `relay.max_payload` dies unread, a message that keeps killing the
+//! connection goes dead alone, and a panic in a relay task stops the relay with an error.
 
 use std::{
     collections::BTreeMap,
@@ -232,6 +232,63 @@ async fn a_malformed_row_holds_back_its_key_under_block() {
         "the key's next row must wait behind the malformed one"
     );
     assert_eq!(row(&db.pool, next.id()).await.unwrap().0, "pending");
+}
+
+/// A payload over `relay.max_payload` is parked as dead with the reason without being read
+/// or sent, and its key's next message waits behind it; rows larger than the worker's byte
+/// window still move (one per read at least), whole and in order.
+#[tokio::test]
+async fn a_payload_over_max_payload_dies_unread_and_rows_over_the_byte_window_still_flow() {
+    let db = TestDb::new().await;
+    let q = topic("max-payload");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&q).await;
+    let mut s = settings(&db);
+    s.relay.max_payload = 64 * 1024;
+    s.relay.window_bytes = 48 * 1024;
+    let keyed =
+        |payload: Vec<u8>, key: &str| Message::new(&q, payload).unwrap().with_key(key).unwrap();
+    let big = keyed(vec![b'x'; 200 * 1024], "b");
+    let after_big = keyed(b"after".to_vec(), "b");
+    let large: Vec<Message> = (0..20u8).map(|i| keyed(vec![i; 60 * 1024], "l")).collect();
+    let mut all = vec![big.clone(), after_big.clone()];
+    all.extend(large.iter().cloned());
+    Outbox::default()
+        .enqueue_batch(&db.pool, &all)
+        .await
+        .unwrap();
+    let relay = start_relay(&s).await;
+    let (attempts, err) = wait_dead(&db.pool, big.id(), "the oversize row").await;
+    assert_eq!(attempts, 1, "dead at once");
+    assert!(
+        err.contains("too large")
+            && err.contains("204800 bytes")
+            && err.contains("relay.max_payload (65536)"),
+        "{err}"
+    );
+    consumer.wait_for(large.len(), WAIT).await;
+    let got = consumer.settle(Duration::from_millis(800)).await;
+    relay.stop().await;
+    let order: Vec<Uuid> = got
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("l"))
+        .map(|r| r.id)
+        .collect();
+    let want: Vec<Uuid> = large.iter().map(Message::id).collect();
+    assert_eq!(
+        order, want,
+        "rows over the byte window arrive once each, in order"
+    );
+    assert!(got
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("l"))
+        .all(|r| r.payload.len() == 60 * 1024));
+    assert!(got.iter().all(|r| r.id != big.id()), "never sent");
+    assert!(
+        got.iter().all(|r| r.id != after_big.id()),
+        "the key's next row waits behind the dead one"
+    );
+    assert_eq!(row(&db.pool, after_big.id()).await.unwrap().0, "pending");
 }
 
 /// A broker that closes the whole connection whenever one message is in flight, taking

@@ -171,6 +171,7 @@ pub(crate) async fn run(
             can_read = false;
             let asked = settings.batch_size.min(room as u32).max(1);
             let held = lanes.start_read();
+            let bytes = (settings.window_bytes as usize).saturating_sub(lanes.held_bytes()) as u64;
             let limits = share(&partitions, &hot, asked);
             reading = Some(Box::pin(async move {
                 // Reconnects if the connection dropped (cheap when it is up): no rows are
@@ -179,7 +180,10 @@ pub(crate) async fn run(
                     return Read::Broker(e);
                 }
                 let started = Instant::now();
-                let claim = relay.store.claim_from(relay.id, &limits, &held).await;
+                let claim = relay
+                    .store
+                    .claim_from(relay.id, &limits, bytes, &held)
+                    .await;
                 Read::Rows {
                     claim,
                     took: started.elapsed(),
@@ -364,19 +368,8 @@ fn share(partitions: &[i16], hot: &HashSet<i16>, room: u32) -> Vec<(i16, u32)> {
     }
     let cold_each = room.div_ceil(n).clamp(1, COLD);
     let hot_each = (room.saturating_sub(cold_each * (n - hot_n)) / hot_n).max(cold_each);
-    partitions
-        .iter()
-        .map(|&p| {
-            (
-                p,
-                if hot.contains(&p) {
-                    hot_each
-                } else {
-                    cold_each
-                },
-            )
-        })
-        .collect()
+    let limit = |p: &i16| if hot.contains(p) { hot_each } else { cold_each };
+    partitions.iter().map(|p| (*p, limit(p))).collect()
 }
 
 /// Awaits the future in `slot`, or never when there is none.
