@@ -698,6 +698,8 @@ impl Relay {
     /// `relay_waiters`, so producers' inserts send a NOTIFY; while all are busy it is not,
     /// so producers' commits do not pay for NOTIFY.
     async fn wake_on_notify(self: Arc<Self>, wake: Arc<Wake>, shutdown: CancellationToken) {
+        /// After registering, how soon the workers look once more.
+        const RECHECK: Duration = Duration::from_millis(50);
         let channel = self.store.schema().wakeup_channel();
         let mut backoff = Backoff::new(self.settings.reconnect_max_delay);
         let ttl = self.settings.poll_interval * 3;
@@ -719,6 +721,7 @@ impl Relay {
             }
             backoff.reset();
             let mut registered = false;
+            let mut recheck: Option<tokio::time::Instant> = None;
             let mut tick = tokio::time::interval(self.settings.poll_interval);
             loop {
                 tokio::select! {
@@ -739,9 +742,16 @@ impl Relay {
                     _ = wake.some_idle.notified(), if !registered => {
                         if self.store.register_waiter(self.id, ttl).await.is_ok() {
                             registered = true;
-                            // Rows committed before the registration sent no NOTIFY.
+                            // Rows committed before the registration sent no NOTIFY; nor did
+                            // a commit whose trigger ran just before it and was still being
+                            // flushed: look again now, and once more shortly.
                             wake.notify.notify_waiters();
+                            recheck = Some(tokio::time::Instant::now() + RECHECK);
                         }
+                    }
+                    _ = tokio::time::sleep_until(recheck.unwrap_or_else(tokio::time::Instant::now)), if recheck.is_some() => {
+                        recheck = None;
+                        wake.notify.notify_waiters();
                     }
                     _ = tick.tick() => {
                         if registered {

@@ -93,8 +93,8 @@ async fn migrate_is_idempotent_and_safe_concurrently_in_a_custom_schema() {
     applied.sort();
     assert_eq!(
         applied,
-        [vec![], vec![1]],
-        "exactly one of two concurrent calls applies v1"
+        [vec![], vec![1, 2]],
+        "exactly one of two concurrent calls applies the migrations"
     );
     assert_eq!(outbox.migrate(&db.pool).await.unwrap(), Vec::<i32>::new());
     let msg = Message::new("t", vec![]).unwrap();

@@ -530,6 +530,36 @@ async fn inserts_notify_only_while_a_relay_waits() {
     );
 }
 
+/// The wake-up is decided at commit, not at insert: a relay that registers as idle while a
+/// producer's transaction is open is still woken by that transaction's commit.
+#[tokio::test]
+async fn a_relay_that_registers_during_a_producers_transaction_is_woken_by_its_commit() {
+    let db = TestDb::new().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("outbox_wakeup_outbox").await.unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    for _ in 0..3 {
+        outbox::Outbox::default()
+            .enqueue(&mut *tx, &Message::new("t", vec![]).unwrap())
+            .await
+            .unwrap();
+    }
+    // No relay waits while the rows are inserted; one registers before the commit.
+    sqlx::query("INSERT INTO outbox.relay_waiters VALUES ($1, now() + interval '1 minute')")
+        .bind(Uuid::new_v4())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(200), listener.recv()).await;
+    assert!(early.is_err(), "nothing is sent before the commit");
+    tx.commit().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "a commit after a relay registered sent no NOTIFY: {got:?}"
+    );
+}
+
 for_each_broker!(
     committed_messages_arrive_once_intact_and_rolled_back_ones_never,
     a_lower_seq_that_commits_later_is_still_delivered,
