@@ -213,8 +213,13 @@ impl RabbitMqSource {
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
                         let lane = lane_of(&delivery, lanes.len());
-                        if lanes[lane].send(delivery).await.is_err() {
-                            break Err(ConsumerError::Broker("a handling lane stopped".into()));
+                        // A full lane (a handler retrying) must not keep shutdown waiting:
+                        // a delivery not handed over stays unacked and is redelivered.
+                        tokio::select! {
+                            sent = lanes[lane].send(delivery) => if sent.is_err() {
+                                break Err(ConsumerError::Broker("a handling lane stopped".into()));
+                            },
+                            _ = shutdown.cancelled() => break Ok(()),
                         }
                     }
                     Some(Err(e)) => break Err(broker(e)),
@@ -226,7 +231,12 @@ impl RabbitMqSource {
         stop.cancel();
         drop(lanes);
         while tasks.join_next().await.is_some() {}
-        let _ = connection.close(200, "outbox-consumer stopping").await;
+        // A connection the broker dropped uncleanly may never answer the close.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            connection.close(200, "outbox-consumer stopping"),
+        )
+        .await;
         result
     }
 }

@@ -488,8 +488,16 @@ async fn run() -> anyhow::Result<bool> {
     }
     consumer_stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(5), consumer).await;
-    for m in members {
-        m.stop().await;
+    // A consumer asked to stop must stop: one that hangs is a failure, not a hung run.
+    let mut stuck_consumers = 0;
+    for (i, m) in members.into_iter().enumerate() {
+        if tokio::time::timeout(Duration::from_secs(60), m.stop())
+            .await
+            .is_err()
+        {
+            println!("consumer {i} did not stop within 60 s of being asked to");
+            stuck_consumers += 1;
+        }
     }
     let wall = started.elapsed();
 
@@ -646,7 +654,12 @@ async fn run() -> anyhow::Result<bool> {
         "| {:<36} | {:>30} |",
         "per-key effect order violations", effect_violations
     );
+    println!(
+        "| {:<36} | {:>30} |",
+        "consumers that did not stop", stuck_consumers
+    );
     let ok = lost.is_empty()
+        && stuck_consumers == 0
         && phantoms.is_empty()
         && violations.is_empty()
         && effects_lost == 0
