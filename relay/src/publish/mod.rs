@@ -44,13 +44,14 @@ pub enum PublishError {
 
 /// Sends envelopes to a broker and waits for its confirm.
 pub trait Publisher: Send + Sync + 'static {
-    /// Connects (or reconnects after a failure). Called before each batch; cheap when the
-    /// connection is up. A [`PublishError::Unavailable`] here means no batch is claimed.
+    /// Connects (or reconnects after a failure). Called before each read of the outbox;
+    /// cheap when the connection is up. A [`PublishError::Unavailable`] here means no rows
+    /// are read until the broker is back.
     fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>>;
 
     /// Publishes one message and resolves once the broker confirmed it (or did not).
-    /// Several calls may be in flight at once; the relay never starts a message of a key
-    /// before the previous message of that key is confirmed.
+    /// Many calls are in flight at once (one per key with a message waiting); the relay never
+    /// starts a message of a key before the previous message of that key is confirmed.
     fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>>;
 
     /// `Ok` while the broker connection is up (for the readiness probe and the
