@@ -240,3 +240,201 @@ impl Lanes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(seq: i64, key: Option<&str>, bytes: usize) -> Envelope {
+        Envelope {
+            seq,
+            id: uuid::Uuid::new_v4(),
+            topic: "t".into(),
+            key: key.map(str::to_owned),
+            payload: vec![0; bytes],
+            headers: Default::default(),
+            content_type: None,
+            created_at_unix: 0,
+            created_at_micros: 0,
+            attempts: 0,
+        }
+    }
+
+    fn drain(lanes: &mut Lanes) -> Vec<i64> {
+        std::iter::from_fn(|| lanes.next()).map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn a_key_has_one_message_at_the_broker_and_the_next_starts_on_its_confirm() {
+        let mut lanes = Lanes::default();
+        lanes.start_read();
+        let taken = lanes.admit(vec![
+            env(1, Some("a"), 1),
+            env(2, Some("a"), 1),
+            env(3, Some("b"), 1),
+            env(4, None, 1),
+            env(5, None, 1),
+        ]);
+        assert_eq!(taken, 5);
+        // Heads of "a", "b" and both rows without a key; never a second row of "a".
+        assert_eq!(drain(&mut lanes), vec![1, 3, 4, 5]);
+        lanes.confirmed(&env(3, Some("b"), 1));
+        assert_eq!(drain(&mut lanes), Vec::<i64>::new());
+        lanes.confirmed(&env(1, Some("a"), 1));
+        assert_eq!(drain(&mut lanes), vec![2]);
+        // Confirmed rows stay held (and passed over by reads) until their delete commits.
+        assert_eq!(lanes.held(), 5);
+        lanes.settled([1, 2, 3, 4, 5], Vec::new());
+        assert!(lanes.is_empty());
+    }
+
+    #[test]
+    fn a_lane_runs_in_seq_order_whatever_order_rows_arrive_in() {
+        let mut lanes = Lanes::default();
+        lanes.admit(vec![env(7, Some("a"), 1)]);
+        lanes.admit(vec![env(3, Some("a"), 1), env(5, Some("a"), 1)]);
+        let mut order = Vec::new();
+        while let Some(e) = lanes.next() {
+            order.push(e.seq);
+            lanes.confirmed(&e);
+        }
+        assert_eq!(order, vec![3, 5, 7]);
+    }
+
+    #[test]
+    fn a_failure_blocks_its_key_until_it_is_committed() {
+        let mut lanes = Lanes::default();
+        lanes.admit(vec![
+            env(1, Some("a"), 1),
+            env(2, Some("a"), 1),
+            env(3, Some("a"), 1),
+            env(4, Some("b"), 1),
+        ]);
+        assert_eq!(drain(&mut lanes), vec![1, 4]);
+        let dropped = lanes.failed(&env(1, Some("a"), 1));
+        assert_eq!(dropped, vec![2, 3]);
+        // The dropped rows stay held, and nothing of "a" starts, nor is taken from a read.
+        assert_eq!(lanes.held(), 4);
+        lanes.start_read();
+        assert_eq!(
+            lanes.admit(vec![env(9, Some("a"), 1), env(10, Some("b"), 1)]),
+            1
+        );
+        assert_eq!(drain(&mut lanes), Vec::<i64>::new());
+        lanes.confirmed(&env(4, Some("b"), 1));
+        assert_eq!(drain(&mut lanes), vec![10]);
+        // Committed: "a" flows again, from its oldest row.
+        let mut settled = vec![1];
+        settled.extend(dropped);
+        lanes.settled(settled, vec![LaneId::Key("a".into())]);
+        lanes.start_read();
+        assert_eq!(
+            lanes.admit(vec![env(2, Some("a"), 1), env(3, Some("a"), 1)]),
+            2
+        );
+        assert_eq!(drain(&mut lanes), vec![2]);
+    }
+
+    #[test]
+    fn two_failures_of_a_key_unblock_it_only_when_both_are_committed() {
+        let mut lanes = Lanes::default();
+        lanes.admit(vec![env(1, Some("a"), 1)]);
+        assert!(lanes.admit_unpublishable(2, &LaneId::Key("a".into())));
+        assert_eq!(drain(&mut lanes), vec![1]);
+        lanes.failed(&env(1, Some("a"), 1));
+        lanes.settled([1], vec![LaneId::Key("a".into())]);
+        assert_eq!(
+            lanes.admit(vec![env(3, Some("a"), 1)]),
+            0,
+            "one failure is still pending"
+        );
+        lanes.settled([2], vec![LaneId::Key("a".into())]);
+        assert_eq!(lanes.admit(vec![env(3, Some("a"), 1)]), 1);
+    }
+
+    #[test]
+    fn rows_let_go_while_a_read_is_under_way_taint_their_key_for_that_read_only() {
+        let mut lanes = Lanes::default();
+        lanes.admit(vec![env(1, Some("a"), 1), env(2, Some("a"), 1)]);
+        assert_eq!(drain(&mut lanes), vec![1]);
+        // A read starts while 1 and 2 are held, so it passes over them...
+        let mut held = lanes.start_read();
+        held.sort_unstable();
+        assert_eq!(held, vec![1, 2]);
+        // ...then the broker goes away: 1 and 2 are let go, to be read again...
+        lanes.released(&env(1, Some("a"), 1));
+        assert!(lanes.is_empty());
+        // ...and that read returns a later row of "a": taking it would run 3 before 1.
+        assert_eq!(
+            lanes.admit(vec![env(3, Some("a"), 1), env(4, Some("b"), 1)]),
+            1
+        );
+        assert_eq!(drain(&mut lanes), vec![4]);
+        // The next read starts from "a"'s oldest row and is taken whole.
+        lanes.start_read();
+        assert_eq!(
+            lanes.admit(vec![
+                env(1, Some("a"), 1),
+                env(2, Some("a"), 1),
+                env(3, Some("a"), 1)
+            ]),
+            3
+        );
+        assert_eq!(drain(&mut lanes), vec![1]);
+    }
+
+    #[test]
+    fn rows_let_go_with_no_read_under_way_taint_nothing() {
+        let mut lanes = Lanes::default();
+        lanes.admit(vec![env(1, Some("a"), 1)]);
+        let started = lanes.next().unwrap();
+        lanes.released(&started);
+        lanes.start_read();
+        assert_eq!(lanes.admit(vec![env(1, Some("a"), 1)]), 1);
+    }
+
+    #[test]
+    fn a_read_that_fails_does_not_leave_keys_tainted() {
+        let mut lanes = Lanes::default();
+        lanes.admit(vec![env(1, Some("a"), 1)]);
+        let started = lanes.next().unwrap();
+        lanes.start_read();
+        lanes.released(&started);
+        lanes.read_failed();
+        lanes.start_read();
+        assert_eq!(lanes.admit(vec![env(1, Some("a"), 1)]), 1);
+    }
+
+    #[test]
+    fn dropping_queued_rows_keeps_those_at_the_broker_and_their_bytes() {
+        let mut lanes = Lanes::default();
+        lanes.admit(vec![
+            env(1, Some("a"), 100),
+            env(2, Some("a"), 10),
+            env(3, None, 1000),
+        ]);
+        assert_eq!(lanes.held_bytes(), 1110);
+        let at_broker = lanes.next().unwrap();
+        assert_eq!(at_broker.seq, 1);
+        assert_eq!(lanes.drop_queued(), 2);
+        assert_eq!(lanes.held(), 1);
+        assert_eq!(lanes.held_bytes(), 100);
+        assert!(lanes.next().is_none());
+        // The row at the broker still settles normally.
+        lanes.confirmed(&at_broker);
+        lanes.settled([1], Vec::new());
+        assert!(lanes.is_empty());
+        assert_eq!(lanes.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_row_is_held_once_however_often_it_is_read() {
+        let mut lanes = Lanes::default();
+        assert_eq!(lanes.admit(vec![env(1, Some("a"), 10)]), 1);
+        assert_eq!(lanes.admit(vec![env(1, Some("a"), 10)]), 0);
+        assert!(!lanes.admit_unpublishable(1, &LaneId::Key("a".into())));
+        assert_eq!(lanes.held(), 1);
+        assert_eq!(lanes.held_bytes(), 10);
+        assert_eq!(drain(&mut lanes), vec![1]);
+    }
+}
