@@ -21,4 +21,4 @@ scripts/stack.sh up
 # shellcheck disable=SC1091
 . "$OUTBOX_STACK_DIR/env"
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(date -u +%Y-%m-%dT%H:%MZ)"
-target/release/outbox-bench --relay-bin target/release/outbox-relay "$@"
+"${CARGO_TARGET_DIR:-target}/release/outbox-bench" --relay-bin "${CARGO_TARGET_DIR:-target}/release/outbox-relay" "$@"

@@ -23,4 +23,4 @@ scripts/stack.sh up
 # shellcheck disable=SC1091
 . "$OUTBOX_STACK_DIR/env"
 dir=release; [ "$PROFILE" = release ] || dir=debug
-"target/$dir/outbox-chaos" "$@"
+"${CARGO_TARGET_DIR:-target}/$dir/outbox-chaos" "$@"

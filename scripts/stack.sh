@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throwaway local stack for the demo and the tests: a PostgreSQL cluster, a RabbitMQ node
-# and a Kafka-protocol broker (tansu) on free loopback ports, with all state under
-# $OUTBOX_STACK_DIR (default .stack/).
+# and a Kafka-protocol broker (tansu, storing in a PostgreSQL cluster of its own) on free
+# loopback ports, with all state under $OUTBOX_STACK_DIR (default .stack/).
 #
 #   scripts/stack.sh install [--no-kafka]
 #                              install missing Debian packages (idempotent) and, unless
@@ -12,7 +12,8 @@
 #   scripts/stack.sh down      stop what `up` started (by PID) and remove the state
 #   scripts/stack.sh env       print the exports for the running stack
 #   scripts/stack.sh restart rabbitmq|kafka|postgres
-#                              restart one server in place (same port and data)
+#                              restart one server in place (same port and data); the
+#                              Kafka-protocol broker is killed with SIGKILL, as in a crash
 #   scripts/stack.sh reset kafka
 #                              stop the Kafka-protocol broker, drop its data, start it afresh
 #                              on the same port (a clean broker for the next suite)
@@ -207,44 +208,96 @@ boot_rabbitmq() {
   die "RabbitMQ did not start"
 }
 
+# tansu, the Apache-2.0 Kafka-protocol broker, from the Rust crate registry, built with its
+# PostgreSQL storage engine: every produce is a PostgreSQL transaction, so a broker killed
+# with SIGKILL comes back with everything it acknowledged. Built once (about 10-15 minutes on
+# two cores) into a cache of its own and reused afterwards; OUTBOX_TANSU_BIN points at a
+# binary built elsewhere (it must have the `postgres` feature).
+TANSU_ROOT=${OUTBOX_TANSU_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox/tansu-$TANSU_VERSION-postgres}
+
 tansu_bin() {
-  if command -v tansu >/dev/null; then command -v tansu; return 0; fi
-  [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ] && { echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu"; return 0; }
+  if [ -n "${OUTBOX_TANSU_BIN:-}" ]; then
+    [ -x "$OUTBOX_TANSU_BIN" ] || die "OUTBOX_TANSU_BIN=$OUTBOX_TANSU_BIN is not an executable"
+    echo "$OUTBOX_TANSU_BIN"; return 0
+  fi
+  [ -x "$TANSU_ROOT/bin/tansu" ] && { echo "$TANSU_ROOT/bin/tansu"; return 0; }
   return 1
 }
 
-# tansu, an Apache-2.0 Kafka-protocol broker, from crates.io. Built once (10-15 minutes on
-# two cores) and reused from ~/.cargo/bin afterwards. dynostore gives it storage engines;
-# libsql lets it keep data in SQLite across restarts.
 install_tansu() {
   tansu_bin >/dev/null && return 0
   command -v cargo >/dev/null || die "cargo is needed to build the Kafka-protocol broker (tansu)"
-  log "building the Kafka-protocol broker (cargo install tansu $TANSU_VERSION); this takes 10-15 minutes once"
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >"${TMPDIR:-/tmp}/tansu-install.log" 2>&1 \
-    || { tail -30 "${TMPDIR:-/tmp}/tansu-install.log" >&2; die "cargo install tansu failed"; }
+  log "building the Kafka-protocol broker (cargo install tansu $TANSU_VERSION --features postgres); this takes 10-15 minutes once"
+  mkdir -p "$TANSU_ROOT"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features postgres \
+    --root "$TANSU_ROOT" >"$TANSU_ROOT/install.log" 2>&1 \
+    || { tail -30 "$TANSU_ROOT/install.log" >&2; die "cargo install tansu failed (log: $TANSU_ROOT/install.log)"; }
 }
 
 start_kafka() {
-  local port kdir
+  local port
   port=$(free_port)
-  kdir=$STACK_DIR/kafka
-  mkdir -p "$kdir"
+  mkdir -p "$STACK_DIR/kafka"
   echo "$port" >"$STACK_DIR/kafka.port"
+  start_kafka_storage
   boot_kafka
-  log "Kafka-protocol broker (tansu $("$(tansu_bin)" --version 2>/dev/null | awk '{print $2}')) on 127.0.0.1:$port"
+  log "Kafka-protocol broker (tansu $("$(tansu_bin)" --version 2>/dev/null | awk '{print $2}'), PostgreSQL storage) on 127.0.0.1:$port"
 }
 
-# Starts the broker on its port with its SQLite data (same every time).
+# The broker's storage: a PostgreSQL cluster of its own (its "disk"), apart from the outbox's
+# cluster, so that restarting one never takes the other down. The broker is its only client
+# and it trusts loopback. synchronous_commit is off: the faults injected here kill the broker
+# process, never this cluster, and what the cluster has committed survives a killed broker.
+start_kafka_storage() {
+  local bindir port data runas=()
+  bindir=$(pg_bindir) || die "PostgreSQL server binaries not found"
+  port=$(free_port)
+  data=$STACK_DIR/kafka/pg
+  mkdir -p "$data"
+  if [ "$(id -u)" = 0 ]; then
+    chown -R postgres "$data"
+    runas=(runuser -u postgres --)
+  fi
+  "${runas[@]}" "$bindir/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
+    >"$STACK_DIR/kafka/initdb.log" 2>&1 \
+    || { cat "$STACK_DIR/kafka/initdb.log" >&2; die "initdb for the Kafka-protocol broker's storage failed"; }
+  printf '%s\n' "listen_addresses = '127.0.0.1'" "port = $port" \
+    "unix_socket_directories = '$data'" "max_connections = 60" "shared_buffers = 128MB" \
+    "synchronous_commit = off" "log_min_messages = warning" >>"$data/postgresql.conf"
+  echo "$port" >"$STACK_DIR/kafka-pg.port"
+  boot_kafka_storage
+  kafka_schema
+}
+
+boot_kafka_storage() {
+  pg_ctl_as -D "$STACK_DIR/kafka/pg" -l "$STACK_DIR/kafka/pg/server.log" -w -t 60 start >/dev/null \
+    || { tail -20 "$STACK_DIR/kafka/pg/server.log" >&2; die "the Kafka-protocol broker's PostgreSQL did not start"; }
+  head -1 "$STACK_DIR/kafka/pg/postmaster.pid" >"$STACK_DIR/kafka-pg.pid"
+}
+
+# Creates the broker's tables (scripts/tansu-pg-schema.sql); with `fresh`, drops the old
+# ones and all their data first.
+kafka_schema() {
+  local drop=()
+  [ "${1:-}" = fresh ] && drop=(-c "set client_min_messages = warning" -c "drop schema public cascade" -c "create schema public")
+  psql -q -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$(cat "$STACK_DIR/kafka-pg.port")" -U postgres \
+    -d postgres "${drop[@]}" -f "$ROOT/scripts/tansu-pg-schema.sql" >/dev/null \
+    || die "could not create the Kafka-protocol broker's tables"
+}
+
+# Starts the broker on its port with its storage (the same every time).
 boot_kafka() {
   local port kdir bin i
   port=$(cat "$STACK_DIR/kafka.port")
   kdir=$STACK_DIR/kafka
   bin=$(tansu_bin) || die "tansu not found; run $0 install"
+  pid_alive "$STACK_DIR/kafka-pg.pid" || boot_kafka_storage
   ( cd "$kdir"
     RUST_LOG=${TANSU_LOG:-warn} setsid "$bin" broker \
       --listener-url "tcp://127.0.0.1:$port" \
       --advertised-listener-url "tcp://127.0.0.1:$port" \
-      --storage-engine "sqlite://tansu.db" >>"$kdir/broker.log" 2>&1 &
+      --storage-engine "postgres://postgres@127.0.0.1:$(cat "$STACK_DIR/kafka-pg.port")/postgres?sslmode=disable" \
+      >>"$kdir/broker.log" 2>&1 &
     echo $! >"$STACK_DIR/kafka.pid" )
   for i in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -277,10 +330,11 @@ restart() {
       boot_rabbitmq
       log "RabbitMQ restarted" ;;
     kafka)
+      # A crash, not a shutdown: SIGKILL, then the same port and storage.
       require_kafka
-      stop_pid "$STACK_DIR/kafka.pid" "Kafka-protocol broker"
+      kill_pid "$STACK_DIR/kafka.pid"
       boot_kafka
-      log "Kafka-protocol broker restarted" ;;
+      log "Kafka-protocol broker killed (SIGKILL) and restarted" ;;
     postgres)
       pg_ctl_as -D "$STACK_DIR/pg" -l "$STACK_DIR/pg/server.log" -m fast -w -t 60 restart >/dev/null \
         || die "PostgreSQL did not restart"
@@ -297,8 +351,8 @@ reset() {
     kafka)
       require_kafka
       stop_pid "$STACK_DIR/kafka.pid" "Kafka-protocol broker"
-      rm -rf "$STACK_DIR/kafka"
-      mkdir -p "$STACK_DIR/kafka"
+      pid_alive "$STACK_DIR/kafka-pg.pid" || boot_kafka_storage
+      kafka_schema fresh
       boot_kafka
       log "Kafka-protocol broker started afresh" ;;
     *) die "usage: $0 reset kafka" ;;
@@ -362,9 +416,23 @@ stop_pid() {
   rm -f "$file"
 }
 
+# SIGKILL, then wait until the process is gone.
+kill_pid() {
+  local file=$1 pid i
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  kill -KILL "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$file"
+}
+
 down_quiet() {
   [ -d "$STACK_DIR" ] || return 0
   stop_pid "$STACK_DIR/kafka.pid" "Kafka-protocol broker"
+  if [ -f "$STACK_DIR/kafka-pg.pid" ]; then
+    pg_ctl_as -D "$STACK_DIR/kafka/pg" -m immediate -w stop >/dev/null 2>&1 || true
+    stop_pid "$STACK_DIR/kafka-pg.pid" "the Kafka-protocol broker's PostgreSQL"
+  fi
   if [ -f "$STACK_DIR/rabbitmq.pid" ]; then
     rabbit_ctl -q shutdown >/dev/null 2>&1 || true
     stop_pid "$STACK_DIR/rabbitmq.pid" RabbitMQ

@@ -122,7 +122,8 @@ async fn relay_recovers_when_postgres_drops_its_connections() {
     );
 }
 
-/// Restarts the Kafka-protocol broker in place (its data is kept in SQLite).
+/// Kills the Kafka-protocol broker with SIGKILL and starts it again on the same port and
+/// storage (its own PostgreSQL cluster, which keeps running).
 async fn restart_kafka() {
     let dir =
         std::env::var("OUTBOX_STACK_DIR").expect("OUTBOX_STACK_DIR: run with scripts/test.sh");

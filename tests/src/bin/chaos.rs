@@ -415,8 +415,17 @@ async fn run() -> anyhow::Result<bool> {
         }
         if Instant::now() >= next_progress {
             next_progress = Instant::now() + Duration::from_secs(5);
+            // Effects read with a short timeout: PostgreSQL may be restarting.
+            let effects = tokio::time::timeout(
+                Duration::from_secs(1),
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM chaos_effects").fetch_one(&pool),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map_or_else(|| "?".to_owned(), |n| n.to_string());
             println!(
-                "[{:>6.1}s] committed {}/{total}, arrivals {}",
+                "[{:>6.1}s] committed {}/{total}, arrivals {}, effects {effects}",
                 started.elapsed().as_secs_f64(),
                 counters.written.load(Ordering::Relaxed),
                 arrivals.lock().unwrap().len()
@@ -730,6 +739,9 @@ impl Member {
             let task = if kafka {
                 let source = outbox_consumer::kafka::KafkaSource::new(&brokers, &group, &[&topic])
                     .with_property("session.timeout.ms", "6000")
+                    // Also the rebalance timeout: the local broker holds a rebalance that
+                    // waits for a killed member until it runs out (see the README).
+                    .with_property("max.poll.interval.ms", "15000")
                     .with_property("heartbeat.interval.ms", "500")
                     .with_property("auto.commit.interval.ms", "500");
                 tokio::spawn(async move { source.run(dedup, Arc::new(EffectWriter), stop).await })
