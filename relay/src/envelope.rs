@@ -19,6 +19,8 @@ pub const HEADER_SEQ: &str = "outbox-seq";
 pub struct Envelope {
     /// Position in the outbox.
     pub seq: i64,
+    /// The outbox partition it belongs to (by its key).
+    pub partition: i16,
     /// Message id; consumers deduplicate on it.
     pub id: Uuid,
     /// Outbox topic.

@@ -75,6 +75,9 @@ pub(crate) enum Verdict {
     Released(PublishError),
 }
 
+/// How often a relay with partitions draining checks whether it can hand them over.
+const DRAINING_CHECK: Duration = Duration::from_millis(100);
+
 /// A relay: one store, one publisher, one policy.
 pub struct Relay {
     pub(crate) store: Store,
@@ -84,6 +87,11 @@ pub struct Relay {
     retention: Retention,
     pub(crate) id: Uuid,
     pub(crate) owned: tokio::sync::watch::Sender<Vec<i16>>,
+    /// Per worker, the partitions it has rows of in hand or a read under way from: they
+    /// change hands only once those are settled.
+    pub(crate) busy: std::sync::Mutex<Vec<Vec<i16>>>,
+    /// Partitions leased but no longer read, waiting for their rows to be settled.
+    draining: std::sync::Mutex<Vec<i16>>,
     pub(crate) heartbeats: Heartbeats,
     observe: Observe,
     suspects: Suspects,
@@ -159,6 +167,7 @@ impl Relay {
         retention: Retention,
     ) -> Self {
         let (owned, _) = tokio::sync::watch::channel(Vec::new());
+        let busy = std::sync::Mutex::new(vec![Vec::new(); settings.workers as usize]);
         let mut loops: Vec<String> = (0..settings.workers)
             .map(|w| format!("worker {w}"))
             .collect();
@@ -171,6 +180,8 @@ impl Relay {
             retention,
             id: Uuid::new_v4(),
             owned,
+            busy,
+            draining: std::sync::Mutex::new(Vec::new()),
             heartbeats: Heartbeats::new(loops),
             observe: Observe::default(),
             suspects: Suspects::default(),
@@ -229,8 +240,28 @@ impl Relay {
 
     /// Renews this relay's partition leases and takes or gives up partitions towards its
     /// fair share; returns the partitions it holds now.
+    ///
+    /// A partition this relay has to give up while it has rows of it in hand is not read
+    /// any more, but handed over only once those rows are settled (a later call), so that
+    /// scaling up publishes no duplicates.
     pub async fn rebalance(&self) -> Result<Vec<i16>, RelayError> {
-        let owned = self.store.rebalance(self.id, self.settings.lease).await?;
+        let busy: Vec<i16> = {
+            let workers = self.busy.lock().expect("busy partitions");
+            let mut all: Vec<i16> = workers.iter().flatten().copied().collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        };
+        let draining = self.draining.lock().expect("draining partitions").clone();
+        let share = self
+            .store
+            .rebalance_keeping(self.id, self.settings.lease, &busy, &draining)
+            .await?;
+        if share.draining != draining {
+            tracing::info!(relay_id = %self.id, partitions = ?share.draining, "partitions draining before they are handed over");
+        }
+        *self.draining.lock().expect("draining partitions") = share.draining;
+        let owned = share.owned;
         self.owned.send_if_modified(|current| {
             let changed = *current != owned;
             if changed {
@@ -666,6 +697,17 @@ impl Relay {
         let every = self.settings.lease / 3;
         let mut backoff = Backoff::new(every);
         while !done.is_cancelled() {
+            // Partitions draining are handed over as soon as their rows are settled.
+            let every = if self
+                .draining
+                .lock()
+                .expect("draining partitions")
+                .is_empty()
+            {
+                every
+            } else {
+                every.min(DRAINING_CHECK)
+            };
             self.heartbeats.beat(keeper_slot(&self.settings));
             let renewed = if shutdown.is_cancelled() {
                 self.store

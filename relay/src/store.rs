@@ -54,6 +54,8 @@ pub const TOO_LARGE: &str = "too large: ";
 pub struct Malformed {
     /// Its position in the outbox.
     pub seq: i64,
+    /// Its outbox partition.
+    pub partition: i16,
     /// Its topic, when even that cannot be read: empty.
     pub topic: String,
     /// Its key, when it has one and it can be read.
@@ -113,6 +115,15 @@ pub struct Store {
     claim_sql: String,
     delete_sql: String,
     fail_sql: String,
+}
+
+/// What a relay holds after [`Store::rebalance_keeping`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Share {
+    /// Partitions to read, in order.
+    pub owned: Vec<i16>,
+    /// Partitions leased but no longer to be read: they go once their rows are settled.
+    pub draining: Vec<i16>,
 }
 
 /// Retention windows for [`Store::purge`].
@@ -335,6 +346,7 @@ impl Store {
                     }
                     claim.malformed.push(Malformed {
                         seq,
+                        partition: row.try_get("partition")?,
                         topic: row.try_get("topic").unwrap_or_default(),
                         key,
                         error: e,
@@ -391,8 +403,24 @@ impl Store {
     /// Heartbeats `relay`, renews its partition leases for `lease`, and moves it towards its
     /// fair share (all partitions divided by the live relays, rounded up): releases extra
     /// partitions, takes free or expired ones. Returns the partitions it holds now.
-    #[tracing::instrument(skip_all, err)]
     pub async fn rebalance(&self, relay: Uuid, lease: Duration) -> Result<Vec<i16>, sqlx::Error> {
+        Ok(self.rebalance_keeping(relay, lease, &[], &[]).await?.owned)
+    }
+
+    /// [`Store::rebalance`], for a relay with rows of the `busy` partitions in hand: an extra
+    /// partition that is busy is not released but kept, leased and returned as draining,
+    /// to be read no more and released once its rows are settled, so that no other relay
+    /// reads them meanwhile. The partitions it keeps are, first, those it reads (not
+    /// `draining` since the last call) and busy, then the others it reads; partitions
+    /// draining already are the first to go.
+    #[tracing::instrument(skip_all, err)]
+    pub async fn rebalance_keeping(
+        &self,
+        relay: Uuid,
+        lease: Duration,
+        busy: &[i16],
+        draining: &[i16],
+    ) -> Result<Share, sqlx::Error> {
         let s = &self.schema;
         let lease_secs = lease.as_secs_f64();
         let mut tx = self.pool.begin().await?;
@@ -419,15 +447,21 @@ impl Store {
         .bind(lease_secs)
         .fetch_all(&mut *tx)
         .await?;
-        owned.sort_unstable();
+        // Partitions draining already go first; of the others, busy ones stay first, so
+        // that as few as possible have to drain.
+        owned.sort_unstable_by_key(|p| (draining.contains(p), !busy.contains(p), *p));
         let have = owned.len() as i64;
+        let mut draining = Vec::new();
         if have > share {
             let extra = owned.split_off(share as usize);
+            let (busy_extra, idle_extra): (Vec<i16>, Vec<i16>) =
+                extra.into_iter().partition(|p| busy.contains(p));
+            draining = busy_extra;
             sqlx::query(&format!(
                 "UPDATE {s}.partitions SET owner = NULL, lease_until = '-infinity'
                  WHERE partition = ANY($1) AND owner = $2"
             ))
-            .bind(&extra)
+            .bind(&idle_extra)
             .bind(relay)
             .execute(&mut *tx)
             .await?;
@@ -448,8 +482,8 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
             owned.extend(taken);
-            owned.sort_unstable();
         }
+        owned.sort_unstable();
         sqlx::query(&format!(
             "DELETE FROM {s}.relays WHERE heartbeat_at < now() - make_interval(secs => $1)"
         ))
@@ -457,7 +491,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(owned)
+        Ok(Share { owned, draining })
     }
 
     /// Renews the leases `relay` holds, taking and giving up none (while it shuts down, so
@@ -624,6 +658,7 @@ fn envelope(row: &PgRow, max_payload: u64) -> Result<Envelope, String> {
     let micros: i64 = row.try_get("created_at_micros").map_err(get_err)?;
     Ok(Envelope {
         seq: row.try_get("seq").map_err(get_err)?,
+        partition: row.try_get("partition").map_err(get_err)?,
         id: row.try_get("id").map_err(get_err)?,
         topic: row.try_get("topic").map_err(get_err)?,
         key: row.try_get("key").map_err(get_err)?,

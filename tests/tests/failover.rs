@@ -1,5 +1,6 @@
 //! Several relay processes on one outbox: one is killed with SIGKILL mid-stream; the other
-//! takes its partitions over within the lease, nothing is lost and per-key order holds.
+//! takes its partitions over within the lease, nothing is lost and per-key order holds. And
+//! planned changes (a relay joining, a rolling restart) publish no duplicates.
 
 use std::{
     sync::{
@@ -120,5 +121,136 @@ async fn a_killed_relay_is_taken_over_within_its_lease_without_loss() {
         written.len(),
         got.len(),
         got.len() - arrived.len()
+    );
+}
+
+/// Planned changes hand a partition over only once the rows read from it are settled: a
+/// relay joining while another drains a backlog (scale-up), then a rolling restart (SIGTERM,
+/// a new process in its place), publish no message twice.
+#[tokio::test]
+async fn scale_up_and_a_rolling_restart_publish_no_duplicates() {
+    const BACKLOG: usize = 20_000;
+    let db = TestDb::new().await;
+    let t = topic("handover");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let env = vec![
+        ("OUTBOX__DATABASE__URL", db.url.clone()),
+        ("OUTBOX__RABBITMQ__URL", amqp_url()),
+        ("OUTBOX__RELAY__LEASE", "2s".to_owned()),
+        ("OUTBOX__RELAY__POLL_INTERVAL", "100ms".to_owned()),
+    ];
+    let bin = env!("CARGO_BIN_EXE_outbox-relay-under-test");
+    let split = |want: &'static [i64]| {
+        let db = &db;
+        async move {
+            let start = Instant::now();
+            loop {
+                let o = owners(db).await;
+                if o.iter().map(|o| o.1).collect::<Vec<_>>() == want {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "partitions never split as {want:?}: {o:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // A backlog over 1,000 keys, so that a relay always has a full window of rows in hand.
+    let mut written: Vec<Uuid> = Vec::new();
+    for chunk in (0..BACKLOG).collect::<Vec<_>>().chunks(1_000) {
+        let msgs: Vec<Message> = chunk
+            .iter()
+            .map(|i| {
+                Message::new(&t, i.to_string().into_bytes())
+                    .unwrap()
+                    .with_key(format!("k{}", i % 1_000))
+                    .unwrap()
+            })
+            .collect();
+        outbox::Outbox::default()
+            .enqueue_batch(&db.pool, &msgs)
+            .await
+            .unwrap();
+        written.extend(msgs.iter().map(Message::id));
+    }
+    let mut a = RelayProcess::spawn(bin, &["run"], &env);
+    split(&[64]).await;
+    // And a steady stream on top, one message per transaction.
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (pool, t, stop) = (db.pool.clone(), t.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut i = BACKLOG;
+            while !stop.load(Ordering::Relaxed) {
+                let msg = Message::new(&t, i.to_string().into_bytes())
+                    .unwrap()
+                    .with_key(format!("k{}", i % 1_000))
+                    .unwrap();
+                outbox::enqueue(&pool, &msg).await.unwrap();
+                written.push(msg.id());
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            written
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Scale-up: B joins while A has a full window of rows in hand.
+    let mut b = RelayProcess::spawn(bin, &["run"], &env);
+    split(&[32, 32]).await;
+    let backlog_left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.messages")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // Rolling restart: A stops (SIGTERM), C takes its place.
+    a.terminate();
+    assert!(
+        a.exit(Duration::from_secs(30)).await.success(),
+        "{}",
+        a.output()
+    );
+    let mut c = RelayProcess::spawn(bin, &["run"], &env);
+    split(&[32, 32]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    written.extend(producer.await.unwrap());
+
+    consumer
+        .wait_for_distinct(written.len(), Duration::from_secs(120))
+        .await;
+    // Late duplicates would arrive now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = consumer.received();
+    for r in [&mut b, &mut c] {
+        r.terminate();
+        assert!(
+            r.exit(Duration::from_secs(30)).await.success(),
+            "{}",
+            r.output()
+        );
+    }
+    let arrived: std::collections::HashSet<Uuid> = got.iter().map(|r| r.id).collect();
+    let lost = written.iter().filter(|id| !arrived.contains(id)).count();
+    assert_eq!(lost, 0, "{lost} of {} messages lost", written.len());
+    assert_per_key_order(&got);
+    let duplicates = got.len() - arrived.len();
+    println!(
+        "scale-up with {backlog_left} rows left, then a rolling restart: {} messages, {} arrivals, {duplicates} duplicates",
+        written.len(),
+        got.len()
+    );
+    assert!(
+        backlog_left > 0,
+        "the backlog was drained before the second relay joined: nothing was handed over mid-stream"
+    );
+    assert_eq!(
+        duplicates, 0,
+        "planned handovers published {duplicates} messages twice"
     );
 }

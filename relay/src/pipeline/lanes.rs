@@ -46,9 +46,11 @@ struct Lane {
 
 #[derive(Debug, Default)]
 pub(crate) struct Lanes {
-    /// Held rows and their payload sizes.
-    held: HashMap<i64, usize>,
+    /// Held rows: their payload sizes and partitions.
+    held: HashMap<i64, (usize, i16)>,
     held_bytes: usize,
+    /// Held rows per partition.
+    per_partition: HashMap<i16, usize>,
     lanes: HashMap<LaneId, Lane>,
     /// Lanes whose head may start (each listed once at most).
     ready: VecDeque<LaneId>,
@@ -76,6 +78,14 @@ impl Lanes {
         self.held.is_empty()
     }
 
+    /// The partitions some held row belongs to, in order: those that must not change
+    /// hands yet.
+    pub(crate) fn busy_partitions(&self) -> Vec<i16> {
+        let mut busy: Vec<i16> = self.per_partition.keys().copied().collect();
+        busy.sort_unstable();
+        busy
+    }
+
     /// The held rows, for the next read to pass over; marks a read as under way.
     pub(crate) fn start_read(&mut self) -> Vec<i64> {
         self.reading = true;
@@ -101,7 +111,7 @@ impl Lanes {
             {
                 continue;
             }
-            self.hold(env.seq, env.payload.len());
+            self.hold(env.seq, env.payload.len(), env.partition);
             taken += 1;
             let lane = self.lanes.entry(id.clone()).or_default();
             let at = lane.queue.partition_point(|e| e.seq < env.seq);
@@ -117,11 +127,11 @@ impl Lanes {
     /// Holds a row that is being dead-lettered without a publish, and blocks its key until
     /// that is committed. Returns false (and does nothing) when its key is tainted or the
     /// row is held already.
-    pub(crate) fn admit_unpublishable(&mut self, seq: i64, id: &LaneId) -> bool {
+    pub(crate) fn admit_unpublishable(&mut self, seq: i64, partition: i16, id: &LaneId) -> bool {
         if self.held.contains_key(&seq) || self.tainted.contains(id) {
             return false;
         }
-        self.hold(seq, 0);
+        self.hold(seq, 0, partition);
         // Rows of the key queued already are older; rows read later wait for the commit.
         *self.blocked.entry(id.clone()).or_default() += 1;
         true
@@ -222,15 +232,22 @@ impl Lanes {
         dropped.len()
     }
 
-    fn hold(&mut self, seq: i64, bytes: usize) {
-        if self.held.insert(seq, bytes).is_none() {
+    fn hold(&mut self, seq: i64, bytes: usize, partition: i16) {
+        if self.held.insert(seq, (bytes, partition)).is_none() {
             self.held_bytes += bytes;
+            *self.per_partition.entry(partition).or_default() += 1;
         }
     }
 
     fn unhold(&mut self, seq: i64) {
-        if let Some(bytes) = self.held.remove(&seq) {
+        if let Some((bytes, partition)) = self.held.remove(&seq) {
             self.held_bytes -= bytes;
+            if let Some(n) = self.per_partition.get_mut(&partition) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_partition.remove(&partition);
+                }
+            }
         }
     }
 
@@ -248,6 +265,8 @@ mod tests {
     fn env(seq: i64, key: Option<&str>, bytes: usize) -> Envelope {
         Envelope {
             seq,
+            // Two partitions: odd and even rows.
+            partition: (seq % 2) as i16,
             id: uuid::Uuid::new_v4(),
             topic: "t".into(),
             key: key.map(str::to_owned),
@@ -339,7 +358,7 @@ mod tests {
     fn two_failures_of_a_key_unblock_it_only_when_both_are_committed() {
         let mut lanes = Lanes::default();
         lanes.admit(vec![env(1, Some("a"), 1)]);
-        assert!(lanes.admit_unpublishable(2, &LaneId::Key("a".into())));
+        assert!(lanes.admit_unpublishable(2, 0, &LaneId::Key("a".into())));
         assert_eq!(drain(&mut lanes), vec![1]);
         lanes.failed(&env(1, Some("a"), 1));
         lanes.settled([1], vec![LaneId::Key("a".into())]);
@@ -428,11 +447,34 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_is_busy_until_its_last_row_is_settled_or_let_go() {
+        let mut lanes = Lanes::default();
+        // Rows 1 and 3 in partition 1, 2 in partition 0.
+        lanes.admit(vec![
+            env(1, Some("a"), 1),
+            env(2, Some("b"), 1),
+            env(3, Some("a"), 1),
+        ]);
+        assert_eq!(lanes.busy_partitions(), vec![0, 1]);
+        assert_eq!(drain(&mut lanes), vec![1, 2]);
+        lanes.confirmed(&env(2, Some("b"), 1));
+        // Confirmed is not enough: the delete must be committed.
+        assert_eq!(lanes.busy_partitions(), vec![0, 1]);
+        lanes.settled([2], Vec::new());
+        assert_eq!(lanes.busy_partitions(), vec![1]);
+        lanes.confirmed(&env(1, Some("a"), 1));
+        lanes.settled([1], Vec::new());
+        assert_eq!(lanes.busy_partitions(), vec![1], "row 3 is still queued");
+        assert_eq!(lanes.drop_queued(), 1);
+        assert_eq!(lanes.busy_partitions(), Vec::<i16>::new());
+    }
+
+    #[test]
     fn a_row_is_held_once_however_often_it_is_read() {
         let mut lanes = Lanes::default();
         assert_eq!(lanes.admit(vec![env(1, Some("a"), 10)]), 1);
         assert_eq!(lanes.admit(vec![env(1, Some("a"), 10)]), 0);
-        assert!(!lanes.admit_unpublishable(1, &LaneId::Key("a".into())));
+        assert!(!lanes.admit_unpublishable(1, 1, &LaneId::Key("a".into())));
         assert_eq!(lanes.held(), 1);
         assert_eq!(lanes.held_bytes(), 10);
         assert_eq!(drain(&mut lanes), vec![1]);

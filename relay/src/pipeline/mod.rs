@@ -104,9 +104,25 @@ pub(crate) async fn run(
     let mut idle = false;
     // When the oldest outcome waiting to be settled arrived.
     let mut pending_since: Option<Instant> = None;
+    // The partitions of the read under way, and the busy partitions last told the relay.
+    let mut reading_from: Vec<i16> = Vec::new();
+    let mut told_busy: Vec<i16> = Vec::new();
+    // Tells the relay which partitions must not change hands yet: those of rows in hand and
+    // of the read under way.
+    let tell_busy = |lanes: &Lanes, reading_from: &[i16], told: &mut Vec<i16>| {
+        let mut busy = lanes.busy_partitions();
+        busy.extend_from_slice(reading_from);
+        busy.sort_unstable();
+        busy.dedup();
+        if busy != *told {
+            relay.busy.lock().expect("busy partitions")[worker as usize].clone_from(&busy);
+            *told = busy;
+        }
+    };
 
     loop {
         beat();
+        tell_busy(&lanes, &reading_from, &mut told_busy);
         let now = Instant::now();
         if pause_until.is_some_and(|t| t <= now) {
             pause_until = None;
@@ -173,6 +189,8 @@ pub(crate) async fn run(
             let held = lanes.start_read();
             let bytes = (settings.window_bytes as usize).saturating_sub(lanes.held_bytes()) as u64;
             let limits = share(&partitions, &hot, asked);
+            reading_from.clone_from(&partitions);
+            tell_busy(&lanes, &reading_from, &mut told_busy);
             reading = Some(Box::pin(async move {
                 // Reconnects if the connection dropped (cheap when it is up): no rows are
                 // read for a broker that cannot take them.
@@ -284,6 +302,7 @@ pub(crate) async fn run(
             }
             read = maybe(&mut reading) => {
                 reading = None;
+                reading_from.clear();
                 match read {
                     Read::Broker(PublishError::Fatal(msg)) => {
                         lanes.read_failed();
@@ -311,7 +330,7 @@ pub(crate) async fn run(
                         hot = claim.full.iter().copied().collect();
                         for m in &claim.malformed {
                             let id = LaneId::new(m.seq, m.key.as_deref());
-                            if lanes.admit_unpublishable(m.seq, &id) {
+                            if lanes.admit_unpublishable(m.seq, m.partition, &id) {
                                 pending.failed(relay.malformed(m), id, Vec::new());
                                 pending_since.get_or_insert_with(Instant::now);
                             }
@@ -348,6 +367,7 @@ pub(crate) async fn run(
     if idle {
         wake.busy();
     }
+    relay.busy.lock().expect("busy partitions")[worker as usize].clear();
     match fatal {
         Some(msg) => Err(RelayError::Fatal(msg)),
         None => Ok(()),
