@@ -9,6 +9,11 @@
 //!   and 1,000 keys and without keys: msg/s, the ratio to the broker's ceiling, relay CPU
 //!   seconds per 10,000 messages and peak RSS (the relay runs as its own process).
 //! - Steady-state latency commit → consumer at fixed rates, p50/p95/p99/max (RabbitMQ).
+//! - Producer: messages/s and commit latency through the `outbox` crate from 8 connections,
+//!   one and 100 messages per transaction, without the wake-up trigger, with it and no relay
+//!   waiting, and with a relay waiting (every commit sends a NOTIFY).
+//! - Consumer library: messages/s handled through dedup with a one-row handler, from each
+//!   source, against PostgreSQL's ceiling of 8 connections committing one-row transactions.
 //! - Peak RSS of a relay draining a 1,000,000-row backlog (full mode only).
 //!
 //! Runs against the stack of `scripts/stack.sh` (`DATABASE_URL`, `AMQP_URL`,
@@ -233,6 +238,46 @@ async fn main() -> anyhow::Result<()> {
             "ms p50",
             format!("p95 {:.1}  p99 {:.1}  max {:.1} ms", l.p95, l.p99, l.max),
         );
+    }
+
+    if only.is_none() {
+        let n_commits = if quick { 800 } else { 8_000 };
+        for wake in [Wake::NoTrigger, Wake::NobodyWaiting, Wake::RelayWaiting] {
+            for batch in [1, 100] {
+                let n = if batch == 1 {
+                    n_commits
+                } else {
+                    n_commits * 10
+                };
+                let c = producer_commits(&env, wake, n, batch).await?;
+                report.add(
+                    "producer",
+                    format!("{n} msgs, {batch} per tx, 8 connections, {}", wake.label()),
+                    c.rate,
+                    "msg/s",
+                    format!("commit p50 {:.1} ms, p99 {:.1} ms", c.p50, c.p99),
+                );
+            }
+        }
+        let n_consumer = if quick { 1_000 } else { 20_000 };
+        let one_row = pg_one_row_ceiling(&env, n_consumer).await?;
+        report.add(
+            "ceiling",
+            "PostgreSQL one-row transactions, 8 connections",
+            one_row,
+            "msg/s",
+            "",
+        );
+        for broker in ["rabbitmq", "kafka"] {
+            let rate = consumer_rate(&env, broker, n_consumer).await?;
+            report.add(
+                "consumer",
+                format!("consumer library ← {broker}, {n_consumer} msgs, one-row handler"),
+                rate,
+                "msg/s",
+                format!("{:.2}× the one-row ceiling", rate / one_row),
+            );
+        }
     }
 
     if !quick && only.is_none() {
@@ -772,4 +817,262 @@ async fn backlog_rss(env: &Env, n: usize) -> anyhow::Result<f64> {
     ch.queue_delete(&topic, QueueDeleteOptions::default())
         .await?;
     Ok(peak)
+}
+
+/// What the wake-up trigger meets at commit.
+#[derive(Clone, Copy)]
+enum Wake {
+    /// The trigger is disabled.
+    NoTrigger,
+    /// The trigger runs; no relay is waiting, so it sends nothing.
+    NobodyWaiting,
+    /// A relay is waiting: every commit sends a NOTIFY.
+    RelayWaiting,
+}
+
+impl Wake {
+    fn label(self) -> &'static str {
+        match self {
+            Wake::NoTrigger => "without the wake-up trigger",
+            Wake::NobodyWaiting => "trigger, no relay waiting",
+            Wake::RelayWaiting => "trigger, a relay waiting (NOTIFY)",
+        }
+    }
+}
+
+struct Commits {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The producer's side: `n` messages in transactions of `batch`, written through the
+/// `outbox` crate from 8 connections as fast as they commit; messages/s and the commit
+/// latency (begin to commit) of each transaction.
+async fn producer_commits(
+    env: &Env,
+    wake: Wake,
+    n: usize,
+    batch: usize,
+) -> anyhow::Result<Commits> {
+    const CONNECTIONS: usize = 8;
+    let pool = fresh_db(&env.db_url, "bench_producer").await?;
+    match wake {
+        Wake::NoTrigger => {
+            sqlx::query("ALTER TABLE outbox.messages DISABLE TRIGGER messages_wake_relays")
+                .execute(&pool)
+                .await?;
+        }
+        Wake::NobodyWaiting => {}
+        Wake::RelayWaiting => {
+            sqlx::query(
+                "INSERT INTO outbox.relay_waiters (relay_id, expires_at)
+                 VALUES ($1, now() + interval '1 hour')",
+            )
+            .bind(Uuid::new_v4())
+            .execute(&pool)
+            .await?;
+        }
+    }
+    let per_task = n / batch / CONNECTIONS;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|t| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let outbox = outbox::Outbox::default();
+                let mut latencies = Vec::with_capacity(per_task);
+                for i in 0..per_task {
+                    let msgs = (0..batch)
+                        .map(|j| {
+                            outbox::Message::new("bench.producer", vec![b'x'; PAYLOAD])?
+                                .with_key(format!("k{}", (t * per_task + i + j) % 100))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let began = Instant::now();
+                    let mut tx = pool.begin().await?;
+                    outbox.enqueue_batch(&mut *tx, &msgs).await?;
+                    tx.commit().await?;
+                    latencies.push(began.elapsed().as_secs_f64() * 1000.0);
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let elapsed = start.elapsed();
+    pool.close().await;
+    latencies.sort_by(f64::total_cmp);
+    Ok(Commits {
+        rate: (per_task * batch * CONNECTIONS) as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+    })
+}
+
+/// PostgreSQL's ceiling for a consumer: 8 connections committing one-row transactions (an
+/// insert into a table keyed by a uuid), as fast as they go.
+async fn pg_one_row_ceiling(env: &Env, n: usize) -> anyhow::Result<f64> {
+    const CONNECTIONS: usize = 8;
+    let pool = fresh_db(&env.db_url, "bench_one_row").await?;
+    sqlx::query("CREATE TABLE one_row (id uuid PRIMARY KEY)")
+        .execute(&pool)
+        .await?;
+    let per_task = n / CONNECTIONS;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    let mut tx = pool.begin().await?;
+                    sqlx::query("INSERT INTO one_row (id) VALUES ($1)")
+                        .bind(Uuid::new_v4())
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let rate = (per_task * CONNECTIONS) as f64 / start.elapsed().as_secs_f64();
+    pool.close().await;
+    Ok(rate)
+}
+
+/// The one-row handler of the consumer benchmark.
+struct OneRow;
+
+impl outbox_consumer::Handler for OneRow {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut sqlx::PgConnection,
+        m: &'a outbox_consumer::Incoming,
+    ) -> futures::future::BoxFuture<'a, Result<(), outbox_consumer::HandlerError>> {
+        Box::pin(async move {
+            sqlx::query("INSERT INTO one_row (id) VALUES ($1)")
+                .bind(m.message_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(outbox_consumer::HandlerError::retryable)?;
+            Ok(())
+        })
+    }
+}
+
+/// The consumer library: the relay publishes `n` messages over 100 keys, then the library's
+/// source for `broker` handles them through dedup with a one-row handler. Messages/s from
+/// the first effect to the last (a Kafka group's join is not counted).
+async fn consumer_rate(env: &Env, broker: &str, n: usize) -> anyhow::Result<f64> {
+    let pool = fresh_db(&env.db_url, "bench_consumer").await?;
+    sqlx::query("CREATE TABLE one_row (id uuid PRIMARY KEY)")
+        .execute(&pool)
+        .await?;
+    let topic = format!("bench.consumer.{}", Uuid::new_v4().simple());
+    let conn = amqp(&env.amqp_url).await?;
+    let ch = conn.create_channel().await?;
+    if broker == "rabbitmq" {
+        declare_queue(&ch, &topic).await?;
+    } else {
+        kafka_topic(env, &topic).await?;
+    }
+    backlog(&pool, &topic, n, Some(100)).await?;
+    let relay = spawn_relay(env, &db_url_of(&pool, &env.db_url)?, broker)?;
+    let started = Instant::now();
+    loop {
+        let left: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox.messages LIMIT 1)")
+                .fetch_one(&pool)
+                .await?;
+        if !left {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the relay did not publish the consumer's backlog to {broker}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(relay).await?;
+
+    // Handlers run on their own pool, as in a service: 8 lanes, 8 connections and spare.
+    let handlers = PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&db_url_of(&pool, &env.db_url)?)
+        .await?;
+    let dedup = outbox_consumer::Deduplicator::new(handlers.clone(), "bench")?;
+    dedup.migrate().await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop_source = shutdown.clone();
+    let task = if broker == "rabbitmq" {
+        let source = outbox_consumer::rabbitmq::RabbitMqSource::new(env.amqp_url.clone(), &topic)
+            .with_prefetch(200)
+            .with_concurrency(8);
+        tokio::spawn(async move { source.run(dedup, Arc::new(OneRow), stop_source).await })
+    } else {
+        let group = format!("bench-{topic}");
+        let source = outbox_consumer::kafka::KafkaSource::new(&env.kafka, &group, &[&topic]);
+        tokio::spawn(async move { source.run(dedup, Arc::new(OneRow), stop_source).await })
+    };
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM one_row")
+            .fetch_one(&pool)
+            .await
+    };
+    let waited = Instant::now();
+    let (first, from) = loop {
+        let c = count().await?;
+        if c > 0 {
+            break (Instant::now(), c);
+        }
+        anyhow::ensure!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the {broker} consumer handled nothing in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let mut last = (first, from);
+    loop {
+        let c = count().await?;
+        if c > last.1 {
+            last = (Instant::now(), c);
+        }
+        if c >= n as i64 {
+            break;
+        }
+        anyhow::ensure!(
+            last.0.elapsed() < Duration::from_secs(60),
+            "the {broker} consumer stalled at {c} of {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(30), task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => anyhow::bail!("the {broker} consumer failed: {e}"),
+        Ok(Err(e)) => anyhow::bail!("the {broker} consumer task: {e}"),
+        Err(_) => anyhow::bail!("the {broker} consumer did not stop within 30 s"),
+    }
+    if broker == "rabbitmq" {
+        ch.queue_delete(&topic, QueueDeleteOptions::default())
+            .await?;
+    }
+    let _ = conn.close(200, "bench").await;
+    handlers.close().await;
+    pool.close().await;
+    Ok((n as i64 - from) as f64 / last.0.duration_since(first).as_secs_f64().max(1e-3))
 }
