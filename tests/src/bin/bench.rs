@@ -14,6 +14,8 @@
 //!   waiting, and with a relay waiting (every commit sends a NOTIFY).
 //! - Consumer library: messages/s handled through dedup with a one-row handler, from each
 //!   source, against PostgreSQL's ceiling of 8 connections committing one-row transactions.
+//! - Claim cost: the relay's read with and without a dead key holding 100,000 rows back
+//!   (`block`) ahead of the other keys' rows.
 //! - Peak RSS of a relay draining a 1,000,000-row backlog (full mode only).
 //!
 //! Runs against the stack of `scripts/stack.sh` (`DATABASE_URL`, `AMQP_URL`,
@@ -278,6 +280,30 @@ async fn main() -> anyhow::Result<()> {
                 format!("{:.2}× the one-row ceiling", rate / one_row),
             );
         }
+    }
+
+    if only.is_none() {
+        let behind = if quick { 10_000 } else { 100_000 };
+        let reads = if quick { 20 } else { 100 };
+        let (clear, rows) = claim_cost(&env, 0, reads).await?;
+        report.add(
+            "claim",
+            "read of 500 rows, 1,000 pending over 100 keys",
+            clear,
+            "ms",
+            format!("{rows} rows per read"),
+        );
+        let (stuck, rows) = claim_cost(&env, behind, reads).await?;
+        report.add(
+            "claim",
+            format!("the same behind a dead key with {behind} rows waiting (block)"),
+            stuck,
+            "ms",
+            format!(
+                "{rows} rows per read; {:.1}× the read without it",
+                stuck / clear
+            ),
+        );
     }
 
     if !quick && only.is_none() {
@@ -1075,4 +1101,53 @@ async fn consumer_rate(env: &Env, broker: &str, n: usize) -> anyhow::Result<f64>
     handlers.close().await;
     pool.close().await;
     Ok((n as i64 - from) as f64 / last.0.duration_since(first).as_secs_f64().max(1e-3))
+}
+
+/// What a read costs behind a blocked key: a dead head row with `behind` rows of its key
+/// after it (`block` policy), then 1,000 rows over 100 other keys. Mean time of the relay's
+/// read (`Store::claim`, 500 rows over all 64 partitions; nothing settled, so every read
+/// finds the same rows) over `reads` reads, and the rows each returned.
+async fn claim_cost(env: &Env, behind: usize, reads: usize) -> anyhow::Result<(f64, usize)> {
+    let pool = fresh_db(&env.db_url, "bench_claim").await?;
+    if behind > 0 {
+        sqlx::query(
+            "INSERT INTO outbox.messages (topic, key, payload)
+             SELECT 'bench.claim', 'stuck', convert_to(repeat('x', $2), 'UTF8')
+             FROM generate_series(0, $1)",
+        )
+        .bind(behind as i64)
+        .bind(PAYLOAD as i32)
+        .execute(&pool)
+        .await?;
+        sqlx::query(
+            "UPDATE outbox.messages SET status = 'dead', attempts = 1, last_error = 'bench',
+                    dead_at = now()
+             WHERE seq = (SELECT min(seq) FROM outbox.messages)",
+        )
+        .execute(&pool)
+        .await?;
+    }
+    backlog(&pool, "bench.claim", 1_000, Some(100)).await?;
+    sqlx::query("VACUUM ANALYZE outbox.messages")
+        .execute(&pool)
+        .await?;
+    let store = Store::new(
+        pool.clone(),
+        Schema::parse("outbox")?,
+        DeadKeyPolicy::Block,
+        false,
+    );
+    let me = Uuid::new_v4();
+    let mut owned = Vec::new();
+    while owned.len() < 64 {
+        owned = store.rebalance(me, Duration::from_secs(60)).await?;
+    }
+    let rows = store.claim(me, &owned, 500, &[]).await?.len();
+    let start = Instant::now();
+    for _ in 0..reads {
+        store.claim(me, &owned, 500, &[]).await?;
+    }
+    let mean_ms = start.elapsed().as_secs_f64() * 1000.0 / reads as f64;
+    pool.close().await;
+    Ok((mean_ms, rows))
 }
