@@ -1,4 +1,5 @@
-# The relay image: outbox-relay (and outbox-demo, the example producer/consumer).
+# The image: outbox-relay and outbox-consumer (the consumer's dead-letter command), and the
+# examples: outbox-bookstore (the saga demo) and outbox-demo (the throughput demo).
 FROM rust:1-bookworm AS build
 # librdkafka is compiled with cmake, with TLS (OpenSSL), SASL (Cyrus SASL for GSSAPI),
 # OIDC token fetches (libcurl) and the zlib codec.
@@ -7,7 +8,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p outbox-relay -p outbox-tests --bin outbox-relay --bin outbox-demo
+RUN cargo build --release --locked -p outbox-relay -p outbox-consumer -p outbox-bookstore \
+        -p outbox-tests --features outbox-consumer/cli \
+        --bin outbox-relay --bin outbox-consumer --bin outbox-bookstore --bin outbox-demo
 
 FROM debian:bookworm-slim
 # The shared libraries librdkafka links to, CA certificates for TLS, and curl for the
@@ -16,7 +19,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
         ca-certificates libssl3 libsasl2-2 libsasl2-modules-gssapi-mit libcurl4 zlib1g curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 relay
-COPY --from=build /src/target/release/outbox-relay /src/target/release/outbox-demo /usr/local/bin/
+COPY --from=build /src/target/release/outbox-relay /src/target/release/outbox-consumer \
+     /src/target/release/outbox-bookstore /src/target/release/outbox-demo /usr/local/bin/
 USER relay
 EXPOSE 9477
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \

@@ -294,8 +294,14 @@ impl Deduplicator {
             tracing::Span::current().record("message_id", tracing::field::display(id));
             let s = &self.schema;
             let mut tx = self.pool.begin().await?;
+            // Claims the message and clears its earlier failed attempts in one round trip:
+            // both stand only if the handler succeeds and the transaction commits.
             let fresh = sqlx::query(&format!(
-                "INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+                "WITH cleared AS (
+                     DELETE FROM {s}.attempts WHERE consumer_group = $1 AND message_id = $2
+                 )
+                 INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING"
             ))
             .bind(&self.group)
             .bind(id)
@@ -310,11 +316,6 @@ impl Deduplicator {
             }
             match handler.handle(&mut tx, message).await {
                 Ok(()) => {
-                    sqlx::query(&format!("DELETE FROM {s}.attempts WHERE consumer_group = $1 AND message_id = $2"))
-                        .bind(&self.group)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
                     tx.commit().await?;
                     Ok(Outcome::Processed)
                 }

@@ -231,6 +231,13 @@ async fn retryable_failures_then_success_and_permanent_failures_dead_letter() {
         1,
         "failed attempts left no effect"
     );
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_consumer.attempts WHERE message_id = $1")
+            .bind(m.message_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0, "a success clears the message's failed attempts");
     let stats = dedup.stats();
     assert_eq!((stats.retries, stats.processed), (2, 1), "{stats:?}");
 
