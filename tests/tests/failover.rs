@@ -24,6 +24,33 @@ async fn owners(db: &TestDb) -> Vec<(Uuid, i64)> {
     .unwrap()
 }
 
+/// Writes message `from`, `from + 1`, … (key `k{i % keys}`) to `t`, one per transaction every
+/// 5 ms, until `stop`; returns their ids.
+fn steady_stream(
+    db: &TestDb,
+    t: &str,
+    from: usize,
+    keys: usize,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Uuid>> {
+    let (pool, t, stop) = (db.pool.clone(), t.to_owned(), stop.clone());
+    tokio::spawn(async move {
+        let mut written = Vec::new();
+        let mut i = from;
+        while !stop.load(Ordering::Relaxed) {
+            let msg = Message::new(&t, i.to_string().into_bytes())
+                .unwrap()
+                .with_key(format!("k{}", i % keys))
+                .unwrap();
+            outbox::enqueue(&pool, &msg).await.unwrap();
+            written.push(msg.id());
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        written
+    })
+}
+
 #[tokio::test]
 async fn a_killed_relay_is_taken_over_within_its_lease_without_loss() {
     let db = TestDb::new().await;
@@ -52,24 +79,7 @@ async fn a_killed_relay_is_taken_over_within_its_lease_without_loss() {
 
     // A steady stream over 128 keys, one message per transaction.
     let stop = Arc::new(AtomicBool::new(false));
-    let producer = {
-        let (pool, t, stop) = (db.pool.clone(), t.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut written = Vec::new();
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let msg = Message::new(&t, i.to_string().into_bytes())
-                    .unwrap()
-                    .with_key(format!("k{}", i % 128))
-                    .unwrap();
-                outbox::enqueue(&pool, &msg).await.unwrap();
-                written.push(msg.id());
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            written
-        })
-    };
+    let producer = steady_stream(&db, &t, 0, 128, &stop);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     a.kill();
@@ -181,24 +191,7 @@ async fn scale_up_and_a_rolling_restart_publish_no_duplicates() {
     split(&[64]).await;
     // And a steady stream on top, one message per transaction.
     let stop = Arc::new(AtomicBool::new(false));
-    let producer = {
-        let (pool, t, stop) = (db.pool.clone(), t.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut written = Vec::new();
-            let mut i = BACKLOG;
-            while !stop.load(Ordering::Relaxed) {
-                let msg = Message::new(&t, i.to_string().into_bytes())
-                    .unwrap()
-                    .with_key(format!("k{}", i % 1_000))
-                    .unwrap();
-                outbox::enqueue(&pool, &msg).await.unwrap();
-                written.push(msg.id());
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            written
-        })
-    };
+    let producer = steady_stream(&db, &t, BACKLOG, 1_000, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Scale-up: B joins while A has a full window of rows in hand.

@@ -51,6 +51,8 @@ pub(crate) struct Lanes {
     held_bytes: usize,
     /// Held rows per partition.
     per_partition: HashMap<i16, usize>,
+    /// Bumped whenever a partition starts or stops being busy.
+    busy_changes: u64,
     lanes: HashMap<LaneId, Lane>,
     /// Lanes whose head may start (each listed once at most).
     ready: VecDeque<LaneId>,
@@ -76,6 +78,11 @@ impl Lanes {
     /// True when nothing is held.
     pub(crate) fn is_empty(&self) -> bool {
         self.held.is_empty()
+    }
+
+    /// Changes whenever [`Lanes::busy_partitions`] may have.
+    pub(crate) fn busy_changes(&self) -> u64 {
+        self.busy_changes
     }
 
     /// The partitions some held row belongs to, in order: those that must not change
@@ -235,7 +242,11 @@ impl Lanes {
     fn hold(&mut self, seq: i64, bytes: usize, partition: i16) {
         if self.held.insert(seq, (bytes, partition)).is_none() {
             self.held_bytes += bytes;
-            *self.per_partition.entry(partition).or_default() += 1;
+            let n = self.per_partition.entry(partition).or_default();
+            if *n == 0 {
+                self.busy_changes += 1;
+            }
+            *n += 1;
         }
     }
 
@@ -246,6 +257,7 @@ impl Lanes {
                 *n -= 1;
                 if *n == 0 {
                     self.per_partition.remove(&partition);
+                    self.busy_changes += 1;
                 }
             }
         }
@@ -460,12 +472,28 @@ mod tests {
         lanes.confirmed(&env(2, Some("b"), 1));
         // Confirmed is not enough: the delete must be committed.
         assert_eq!(lanes.busy_partitions(), vec![0, 1]);
+        let changes = lanes.busy_changes();
+        lanes.admit(vec![env(5, Some("c"), 1)]);
+        assert_eq!(
+            lanes.busy_changes(),
+            changes,
+            "partition 1 was busy already"
+        );
         lanes.settled([2], Vec::new());
+        assert_ne!(
+            lanes.busy_changes(),
+            changes,
+            "partition 0 is no longer busy"
+        );
         assert_eq!(lanes.busy_partitions(), vec![1]);
         lanes.confirmed(&env(1, Some("a"), 1));
         lanes.settled([1], Vec::new());
-        assert_eq!(lanes.busy_partitions(), vec![1], "row 3 is still queued");
-        assert_eq!(lanes.drop_queued(), 1);
+        assert_eq!(
+            lanes.busy_partitions(),
+            vec![1],
+            "rows 3 and 5 are still queued"
+        );
+        assert_eq!(lanes.drop_queued(), 2);
         assert_eq!(lanes.busy_partitions(), Vec::<i16>::new());
     }
 

@@ -104,25 +104,32 @@ pub(crate) async fn run(
     let mut idle = false;
     // When the oldest outcome waiting to be settled arrived.
     let mut pending_since: Option<Instant> = None;
-    // The partitions of the read under way, and the busy partitions last told the relay.
+    // The partitions of the read under way, and the busy partitions last told the relay
+    // (with the lanes' change count then).
     let mut reading_from: Vec<i16> = Vec::new();
-    let mut told_busy: Vec<i16> = Vec::new();
+    let mut told_busy: (Vec<i16>, u64) = (Vec::new(), u64::MAX);
     // Tells the relay which partitions must not change hands yet: those of rows in hand and
-    // of the read under way.
-    let tell_busy = |lanes: &Lanes, reading_from: &[i16], told: &mut Vec<i16>| {
-        let mut busy = lanes.busy_partitions();
-        busy.extend_from_slice(reading_from);
-        busy.sort_unstable();
-        busy.dedup();
-        if busy != *told {
-            relay.busy.lock().expect("busy partitions")[worker as usize].clone_from(&busy);
-            *told = busy;
-        }
-    };
+    // of the read under way. Called with `read_changed` when a read starts or ends; else it
+    // costs a comparison unless a partition started or stopped being busy.
+    let tell_busy =
+        |lanes: &Lanes, reading_from: &[i16], read_changed: bool, told: &mut (Vec<i16>, u64)| {
+            if !read_changed && lanes.busy_changes() == told.1 {
+                return;
+            }
+            told.1 = lanes.busy_changes();
+            let mut busy = lanes.busy_partitions();
+            busy.extend_from_slice(reading_from);
+            busy.sort_unstable();
+            busy.dedup();
+            if busy != told.0 {
+                relay.busy.lock().expect("busy partitions")[worker as usize].clone_from(&busy);
+                told.0 = busy;
+            }
+        };
 
     loop {
         beat();
-        tell_busy(&lanes, &reading_from, &mut told_busy);
+        tell_busy(&lanes, &reading_from, false, &mut told_busy);
         let now = Instant::now();
         if pause_until.is_some_and(|t| t <= now) {
             pause_until = None;
@@ -190,7 +197,7 @@ pub(crate) async fn run(
             let bytes = (settings.window_bytes as usize).saturating_sub(lanes.held_bytes()) as u64;
             let limits = share(&partitions, &hot, asked);
             reading_from.clone_from(&partitions);
-            tell_busy(&lanes, &reading_from, &mut told_busy);
+            tell_busy(&lanes, &reading_from, true, &mut told_busy);
             reading = Some(Box::pin(async move {
                 // Reconnects if the connection dropped (cheap when it is up): no rows are
                 // read for a broker that cannot take them.
@@ -303,6 +310,8 @@ pub(crate) async fn run(
             read = maybe(&mut reading) => {
                 reading = None;
                 reading_from.clear();
+                // Told at the top of the loop, once the read's rows are taken in.
+                told_busy.1 = u64::MAX;
                 match read {
                     Read::Broker(PublishError::Fatal(msg)) => {
                         lanes.read_failed();

@@ -560,9 +560,8 @@ async fn backlog_held(
     Ok(())
 }
 
-/// The relay's own claim and delete, with nothing published: the database's ceiling.
-async fn pg_ceiling(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
-    backlog(pool, "bench.pg", n, Some(100)).await?;
+/// A store on `pool` (`block` policy) and a relay id that holds all 64 partitions.
+async fn store_owning_all(pool: &PgPool) -> anyhow::Result<(Store, Uuid, Vec<i16>)> {
     let store = Store::new(
         pool.clone(),
         Schema::parse("outbox")?,
@@ -574,6 +573,13 @@ async fn pg_ceiling(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
     while owned.len() < 64 {
         owned = store.rebalance(me, Duration::from_secs(60)).await?;
     }
+    Ok((store, me, owned))
+}
+
+/// The relay's own claim and delete, with nothing published: the database's ceiling.
+async fn pg_ceiling(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
+    backlog(pool, "bench.pg", n, Some(100)).await?;
+    let (store, me, owned) = store_owning_all(pool).await?;
     let start = Instant::now();
     let mut done = 0;
     while done < n {
@@ -810,13 +816,12 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
         .map(|(id, at)| arrived[id].saturating_duration_since(*at).as_secs_f64() * 1e3)
         .collect();
     ms.sort_by(f64::total_cmp);
-    let pct = |p: f64| ms[((ms.len() as f64 * p) as usize).min(ms.len() - 1)];
     let _ = ch.queue_delete(&topic, QueueDeleteOptions::default()).await;
     Ok(Latency {
         achieved,
-        p50: pct(0.50),
-        p95: pct(0.95),
-        p99: pct(0.99),
+        p50: percentile(&ms, 0.50),
+        p95: percentile(&ms, 0.95),
+        p99: percentile(&ms, 0.99),
         max: *ms.last().unwrap(),
     })
 }
@@ -1131,17 +1136,7 @@ async fn claim_cost(env: &Env, behind: usize, reads: usize) -> anyhow::Result<(f
     sqlx::query("VACUUM ANALYZE outbox.messages")
         .execute(&pool)
         .await?;
-    let store = Store::new(
-        pool.clone(),
-        Schema::parse("outbox")?,
-        DeadKeyPolicy::Block,
-        false,
-    );
-    let me = Uuid::new_v4();
-    let mut owned = Vec::new();
-    while owned.len() < 64 {
-        owned = store.rebalance(me, Duration::from_secs(60)).await?;
-    }
+    let (store, me, owned) = store_owning_all(&pool).await?;
     let rows = store.claim(me, &owned, 500, &[]).await?.len();
     let start = Instant::now();
     for _ in 0..reads {
