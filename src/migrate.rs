@@ -27,10 +27,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002_wake_at_commit.sql",
         sql: include_str!("../migrations/0002_wake_at_commit.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_held_back.sql",
+        sql: include_str!("../migrations/0003_held_back.sql"),
+    },
 ];
 
 /// The newest schema version this library ships.
-pub const LATEST_VERSION: i32 = 2;
+pub const LATEST_VERSION: i32 = 3;
 
 /// Creates `schema` if needed and applies the migrations it has not seen yet, each in its
 /// own transaction, recording them in `schema.schema_migrations`. Safe to call from several

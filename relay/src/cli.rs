@@ -682,5 +682,24 @@ async fn require_schema(pool: &PgPool, settings: &Settings) -> anyhow::Result<()
     if !found {
         bail!("outbox table {schema}.messages does not exist; run `outbox-relay migrate` first (database.schema = \"{schema}\")");
     }
+    // The newest column the relay's SQL needs, so that an upgrade applied without the
+    // built-in runner (whose version table may not exist) is recognised too.
+    let current: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = to_regclass($1) AND attname = 'held_back'
+                          AND NOT attisdropped)",
+    )
+    .bind(format!("{schema}.messages"))
+    .fetch_one(pool)
+    .await
+    .context("checking the outbox schema")?;
+    if !current {
+        bail!(
+            "outbox schema {schema} is older than this relay: {schema}.messages has no held_back column \
+             (schema version 3, migrations/0003_held_back.sql); run `outbox-relay migrate` first \
+             (this relay needs schema version {})",
+            outbox::LATEST_VERSION
+        );
+    }
     Ok(())
 }

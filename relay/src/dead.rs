@@ -106,9 +106,28 @@ pub async fn retry(
          WHERE {WHERE}
          RETURNING {COLUMNS}"
     );
-    let mut rows = bind(sqlx::query_as(&sql), filter).fetch_all(pool).await?;
+    let mut tx = pool.begin().await?;
+    let mut rows = bind(sqlx::query_as(&sql), filter)
+        .fetch_all(&mut *tx)
+        .await?;
+    release_keys(&mut tx, schema, &rows).await?;
+    tx.commit().await?;
     rows.sort_by_key(|r| r.seq);
     Ok(rows)
+}
+
+/// The rows of the keys of `rows` that were held back behind them can be read again (the
+/// relay would clear their marks within a second anyway).
+async fn release_keys(
+    tx: &mut sqlx::PgConnection,
+    schema: &Schema,
+    rows: &[DeadMessage],
+) -> Result<(), sqlx::Error> {
+    let mut keys: Vec<String> = rows.iter().filter_map(|r| r.key.clone()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    crate::store::release_held(tx, schema, crate::config::DeadKeyPolicy::Block, &keys).await?;
+    Ok(())
 }
 
 /// Removes matching dead messages from the queue into `discarded`, with `reason`. Returns
@@ -134,10 +153,13 @@ pub async fn discard(
          )
          SELECT {COLUMNS} FROM kept"
     );
+    let mut tx = pool.begin().await?;
     let mut rows = bind(sqlx::query_as(&sql), filter)
         .bind(reason)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
+    release_keys(&mut tx, schema, &rows).await?;
+    tx.commit().await?;
     rows.sort_by_key(|r| r.seq);
     Ok(rows)
 }

@@ -77,6 +77,9 @@ pub(crate) enum Verdict {
 
 /// How often a relay with partitions draining checks whether it can hand them over.
 const DRAINING_CHECK: Duration = Duration::from_millis(100);
+/// How often rows waiting behind a dead row of their key are marked as held back (and
+/// marks whose dead row is gone cleared).
+const HOLD_BACK_EVERY: Duration = Duration::from_secs(1);
 
 /// A relay: one store, one publisher, one policy.
 pub struct Relay {
@@ -578,6 +581,14 @@ impl Relay {
                 Ok(())
             });
         }
+        {
+            let relay = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                relay.keep_held_back(shutdown).await;
+                Ok(())
+            });
+        }
         if let Some(every) = self.observe.backlog_interval {
             let relay = self.clone();
             let shutdown = shutdown.clone();
@@ -666,6 +677,29 @@ impl Relay {
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.retention.interval) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// Every [`HOLD_BACK_EVERY`], marks the rows that wait behind a dead row of their key
+    /// so that reads step over them, and clears the marks of keys whose dead row is gone
+    /// (see [`crate::store::Store::hold_back`]).
+    async fn keep_held_back(self: Arc<Self>, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            match self.store.hold_back(self.id).await {
+                Ok((0, 0)) => {}
+                Ok((marked, cleared)) => tracing::info!(
+                    marked,
+                    cleared,
+                    "rows held back behind dead rows of their keys updated"
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %error_chain(&e), "held-back rows not updated; trying again later")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(HOLD_BACK_EVERY) => {}
                 _ = shutdown.cancelled() => {}
             }
         }

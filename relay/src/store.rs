@@ -46,6 +46,9 @@ pub struct Claim {
     pub full: Vec<i16>,
 }
 
+/// Rows marked held back per statement.
+const HOLD_BACK_BATCH: u64 = 10_000;
+
 /// How [`Malformed::error`] starts for a row whose payload is over `relay.max_payload`.
 pub const TOO_LARGE: &str = "too large: ";
 
@@ -144,13 +147,15 @@ impl Store {
     /// leaves a record in `delivered`.
     pub fn new(pool: PgPool, schema: Schema, policy: DeadKeyPolicy, archive: bool) -> Self {
         let s = &schema;
-        // Which earlier failed rows of the same key hold a row back.
+        // Which earlier rows of the same key hold a row back: one waiting out a retry
+        // delay, one marked held back (whatever the policy: it is older and undelivered),
+        // and under `block` a dead one.
         let blocking = match policy {
-            DeadKeyPolicy::Block => "(e.status = 'dead' OR e.available_at > now())",
-            DeadKeyPolicy::Skip => "(e.status = 'pending' AND e.available_at > now())",
+            DeadKeyPolicy::Block => "(e.status = 'dead' OR e.held_back OR e.available_at > now())",
+            DeadKeyPolicy::Skip => {
+                "(e.held_back OR (e.status = 'pending' AND e.available_at > now()))"
+            }
         };
-        // Per partition, the oldest rows that are due and not held back; only from
-        // partitions this relay holds a live lease on.
         // Per partition, the oldest rows that are due and not held back, up to a row limit;
         // only from partitions this relay holds a live lease on. Then, in `seq` order, as
         // many as start within the byte budget (the first always does). A payload over the
@@ -174,13 +179,13 @@ impl Store {
                             m.attempts
                      FROM {s}.messages m
                      WHERE m.partition = p.partition
-                       AND m.status = 'pending'
+                       AND m.status = 'pending' AND NOT m.held_back
                        AND m.available_at <= now()
                        AND m.seq NOT IN (SELECT unnest($4::bigint[]))
                        AND (m.key IS NULL OR NOT EXISTS (
                             SELECT 1 FROM {s}.messages e
                             WHERE e.key = m.key AND e.seq < m.seq AND e.key IS NOT NULL
-                              AND (e.status = 'dead' OR e.attempts > 0)
+                              AND (e.status = 'dead' OR e.attempts > 0 OR e.held_back)
                               AND {blocking}))
                      ORDER BY m.seq
                      LIMIT q.lim
@@ -366,6 +371,47 @@ impl Store {
         Ok(claim)
     }
 
+    /// How many outbox rows a read like [`Store::claim_from`] looks at, returned or passed
+    /// over, by PostgreSQL's `EXPLAIN ANALYZE` of the same statement: what a read costs,
+    /// counted in rows rather than timed.
+    #[doc(hidden)]
+    pub async fn rows_examined_by_claim(
+        &self,
+        relay: Uuid,
+        limits: &[(i16, u32)],
+        held: &[i64],
+    ) -> Result<u64, sqlx::Error> {
+        let partitions: Vec<i16> = limits.iter().map(|l| l.0).collect();
+        let lims: Vec<i32> = limits.iter().map(|l| l.1 as i32).collect();
+        let plan: serde_json::Value = sqlx::query_scalar(&format!(
+            "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+            self.claim_sql
+        ))
+        .bind(&partitions)
+        .bind(relay)
+        .bind(&lims)
+        .bind(held)
+        .bind(i64::MAX)
+        .bind(i64::try_from(self.max_payload).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await?;
+        fn examined(node: &serde_json::Value) -> f64 {
+            let n = |k: &str| {
+                node.get(k)
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0)
+            };
+            let own = if node.get("Alias").and_then(|a| a.as_str()) == Some("m") {
+                (n("Actual Rows") + n("Rows Removed by Filter")) * n("Actual Loops")
+            } else {
+                0.0
+            };
+            let children = node.get("Plans").and_then(|p| p.as_array());
+            own + children.into_iter().flatten().map(examined).sum::<f64>()
+        }
+        Ok(examined(&plan[0]["Plan"]) as u64)
+    }
+
     /// Records a batch's outcome: deletes what was delivered; records failures only in
     /// partitions `relay` still holds.
     #[tracing::instrument(skip_all, err)]
@@ -398,6 +444,87 @@ impl Store {
                 .rows_affected();
         }
         Ok(done)
+    }
+
+    /// Keeps the `held_back` marks of the partitions `relay` leases true, so that reads
+    /// step over the rows that wait behind a dead row of their key instead of walking them:
+    /// under `block`, marks the pending rows that follow a dead row of their key; and
+    /// clears the marks of keys whose dead row is gone (retried or discarded, also by
+    /// hand), or all of them under `skip`. A mark only ever holds rows back, so a stale
+    /// one delays a key and never reorders it. Returns the rows marked and cleared.
+    #[tracing::instrument(skip_all, err)]
+    pub async fn hold_back(&self, relay: Uuid) -> Result<(u64, u64), sqlx::Error> {
+        let s = &self.schema;
+        let owned = format!(
+            "SELECT partition FROM {s}.partitions WHERE owner = $1 AND lease_until > now()"
+        );
+        let mut marked = 0;
+        if self.policy == DeadKeyPolicy::Block {
+            // Each key's oldest dead row, then the pending rows after it in its partition:
+            // a walk of the rows not marked yet, which later sweeps do not repeat. At most
+            // `HOLD_BACK_BATCH` rows per statement, so that no statement runs for long.
+            let mark = format!(
+                "WITH heads AS (
+                     SELECT DISTINCT ON (d.key) d.key, d.partition, d.seq
+                     FROM {s}.messages d
+                     WHERE d.status = 'dead' AND d.key IS NOT NULL
+                       AND d.partition IN ({owned})
+                     ORDER BY d.key, d.seq
+                 ), behind AS (
+                     SELECT m.seq FROM {s}.messages m JOIN heads h
+                       ON m.partition = h.partition AND m.seq > h.seq AND m.key = h.key
+                     WHERE m.status = 'pending' AND NOT m.held_back
+                     LIMIT {HOLD_BACK_BATCH}
+                 )
+                 UPDATE {s}.messages m SET held_back = true
+                 FROM behind b WHERE m.seq = b.seq AND m.status = 'pending' AND NOT m.held_back"
+            );
+            loop {
+                let n = sqlx::query(&mark)
+                    .bind(relay)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                marked += n;
+                if n < HOLD_BACK_BATCH {
+                    break;
+                }
+            }
+        }
+        // The keys with marked rows, one index probe each (a loose index scan), in the
+        // partitions leased; of those, the ones whose first marked row no longer has a
+        // dead row before it (under `skip`, all).
+        let freed = match self.policy {
+            DeadKeyPolicy::Block => {
+                "AND NOT EXISTS (
+                     SELECT 1 FROM {s}.messages d
+                     WHERE d.key = h.key AND d.status = 'dead'
+                       AND d.seq < (SELECT min(x.seq) FROM {s}.messages x
+                                    WHERE x.key = h.key AND x.held_back))"
+            }
+            DeadKeyPolicy::Skip => "",
+        }
+        .replace("{s}", &s.to_string());
+        let keys: Vec<String> = sqlx::query_scalar(&format!(
+            "WITH RECURSIVE held(key) AS (
+                 (SELECT m.key FROM {s}.messages m
+                  WHERE m.held_back AND m.key IS NOT NULL
+                  ORDER BY m.key LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT m.key FROM {s}.messages m
+                         WHERE m.held_back AND m.key > h.key
+                         ORDER BY m.key LIMIT 1)
+                 FROM held h WHERE h.key IS NOT NULL
+             )
+             SELECT h.key FROM held h
+             WHERE h.key IS NOT NULL
+               AND (hashtext(h.key) & 63)::smallint IN ({owned}) {freed}"
+        ))
+        .bind(relay)
+        .fetch_all(&self.pool)
+        .await?;
+        let cleared = release_held(&self.pool, s, self.policy, &keys).await?;
+        Ok((marked, cleared))
     }
 
     /// Heartbeats `relay`, renews its partition leases for `lease`, and moves it towards its
@@ -591,6 +718,38 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+/// Clears the `held_back` marks of `keys`' rows that no dead row of their key precedes
+/// (under `skip`, all of them): after their dead row was retried or discarded. Returns the
+/// rows cleared.
+pub async fn release_held<'c, E>(
+    db: E,
+    schema: &Schema,
+    policy: DeadKeyPolicy,
+    keys: &[String],
+) -> Result<u64, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let behind_dead = match policy {
+        DeadKeyPolicy::Block => format!(
+            "AND NOT EXISTS (SELECT 1 FROM {schema}.messages d
+                             WHERE d.key = m.key AND d.seq < m.seq AND d.status = 'dead')"
+        ),
+        DeadKeyPolicy::Skip => String::new(),
+    };
+    Ok(sqlx::query(&format!(
+        "UPDATE {schema}.messages m SET held_back = false
+         WHERE m.held_back AND m.key = ANY($1) {behind_dead}"
+    ))
+    .bind(keys)
+    .execute(db)
+    .await?
+    .rows_affected())
 }
 
 /// What `outbox-relay run` does to each table of the outbox schema; the README's "Least

@@ -91,6 +91,14 @@ impl TestDb {
             .await
             .expect("count")
     }
+
+    /// Rows in `outbox.messages` held back behind a dead row of their key.
+    pub async fn held_back(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE held_back")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
 }
 
 /// `KAFKA_BROKERS`, or a panic that says how to get one.

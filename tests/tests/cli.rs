@@ -231,6 +231,36 @@ async fn a_missing_outbox_table_is_fatal_with_a_hint() {
     );
 }
 
+/// A relay newer than the schema refuses to start and names the migration it needs,
+/// rather than failing on every read.
+#[tokio::test]
+async fn an_outbox_schema_older_than_the_relay_is_fatal_with_a_hint() {
+    let db = TestDb::new().await;
+    // The schema as version 2 left it.
+    sqlx::raw_sql(
+        "ALTER TABLE outbox.messages DROP COLUMN held_back;
+         DELETE FROM outbox.schema_migrations WHERE version = 3",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut p = Proc::spawn(
+        &["run"],
+        &[
+            ("OUTBOX__DATABASE__URL", db.url.clone()),
+            ("OUTBOX__RABBITMQ__URL", amqp_url()),
+        ],
+    );
+    assert_eq!(p.exit(Duration::from_secs(15)).await.code(), Some(1));
+    let out = p.output();
+    assert!(
+        out.contains("older than this relay")
+            && out.contains("0003_held_back.sql")
+            && out.contains("run `outbox-relay migrate` first"),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn migrate_then_status_report_the_outbox() {
     let db = TestDb::empty().await;
@@ -242,7 +272,7 @@ async fn migrate_then_status_report_the_outbox() {
         p.output()
     );
     assert!(
-        p.output().contains("applied migrations [1, 2]"),
+        p.output().contains("applied migrations [1, 2, 3]"),
         "{}",
         p.output()
     );

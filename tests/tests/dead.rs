@@ -55,6 +55,15 @@ async fn dead_retry_requeues_at_the_head_of_its_key() {
     tx.commit().await.unwrap();
     let relay = start_relay(&s).await;
     wait_dead(&db, 1).await;
+    // The relay marks the rows waiting behind the dead one, so its reads step over them.
+    let start = Instant::now();
+    while db.held_back().await < 3 {
+        assert!(
+            start.elapsed() < WAIT,
+            "the rows behind the dead one were not marked held back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let (code, out) = cli(&db, &["dead", "list", "--json"]).await;
     assert_eq!(code, Some(0), "{out}");

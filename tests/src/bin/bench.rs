@@ -21,7 +21,7 @@
 //! Runs against the stack of `scripts/stack.sh` (`DATABASE_URL`, `AMQP_URL`,
 //! `KAFKA_BROKERS`); `scripts/bench.sh` builds in release mode and runs it.
 //!
-//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka]`
+//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim]`
 
 use std::{
     collections::HashMap,
@@ -100,11 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let json = args.iter().any(|a| a == "--json");
-    // `--only rabbitmq|kafka`: that broker's ceiling and drains, nothing else (for tuning).
+    // `--only rabbitmq|kafka|claim`: that broker's ceiling and drains, or the claim costs,
+    // nothing else (for tuning).
     let only = match args.iter().position(|a| a == "--only") {
         Some(i) => Some(
             args.get(i + 1)
-                .context("--only needs rabbitmq or kafka")?
+                .context("--only needs rabbitmq, kafka or claim")?
                 .clone(),
         ),
         None => None,
@@ -282,27 +283,56 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    if only.is_none() {
+    if runs("claim") {
         let behind = if quick { 10_000 } else { 100_000 };
         let reads = if quick { 20 } else { 100 };
-        let (clear, rows) = claim_cost(&env, 0, reads).await?;
+        let clear = claim_cost(&env, 0, reads).await?;
         report.add(
             "claim",
             "read of 500 rows, 1,000 pending over 100 keys",
-            clear,
+            clear.unmarked_ms,
             "ms",
-            format!("{rows} rows per read"),
+            format!("{} rows per read", clear.rows),
         );
-        let (stuck, rows) = claim_cost(&env, behind, reads).await?;
+        let stuck = claim_cost(&env, behind, reads).await?;
         report.add(
             "claim",
-            format!("the same behind a dead key with {behind} rows waiting (block)"),
-            stuck,
+            format!(
+                "the same behind a dead key with {behind} rows waiting (block), before the \
+                 relay marks them"
+            ),
+            stuck.unmarked_ms,
             "ms",
             format!(
-                "{rows} rows per read; {:.1}× the read without it",
-                stuck / clear
+                "{} rows per read; {:.1}× the read without it",
+                stuck.rows,
+                stuck.unmarked_ms / clear.unmarked_ms
             ),
+        );
+        report.add(
+            "claim",
+            format!("the same once the {behind} rows are marked held back"),
+            stuck.marked_ms,
+            "ms",
+            format!(
+                "{} rows per read; {:.1}× the read without it",
+                stuck.marked_rows,
+                stuck.marked_ms / clear.unmarked_ms
+            ),
+        );
+        report.add(
+            "claim",
+            format!("the relay's sweep marking the {behind} rows (once)"),
+            stuck.mark_ms,
+            "ms",
+            String::new(),
+        );
+        report.add(
+            "claim",
+            "the relay's sweep (every second) with nothing new to mark",
+            stuck.idle_sweep_ms,
+            "ms",
+            String::new(),
         );
     }
 
@@ -1108,11 +1138,25 @@ async fn consumer_rate(env: &Env, broker: &str, n: usize) -> anyhow::Result<f64>
     Ok((n as i64 - from) as f64 / last.0.duration_since(first).as_secs_f64().max(1e-3))
 }
 
+/// What reads cost behind a blocked key.
+struct ClaimCost {
+    /// Mean read time before the relay's sweep marked the waiting rows, and rows per read.
+    unmarked_ms: f64,
+    rows: usize,
+    /// The same once they are marked held back.
+    marked_ms: f64,
+    marked_rows: usize,
+    /// The sweep that marked them, and one with nothing to do.
+    mark_ms: f64,
+    idle_sweep_ms: f64,
+}
+
 /// What a read costs behind a blocked key: a dead head row with `behind` rows of its key
 /// after it (`block` policy), then 1,000 rows over 100 other keys. Mean time of the relay's
 /// read (`Store::claim`, 500 rows over all 64 partitions; nothing settled, so every read
-/// finds the same rows) over `reads` reads, and the rows each returned.
-async fn claim_cost(env: &Env, behind: usize, reads: usize) -> anyhow::Result<(f64, usize)> {
+/// finds the same rows) over `reads` reads, before and after the relay's sweep
+/// (`Store::hold_back`) marked the waiting rows.
+async fn claim_cost(env: &Env, behind: usize, reads: usize) -> anyhow::Result<ClaimCost> {
     let pool = fresh_db(&env.db_url, "bench_claim").await?;
     if behind > 0 {
         sqlx::query(
@@ -1137,12 +1181,36 @@ async fn claim_cost(env: &Env, behind: usize, reads: usize) -> anyhow::Result<(f
         .execute(&pool)
         .await?;
     let (store, me, owned) = store_owning_all(&pool).await?;
-    let rows = store.claim(me, &owned, 500, &[]).await?.len();
+    let mean_read = |store: Store| {
+        let owned = owned.clone();
+        async move {
+            let rows = store.claim(me, &owned, 500, &[]).await?.len();
+            let start = Instant::now();
+            for _ in 0..reads {
+                store.claim(me, &owned, 500, &[]).await?;
+            }
+            anyhow::Ok((start.elapsed().as_secs_f64() * 1000.0 / reads as f64, rows))
+        }
+    };
+    let (unmarked_ms, rows) = mean_read(store.clone()).await?;
     let start = Instant::now();
-    for _ in 0..reads {
-        store.claim(me, &owned, 500, &[]).await?;
-    }
-    let mean_ms = start.elapsed().as_secs_f64() * 1000.0 / reads as f64;
+    let (marked, _) = store.hold_back(me).await?;
+    let mark_ms = start.elapsed().as_secs_f64() * 1000.0;
+    anyhow::ensure!(
+        marked == behind as u64,
+        "the sweep marked {marked} rows, not the {behind} behind the dead one"
+    );
+    let start = Instant::now();
+    store.hold_back(me).await?;
+    let idle_sweep_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let (marked_ms, marked_rows) = mean_read(store).await?;
     pool.close().await;
-    Ok((mean_ms, rows))
+    Ok(ClaimCost {
+        unmarked_ms,
+        rows,
+        marked_ms,
+        marked_rows,
+        mark_ms,
+        idle_sweep_ms,
+    })
 }

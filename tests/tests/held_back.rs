@@ -1,0 +1,253 @@
+//! Rows waiting behind a dead row of their key (`block`) are marked held back, so reads step
+//! over them instead of walking them; the marks go when the dead row is retried or
+//! discarded (by the command, or by hand), and per-key order holds throughout.
+
+use std::time::Duration;
+
+use outbox::Schema;
+use outbox_relay::{
+    config::DeadKeyPolicy,
+    dead::{self, DeadFilter},
+    store::Store,
+};
+use outbox_tests::TestDb;
+use uuid::Uuid;
+
+const BEHIND: i64 = 3_000;
+
+/// A store leasing all 64 partitions.
+async fn leasing_all(db: &TestDb, policy: DeadKeyPolicy) -> (Store, Uuid, Vec<i16>) {
+    let store = Store::new(db.pool.clone(), Schema::default(), policy, false);
+    let me = Uuid::new_v4();
+    let mut owned = Vec::new();
+    while owned.len() < 64 {
+        owned = store.rebalance(me, Duration::from_secs(60)).await.unwrap();
+    }
+    (store, me, owned)
+}
+
+/// A dead row of key `stuck` with `BEHIND` rows of the key after it, then 200 rows over
+/// 20 other keys. Returns the dead row's seq.
+async fn stuck_key(db: &TestDb) -> i64 {
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, key, payload)
+         SELECT 't', 'stuck', '\\x00' FROM generate_series(0, $1)",
+    )
+    .bind(BEHIND)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let head: i64 = sqlx::query_scalar(
+        "UPDATE outbox.messages SET status = 'dead', attempts = 1, last_error = 'test',
+                dead_at = now()
+         WHERE seq = (SELECT min(seq) FROM outbox.messages) RETURNING seq",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, key, payload)
+         SELECT 't', 'k' || (i % 20), '\\x00' FROM generate_series(1, 200) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE outbox.messages")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    head
+}
+
+fn limits(owned: &[i16]) -> Vec<(i16, u32)> {
+    owned.iter().map(|&p| (p, 500)).collect()
+}
+
+#[tokio::test]
+async fn rows_behind_a_dead_row_are_stepped_over_not_walked() {
+    let db = TestDb::new().await;
+    stuck_key(&db).await;
+    let (store, me, owned) = leasing_all(&db, DeadKeyPolicy::Block).await;
+
+    let claim = store
+        .claim_from(me, &limits(&owned), u64::MAX, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        claim.envelopes.len(),
+        200,
+        "only the other keys' rows are read"
+    );
+    let walked = store
+        .rows_examined_by_claim(me, &limits(&owned), &[])
+        .await
+        .unwrap();
+    assert!(
+        walked > BEHIND as u64,
+        "before the marks, a read walks the waiting rows: {walked} rows examined"
+    );
+
+    assert_eq!(store.hold_back(me).await.unwrap(), (BEHIND as u64, 0));
+    assert_eq!(
+        store.hold_back(me).await.unwrap(),
+        (0, 0),
+        "nothing to redo"
+    );
+    let stepped = store
+        .rows_examined_by_claim(me, &limits(&owned), &[])
+        .await
+        .unwrap();
+    assert!(
+        stepped <= 400,
+        "a read must not look at the held-back rows: {stepped} rows examined (was {walked})"
+    );
+    let claim = store
+        .claim_from(me, &limits(&owned), u64::MAX, &[])
+        .await
+        .unwrap();
+    assert_eq!(claim.envelopes.len(), 200);
+    assert!(claim
+        .envelopes
+        .iter()
+        .all(|e| e.key.as_deref() != Some("stuck")));
+
+    // A row of the key written after the marks waits too, and is marked by the next sweep.
+    sqlx::query("INSERT INTO outbox.messages (topic, key, payload) VALUES ('t', 'stuck', '\\x01')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let claim = store
+        .claim_from(me, &limits(&owned), u64::MAX, &[])
+        .await
+        .unwrap();
+    assert!(
+        claim
+            .envelopes
+            .iter()
+            .all(|e| e.key.as_deref() != Some("stuck")),
+        "a new row of a held-back key must not be read"
+    );
+    assert_eq!(store.hold_back(me).await.unwrap(), (1, 0));
+}
+
+#[tokio::test]
+async fn a_retried_or_discarded_dead_row_frees_its_key_in_order() {
+    let db = TestDb::new().await;
+    let head = stuck_key(&db).await;
+    let (store, me, owned) = leasing_all(&db, DeadKeyPolicy::Block).await;
+    store.hold_back(me).await.unwrap();
+    assert_eq!(db.held_back().await, BEHIND);
+
+    // `dead retry` clears the marks in its own transaction: no sweep needed.
+    let filter = DeadFilter {
+        key: Some("stuck".into()),
+        ..Default::default()
+    };
+    let retried = dead::retry(&db.pool, &Schema::default(), &filter)
+        .await
+        .unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(db.held_back().await, 0, "retry clears the marks of its key");
+    let stuck_seqs = |c: &outbox_relay::store::Claim| -> Vec<i64> {
+        c.envelopes
+            .iter()
+            .filter(|e| e.key.as_deref() == Some("stuck"))
+            .map(|e| e.seq)
+            .collect()
+    };
+    let claim = store
+        .claim_from(me, &limits(&owned), u64::MAX, &[])
+        .await
+        .unwrap();
+    let seqs = stuck_seqs(&claim);
+    assert_eq!(
+        seqs.first(),
+        Some(&head),
+        "the retried row comes first for its key"
+    );
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in seq order");
+
+    // Dead again, marked again; this time discarded.
+    sqlx::query(
+        "UPDATE outbox.messages SET status = 'dead', attempts = 1, dead_at = now() WHERE seq = $1",
+    )
+    .bind(head)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(store.hold_back(me).await.unwrap(), (BEHIND as u64, 0));
+    dead::discard(&db.pool, &Schema::default(), &filter, "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        db.held_back().await,
+        0,
+        "discard clears the marks of its key"
+    );
+    let claim = store
+        .claim_from(me, &limits(&owned), u64::MAX, &[])
+        .await
+        .unwrap();
+    assert_eq!(stuck_seqs(&claim).first(), Some(&(head + 1)));
+}
+
+#[tokio::test]
+async fn marks_whose_dead_row_went_by_hand_or_under_skip_are_cleared_by_the_sweep() {
+    let db = TestDb::new().await;
+    let head = stuck_key(&db).await;
+    let (store, me, owned) = leasing_all(&db, DeadKeyPolicy::Block).await;
+    store.hold_back(me).await.unwrap();
+
+    // An operator re-queues the dead row with SQL, not with the command.
+    sqlx::query("UPDATE outbox.messages SET status = 'pending', attempts = 0, dead_at = NULL WHERE seq = $1")
+        .bind(head)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(db.held_back().await, BEHIND);
+    let claim = store
+        .claim_from(me, &limits(&owned), u64::MAX, &[])
+        .await
+        .unwrap();
+    let stuck: Vec<i64> = claim
+        .envelopes
+        .iter()
+        .filter(|e| e.key.as_deref() == Some("stuck"))
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        stuck,
+        vec![head],
+        "held-back rows still wait behind their key's head, whatever its state"
+    );
+    assert_eq!(store.hold_back(me).await.unwrap(), (0, BEHIND as u64));
+    assert_eq!(db.held_back().await, 0);
+
+    // Under `skip`, dead rows hold nothing back: a relay with that policy clears the marks.
+    sqlx::query(
+        "UPDATE outbox.messages SET status = 'dead', attempts = 1, dead_at = now() WHERE seq = $1",
+    )
+    .bind(head)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    store.hold_back(me).await.unwrap();
+    assert_eq!(db.held_back().await, BEHIND);
+    store.release_all(me).await.unwrap();
+    let (skip, me2, owned2) = leasing_all(&db, DeadKeyPolicy::Skip).await;
+    assert_eq!(skip.hold_back(me2).await.unwrap(), (0, BEHIND as u64));
+    let claim = skip
+        .claim_from(me2, &limits(&owned2), u64::MAX, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        claim
+            .envelopes
+            .iter()
+            .filter(|e| e.key.as_deref() == Some("stuck"))
+            .map(|e| e.seq)
+            .next(),
+        Some(head + 1),
+        "under skip the rows behind the dead row are read, oldest first"
+    );
+}
