@@ -368,13 +368,16 @@ pub struct KafkaSettings {
     pub topic: String,
     /// Per-topic Kafka topic, overriding `topic`.
     pub routes: BTreeMap<String, KafkaRouteSettings>,
-    /// How long the producer may try to deliver one message (`message.timeout.ms`). A
-    /// timeout counts as "broker unavailable", not as a failed attempt.
+    /// How long a message may wait for its delivery report before the relay reports the
+    /// broker unavailable (a warning, at most one per this period). The message stays with
+    /// the producer, which keeps trying: messages never time out in it, so that none can
+    /// fail behind a later message of its key that gets through.
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
     /// librdkafka producer properties, passed through (e.g. `compression.type`,
     /// `security.protocol`, `sasl.username`). Properties that would break the relay's
-    /// guarantees (`enable.idempotence`, `acks`, `max.in.flight...` above 5) are refused.
+    /// guarantees (`enable.idempotence`, `acks`, `max.in.flight...` above 5,
+    /// `enable.gapless.guarantee`, `message.timeout.ms`) are refused.
     /// Values of secret properties (`sasl.password`, `ssl.key.password`, ...) are never
     /// logged.
     pub properties: BTreeMap<String, String>,
@@ -821,10 +824,18 @@ pub fn check_kafka_property(name: &str, value: &str) -> Result<(), String> {
         {
             Err("must be 1 to 5 with the idempotent producer".into())
         }
+        "enable.gapless.guarantee" if value != "true" => Err(
+            "must stay true: the relay sends a key's messages without waiting for each \
+             confirm, and this keeps a failed message from leaving a gap before later ones"
+                .into(),
+        ),
         "bootstrap.servers" | "metadata.broker.list" => Err("set kafka.brokers instead".into()),
-        "message.timeout.ms" | "delivery.timeout.ms" => {
-            Err("set kafka.delivery_timeout instead".into())
-        }
+        "message.timeout.ms" | "delivery.timeout.ms" => Err(
+            "messages never time out in the relay's producer (a timeout could leave a gap \
+             before a key's later messages); kafka.delivery_timeout sets when a slow delivery \
+             is reported"
+                .into(),
+        ),
         _ => Ok(()),
     }
 }
@@ -1031,6 +1042,10 @@ mod tests {
         );
         assert!(check_kafka_property("enable.idempotence", "false").is_err());
         assert!(check_kafka_property("max.in.flight.requests.per.connection", "10").is_err());
+        // A key's messages are pipelined: no gap may open before them, and none may time out.
+        assert!(check_kafka_property("enable.gapless.guarantee", "false").is_err());
+        assert!(check_kafka_property("enable.gapless.guarantee", "true").is_ok());
+        assert!(check_kafka_property("message.timeout.ms", "30000").is_err());
         assert!(check_kafka_property("compression.type", "zstd").is_ok());
     }
 

@@ -239,6 +239,15 @@ impl RunningRelay {
 
 /// Builds a relay from `settings` (as `outbox-relay run` would).
 pub async fn relay(settings: &Settings) -> Arc<Relay> {
+    let publisher = outbox_relay::publish::from_settings(settings).expect("publisher");
+    relay_with(settings, publisher).await
+}
+
+/// Builds a relay from `settings` that publishes through `publisher`.
+pub async fn relay_with(
+    settings: &Settings,
+    publisher: Arc<dyn outbox_relay::publish::Publisher>,
+) -> Arc<Relay> {
     use secrecy::ExposeSecret;
     let url = settings
         .database
@@ -259,7 +268,6 @@ pub async fn relay(settings: &Settings) -> Arc<Relay> {
         !settings.retention.delivered.is_zero(),
     )
     .with_max_payload(settings.relay.max_payload);
-    let publisher = outbox_relay::publish::from_settings(settings).expect("publisher");
     Arc::new(Relay::new(
         store,
         publisher,
@@ -271,7 +279,11 @@ pub async fn relay(settings: &Settings) -> Arc<Relay> {
 
 /// Starts a relay from `settings` in this process.
 pub async fn start_relay(settings: &Settings) -> RunningRelay {
-    let relay = relay(settings).await;
+    run_relay(relay(settings).await)
+}
+
+/// Starts `relay` in this process.
+pub fn run_relay(relay: Arc<Relay>) -> RunningRelay {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
     RunningRelay { shutdown, task }

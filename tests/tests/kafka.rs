@@ -1,10 +1,98 @@
 //! What is particular to Kafka: the outbox key is the Kafka message key, so a key lives in
 //! one partition, in `seq` order; topics map through templates and routes.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
+use futures::{future::BoxFuture, FutureExt};
 use outbox::Message;
-use outbox_tests::{enqueue_all, keyed_messages, start_relay, topic, Broker, TestDb};
+use outbox_relay::{
+    envelope::Envelope,
+    publish::{kafka::KafkaPublisher, Confirm, PublishError, Publisher},
+};
+use outbox_tests::{
+    assert_per_key_order, enqueue_all, keyed_messages, relay_with, run_relay, start_relay, topic,
+    Broker, TestDb,
+};
+
+/// The relay's Kafka publisher, counting the messages it has out at once.
+struct Counting {
+    kafka: KafkaPublisher,
+    out: Arc<AtomicU32>,
+    most: Arc<AtomicU32>,
+}
+
+impl Publisher for Counting {
+    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
+        self.kafka.ready()
+    }
+
+    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
+        match self.send(envelope) {
+            Ok(confirm) => confirm,
+            Err(e) => async move { Err(e) }.boxed(),
+        }
+    }
+
+    fn key_depth(&self) -> u32 {
+        self.kafka.key_depth()
+    }
+
+    fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
+        let confirm = self.kafka.send(envelope)?;
+        let now = self.out.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        let out = self.out.clone();
+        Ok(async move {
+            let result = confirm.await;
+            out.fetch_sub(1, Ordering::SeqCst);
+            result
+        }
+        .boxed())
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+        self.kafka.health()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        self.kafka.close()
+    }
+}
+
+/// One busy key is not held to one message per round trip: many of its messages are at
+/// the broker at once, and they arrive complete and in order.
+#[tokio::test]
+async fn a_busy_keys_messages_are_pipelined_and_arrive_in_order() {
+    let db = TestDb::new().await;
+    let t = topic("pipelined");
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&t).await;
+    enqueue_all(&db, &keyed_messages(&t, 0..3000, 1)).await;
+    let s = Broker::Kafka.settings(&db);
+    let most = Arc::new(AtomicU32::new(0));
+    let publisher = Counting {
+        kafka: KafkaPublisher::new(&s.kafka).unwrap(),
+        out: Arc::new(AtomicU32::new(0)),
+        most: most.clone(),
+    };
+    let relay = run_relay(relay_with(&s, Arc::new(publisher)).await);
+    let got = consumer.wait_for(3000, Duration::from_secs(60)).await;
+    relay.stop().await;
+    assert_per_key_order(&got);
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        most >= 20,
+        "one key had at most {most} messages at the broker at once"
+    );
+    assert_eq!(db.count("pending").await, 0);
+}
 
 #[tokio::test]
 async fn each_key_lives_in_one_partition_in_seq_order() {

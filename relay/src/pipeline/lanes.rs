@@ -2,7 +2,12 @@
 //! key in which they wait their turn.
 //!
 //! The rules that keep per-key order while the stages overlap:
-//! - A lane starts its next message only after the previous one is confirmed.
+//! - A lane starts its next message only after the previous one is confirmed, unless the
+//!   publisher keeps a key's order itself (its depth is more than 1: Kafka's idempotent
+//!   producer, gapless), in which case up to that many are at the broker at once.
+//! - When a message fails or is let go while later ones of its key are still at the
+//!   broker, the lane is broken: nothing of the key starts, and no row of it is taken from
+//!   a read, until all of them are back; then the key starts again from its oldest row.
 //! - A row stays held (and is passed over by later reads) until its outcome is committed to
 //!   PostgreSQL, or until it is let go untouched.
 //! - After a failure, the key is blocked: its later rows are dropped from the lane, and rows
@@ -40,12 +45,21 @@ impl LaneId {
 struct Lane {
     /// Rows waiting, in `seq` order.
     queue: VecDeque<Envelope>,
-    /// A message of this lane is at the broker.
-    busy: bool,
+    /// Messages of this lane at the broker.
+    in_flight: u32,
+    /// Their topic: a lane's messages are pipelined only within one topic, whose
+    /// destination (and so partition) they share.
+    flight_topic: String,
+    /// One of its messages failed or was let go while others were at the broker.
+    broken: bool,
+    /// Listed in `ready`.
+    listed: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Lanes {
+    /// How many messages of one lane may be at the broker at once.
+    depth: u32,
     /// Held rows: their payload sizes and partitions.
     held: HashMap<i64, (usize, i16)>,
     held_bytes: usize,
@@ -64,7 +78,41 @@ pub(crate) struct Lanes {
     tainted: HashSet<LaneId>,
 }
 
+impl Lane {
+    /// Whether the lane's head may start now, with up to `depth` at the broker.
+    fn can_start(&self, depth: u32) -> bool {
+        match self.queue.front() {
+            None => false,
+            Some(_) if self.broken => false,
+            Some(_) if self.in_flight == 0 => true,
+            Some(head) => self.in_flight < depth && head.topic == self.flight_topic,
+        }
+    }
+}
+
+impl Default for Lanes {
+    fn default() -> Self {
+        Self::with_depth(1)
+    }
+}
+
 impl Lanes {
+    /// Lanes with up to `depth` messages of a key at the broker at once.
+    pub(crate) fn with_depth(depth: u32) -> Self {
+        Self {
+            depth: depth.max(1),
+            held: HashMap::new(),
+            held_bytes: 0,
+            per_partition: HashMap::new(),
+            busy_changes: 0,
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            blocked: HashMap::new(),
+            reading: false,
+            tainted: HashSet::new(),
+        }
+    }
+
     /// Rows held.
     pub(crate) fn held(&self) -> usize {
         self.held.len()
@@ -115,6 +163,7 @@ impl Lanes {
             if self.held.contains_key(&env.seq)
                 || self.blocked.contains_key(&id)
                 || self.tainted.contains(&id)
+                || self.lanes.get(&id).is_some_and(|l| l.broken)
             {
                 continue;
             }
@@ -123,19 +172,20 @@ impl Lanes {
             let lane = self.lanes.entry(id.clone()).or_default();
             let at = lane.queue.partition_point(|e| e.seq < env.seq);
             lane.queue.insert(at, env);
-            if !lane.busy && lane.queue.len() == 1 {
-                self.ready.push_back(id);
-            }
+            self.list(id);
         }
         self.tainted.clear();
         taken
     }
 
     /// Holds a row that is being dead-lettered without a publish, and blocks its key until
-    /// that is committed. Returns false (and does nothing) when its key is tainted or the
-    /// row is held already.
+    /// that is committed. Returns false (and does nothing) when its key is tainted or its
+    /// lane broken, or the row is held already.
     pub(crate) fn admit_unpublishable(&mut self, seq: i64, partition: i16, id: &LaneId) -> bool {
-        if self.held.contains_key(&seq) || self.tainted.contains(id) {
+        if self.held.contains_key(&seq)
+            || self.tainted.contains(id)
+            || self.lanes.get(id).is_some_and(|l| l.broken)
+        {
             return false;
         }
         self.hold(seq, 0, partition);
@@ -144,16 +194,24 @@ impl Lanes {
         true
     }
 
-    /// The next message to publish: the head of a lane with nothing at the broker.
+    /// The next message to publish: the head of a lane with fewer than `depth` messages at
+    /// the broker. Lanes take turns.
     pub(crate) fn next(&mut self) -> Option<Envelope> {
         while let Some(id) = self.ready.pop_front() {
-            if let Some(lane) = self.lanes.get_mut(&id) {
-                if !lane.busy {
-                    if let Some(env) = lane.queue.pop_front() {
-                        lane.busy = true;
-                        return Some(env);
-                    }
+            let Some(lane) = self.lanes.get_mut(&id) else {
+                continue;
+            };
+            lane.listed = false;
+            if !lane.can_start(self.depth) {
+                continue;
+            }
+            if let Some(env) = lane.queue.pop_front() {
+                if lane.in_flight == 0 {
+                    lane.flight_topic.clone_from(&env.topic);
                 }
+                lane.in_flight += 1;
+                self.list(id);
+                return Some(env);
             }
         }
         None
@@ -164,12 +222,8 @@ impl Lanes {
     pub(crate) fn confirmed(&mut self, env: &Envelope) {
         let id = LaneId::of(env);
         if let Some(lane) = self.lanes.get_mut(&id) {
-            lane.busy = false;
-            if lane.queue.is_empty() {
-                self.lanes.remove(&id);
-            } else {
-                self.ready.push_back(id);
-            }
+            lane.in_flight = lane.in_flight.saturating_sub(1);
+            self.back(id);
         }
     }
 
@@ -178,12 +232,16 @@ impl Lanes {
     /// committed (pass them to [`Lanes::settled`] then).
     pub(crate) fn failed(&mut self, env: &Envelope) -> Vec<i64> {
         let id = LaneId::of(env);
-        let dropped = self
-            .lanes
-            .remove(&id)
-            .map(|lane| lane.queue.iter().map(|e| e.seq).collect())
-            .unwrap_or_default();
-        *self.blocked.entry(id).or_default() += 1;
+        let dropped = match self.lanes.get_mut(&id) {
+            Some(lane) => {
+                lane.in_flight = lane.in_flight.saturating_sub(1);
+                lane.broken = true;
+                lane.queue.drain(..).map(|e| e.seq).collect()
+            }
+            None => Vec::new(),
+        };
+        *self.blocked.entry(id.clone()).or_default() += 1;
+        self.back(id);
         dropped
     }
 
@@ -192,12 +250,58 @@ impl Lanes {
     pub(crate) fn released(&mut self, env: &Envelope) {
         let id = LaneId::of(env);
         self.unhold(env.seq);
-        if let Some(lane) = self.lanes.remove(&id) {
-            for e in lane.queue {
-                self.unhold(e.seq);
+        if let Some(lane) = self.lanes.get_mut(&id) {
+            lane.in_flight = lane.in_flight.saturating_sub(1);
+            lane.broken = true;
+            let queued: Vec<i64> = lane.queue.drain(..).map(|e| e.seq).collect();
+            for seq in queued {
+                self.unhold(seq);
             }
         }
-        self.taint(id);
+        self.taint(id.clone());
+        self.back(id);
+    }
+
+    /// A message of lane `id` came back: the lane goes once it is empty (a broken one once
+    /// nothing of it is at the broker, tainting its key for a read under way), or is listed
+    /// to start its next message.
+    fn back(&mut self, id: LaneId) {
+        let Some(lane) = self.lanes.get(&id) else {
+            return;
+        };
+        if lane.in_flight > 0 {
+            if !lane.broken {
+                self.list(id);
+            }
+            return;
+        }
+        if lane.broken || lane.queue.is_empty() {
+            let broken = lane.broken;
+            self.lanes.remove(&id);
+            if broken {
+                self.taint(id);
+            }
+        } else {
+            self.list(id);
+        }
+    }
+
+    /// Lists lane `id` as ready if it can start a message and is not listed yet.
+    fn list(&mut self, id: LaneId) {
+        if let Some(lane) = self.lanes.get_mut(&id) {
+            if !lane.listed && lane.can_start(self.depth) {
+                lane.listed = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    /// `env` could not even be handed to the broker's client: its key starts nothing more
+    /// until its outcome is taken in (as a failure, or let go).
+    pub(crate) fn stop_key(&mut self, env: &Envelope) {
+        if let Some(lane) = self.lanes.get_mut(&LaneId::of(env)) {
+            lane.broken = true;
+        }
     }
 
     /// Outcomes committed (or given up on): forgets `seqs` and unblocks the keys of the
@@ -227,7 +331,8 @@ impl Lanes {
                 dropped.extend(lane.queue.drain(..).map(|e| e.seq));
                 ids.push(id.clone());
             }
-            lane.busy
+            lane.listed = false;
+            lane.in_flight > 0
         });
         self.ready.clear();
         for &seq in &dropped {
@@ -495,6 +600,94 @@ mod tests {
         );
         assert_eq!(lanes.drop_queued(), 2);
         assert_eq!(lanes.busy_partitions(), Vec::<i16>::new());
+    }
+
+    #[test]
+    fn with_a_depth_a_key_streams_up_to_it_and_lanes_take_turns() {
+        let mut lanes = Lanes::with_depth(3);
+        lanes.admit((1..=5).map(|i| env(i, Some("a"), 1)).collect());
+        lanes.admit(vec![env(6, Some("b"), 1), env(7, Some("b"), 1)]);
+        // "a" and "b" alternate; "a" stops at three at the broker.
+        assert_eq!(drain(&mut lanes), vec![1, 6, 2, 7, 3]);
+        lanes.confirmed(&env(1, Some("a"), 1));
+        assert_eq!(drain(&mut lanes), vec![4]);
+        lanes.confirmed(&env(2, Some("a"), 1));
+        lanes.confirmed(&env(3, Some("a"), 1));
+        assert_eq!(drain(&mut lanes), vec![5]);
+    }
+
+    #[test]
+    fn a_failure_with_later_messages_at_the_broker_stops_the_key_until_they_are_back() {
+        let mut lanes = Lanes::with_depth(4);
+        lanes.admit((1..=5).map(|i| env(i, Some("a"), 1)).collect());
+        assert_eq!(drain(&mut lanes), vec![1, 2, 3, 4]);
+        assert_eq!(lanes.failed(&env(1, Some("a"), 1)), vec![5]);
+        lanes.confirmed(&env(2, Some("a"), 1));
+        // The failure is committed, but 3 and 4 are still out: nothing of "a" is taken.
+        lanes.settled([1, 5], vec![LaneId::Key("a".into())]);
+        lanes.start_read();
+        assert_eq!(lanes.admit(vec![env(5, Some("a"), 1)]), 0);
+        assert!(!lanes.admit_unpublishable(8, 0, &LaneId::Key("a".into())));
+        lanes.released(&env(3, Some("a"), 1));
+        // A read under way when the last one comes back may have passed over rows of "a".
+        lanes.start_read();
+        lanes.confirmed(&env(4, Some("a"), 1));
+        assert_eq!(lanes.admit(vec![env(5, Some("a"), 1)]), 0);
+        // The next read starts again from the oldest row of "a" not at the broker.
+        lanes.start_read();
+        assert_eq!(
+            lanes.admit(vec![env(3, Some("a"), 1), env(5, Some("a"), 1)]),
+            2
+        );
+        assert_eq!(drain(&mut lanes), vec![3, 5]);
+    }
+
+    #[test]
+    fn a_message_let_go_with_later_ones_at_the_broker_restarts_the_key_from_it() {
+        let mut lanes = Lanes::with_depth(8);
+        lanes.admit((1..=4).map(|i| env(i, Some("a"), 1)).collect());
+        assert_eq!(drain(&mut lanes), vec![1, 2, 3, 4]);
+        lanes.released(&env(2, Some("a"), 1));
+        // 2 is let go, but 3 and 4 are out: 2 must not start again before they are back.
+        assert_eq!(lanes.admit(vec![env(2, Some("a"), 1)]), 0);
+        lanes.confirmed(&env(1, Some("a"), 1));
+        lanes.released(&env(3, Some("a"), 1));
+        assert_eq!(lanes.admit(vec![env(2, Some("a"), 1)]), 0);
+        lanes.confirmed(&env(4, Some("a"), 1));
+        assert_eq!(
+            lanes.admit(vec![env(2, Some("a"), 1), env(3, Some("a"), 1)]),
+            2
+        );
+        assert_eq!(drain(&mut lanes), vec![2, 3]);
+        // 1 and 4 stay held until their deletes commit.
+        assert_eq!(lanes.held(), 4);
+    }
+
+    #[test]
+    fn a_key_is_pipelined_only_within_one_topic() {
+        let on = |seq, topic: &str| {
+            let mut e = env(seq, Some("a"), 1);
+            e.topic = topic.into();
+            e
+        };
+        let mut lanes = Lanes::with_depth(8);
+        lanes.admit(vec![on(1, "t"), on(2, "t"), on(3, "u"), on(4, "u")]);
+        assert_eq!(drain(&mut lanes), vec![1, 2]);
+        lanes.confirmed(&on(1, "t"));
+        assert_eq!(drain(&mut lanes), Vec::<i64>::new(), "2 is still out");
+        lanes.confirmed(&on(2, "t"));
+        assert_eq!(drain(&mut lanes), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_message_refused_before_it_was_handed_over_stops_its_key_at_once() {
+        let mut lanes = Lanes::with_depth(8);
+        lanes.admit((1..=3).map(|i| env(i, Some("a"), 1)).collect());
+        let first = lanes.next().unwrap();
+        lanes.stop_key(&first);
+        assert!(lanes.next().is_none());
+        assert_eq!(lanes.failed(&first), vec![2, 3]);
+        assert!(lanes.next().is_none());
     }
 
     #[test]

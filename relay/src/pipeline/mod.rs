@@ -4,7 +4,8 @@
 //!   passing over the rows it holds already, within a window bounded in rows
 //!   (`relay.window`) and in payload bytes (`relay.window_bytes`).
 //! - **Publish** starts a key's next message as soon as the broker confirmed its previous
-//!   one, with every key that has a message waiting in flight at once.
+//!   one, with every key that has a message waiting in flight at once; with a publisher
+//!   that keeps a key's order itself (Kafka), a key's messages go without waiting.
 //! - **Settle** ([`settle`]) commits the outcomes that arrived while the previous settle ran
 //!   in one round trip: a group commit, so settles never wait for each other and never hold
 //!   up a publish.
@@ -77,7 +78,8 @@ pub(crate) async fn run(
     // Partitions that had more rows than the last read took.
     let mut hot: HashSet<i16> = HashSet::new();
 
-    let mut lanes = Lanes::default();
+    let mut lanes = Lanes::with_depth(relay.publisher.key_depth());
+    let pipelined = relay.publisher.key_depth() > 1;
     let mut pending = Pending::default();
     let mut publishing: FuturesUnordered<Boxed<'_, (Envelope, Result<Duration, PublishError>)>> =
         FuturesUnordered::new();
@@ -136,13 +138,30 @@ pub(crate) async fn run(
         }
         let may_start = !stopping && pause_until.is_none() && broker_trouble.is_none();
 
-        // Publish: every lane whose previous message is confirmed.
+        // Publish: every lane whose previous message is confirmed, or, with a publisher
+        // that keeps a key's order itself, every queued message, handed over here in order.
         if may_start && broker_ok {
             while let Some(env) = lanes.next() {
-                publishing.push(Box::pin(async move {
-                    let result = relay.publish_one(&env).await;
-                    (env, result)
-                }));
+                if pipelined {
+                    let started = Instant::now();
+                    match relay.publisher.send(&env) {
+                        Ok(confirm) => publishing.push(Box::pin(async move {
+                            let result = confirm.await.map(|()| started.elapsed());
+                            (env, result)
+                        })),
+                        Err(e) => {
+                            // Refused before it was handed over: nothing later of its key
+                            // may go before this outcome is taken in.
+                            lanes.stop_key(&env);
+                            publishing.push(Box::pin(async move { (env, Err(e)) }));
+                        }
+                    }
+                } else {
+                    publishing.push(Box::pin(async move {
+                        let result = relay.publish_one(&env).await;
+                        (env, result)
+                    }));
+                }
             }
         }
         // Broker trouble: once nothing is in flight, back off, then reconnect with a read.
@@ -252,6 +271,7 @@ pub(crate) async fn run(
             }
             _ = shutdown.cancelled(), if !stopping => {
                 stopping = true;
+                relay.publisher.stop_sending();
                 reading = None;
                 lanes.read_failed();
                 lanes.drop_queued();

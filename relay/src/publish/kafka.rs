@@ -22,7 +22,7 @@ use rdkafka::{
 
 use secrecy::ExposeSecret;
 
-use super::{PublishError, Publisher};
+use super::{Confirm, PublishError, Publisher};
 use crate::{
     config::KafkaSettings,
     envelope::{Envelope, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
@@ -77,7 +77,22 @@ impl ClientContext for ClientErrors {
 type RelayProducer = FutureProducer<ClientErrors>;
 
 /// Publishes to one Kafka cluster.
+///
+/// A key's messages are pipelined ([`Publisher::key_depth`]): each is handed to the
+/// producer as soon as the relay starts it, without waiting for the previous confirm.
+/// Three settings make that safe. The idempotent producer keeps one partition's messages
+/// in order across its retries; `enable.gapless.guarantee` turns any failure that could
+/// leave a gap into a fatal producer error, so no message is written after an earlier
+/// one of its partition failed; and messages never time out in the producer
+/// (`message.timeout.ms = 0`), because a timeout is the one failure the gapless guarantee
+/// does not cover. A message the broker does not confirm within `kafka.delivery_timeout`
+/// is reported (the broker is unavailable) and stays with the producer, which keeps
+/// trying.
 pub struct KafkaPublisher {
+    inner: std::sync::Arc<Inner>,
+}
+
+struct Inner {
     config: ClientConfig,
     errors: ClientErrors,
     producer: std::sync::RwLock<RelayProducer>,
@@ -85,11 +100,15 @@ pub struct KafkaPublisher {
     max_message_bytes: usize,
     default_topic: Template,
     routes: std::collections::BTreeMap<String, Template>,
+    delivery_timeout: Duration,
+    /// When a slow delivery was last reported (one warning per `delivery_timeout`).
+    warned: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl KafkaPublisher {
     /// A producer for validated settings. librdkafka connects in the background; an
-    /// unreachable cluster shows up as delivery timeouts ("broker unavailable").
+    /// unreachable cluster shows up as deliveries that do not come back ("broker
+    /// unavailable").
     pub fn new(settings: &KafkaSettings) -> Result<Self, PublishError> {
         let brokers = settings
             .brokers
@@ -118,10 +137,10 @@ impl KafkaPublisher {
                     .map_err(PublishError::Fatal)?;
             config.set(name, value.expose_secret());
         }
-        config.set(
-            "message.timeout.ms",
-            settings.delivery_timeout.as_millis().to_string(),
-        );
+        // What a key's pipelining rests on (see above); refused as user properties.
+        config
+            .set("enable.gapless.guarantee", "true")
+            .set("message.timeout.ms", "0");
         let errors = ClientErrors::default();
         let producer: RelayProducer = config
             .create_with_context(errors.clone())
@@ -133,20 +152,34 @@ impl KafkaPublisher {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
         Ok(Self {
-            config,
-            errors,
-            max_message_bytes,
-            producer: std::sync::RwLock::new(producer),
-            brokers,
-            default_topic: template(&settings.topic),
-            routes: settings
-                .routes
-                .iter()
-                .map(|(t, r)| (t.clone(), template(&r.topic)))
-                .collect(),
+            inner: std::sync::Arc::new(Inner {
+                config,
+                errors,
+                max_message_bytes,
+                producer: std::sync::RwLock::new(producer),
+                brokers,
+                default_topic: template(&settings.topic),
+                routes: settings
+                    .routes
+                    .iter()
+                    .map(|(t, r)| (t.clone(), template(&r.topic)))
+                    .collect(),
+                delivery_timeout: settings.delivery_timeout,
+                warned: std::sync::Mutex::new(None),
+            }),
         })
     }
+}
 
+/// A message handed to the producer: the wait for its delivery report.
+struct Sent {
+    producer: RelayProducer,
+    delivery: rdkafka::producer::DeliveryFuture,
+    topic: String,
+    seq: i64,
+}
+
+impl Inner {
     fn topic_for(&self, env: &Envelope) -> String {
         self.routes
             .get(&env.topic)
@@ -154,7 +187,8 @@ impl KafkaPublisher {
             .render(&env.topic, env.key.as_deref())
     }
 
-    async fn publish_one(&self, env: &Envelope) -> Result<(), PublishError> {
+    /// Hands `env` to the producer (without waiting for anything).
+    fn start(&self, env: &Envelope) -> Result<Sent, PublishError> {
         let topic = self.topic_for(env);
         // librdkafka refuses these too; saying so before sending names the limit.
         let size = env.payload.len()
@@ -213,16 +247,38 @@ impl KafkaPublisher {
             record = record.key(key.as_str());
         }
         let producer = self.producer.read().expect("lock poisoned").clone();
-        let delivery = match producer.send_result(record) {
-            Ok(delivery) => delivery,
+        match producer.send_result(record) {
+            Ok(delivery) => Ok(Sent {
+                producer,
+                delivery,
+                topic,
+                seq: env.seq,
+            }),
             Err((e, _)) => {
                 if let Some((code, reason)) = producer.client().fatal_error() {
                     return Err(self.renew(&producer, code, &reason));
                 }
-                return Err(self.classify(&e, &topic));
+                Err(self.classify(&e, &topic))
+            }
+        }
+    }
+
+    /// Waits for the delivery report of a message [`Inner::start`] handed over, reporting
+    /// the broker unavailable each `delivery_timeout` it takes.
+    async fn finish(&self, sent: Sent) -> Result<(), PublishError> {
+        let Sent {
+            producer,
+            mut delivery,
+            topic,
+            seq,
+        } = sent;
+        let report = loop {
+            tokio::select! {
+                report = &mut delivery => break report,
+                _ = tokio::time::sleep(self.delivery_timeout) => self.slow(seq, &topic),
             }
         };
-        match delivery.await {
+        match report {
             Ok(Ok(_)) => {
                 self.errors.clear();
                 Ok(())
@@ -237,6 +293,28 @@ impl KafkaPublisher {
                 "the Kafka producer dropped the delivery report".into(),
             )),
         }
+    }
+
+    /// A delivery report is later than `delivery_timeout`: says so, at most once per
+    /// `delivery_timeout`.
+    fn slow(&self, seq: i64, topic: &str) {
+        let mut warned = self.warned.lock().expect("lock poisoned");
+        if warned.is_some_and(|t| t.elapsed() < self.delivery_timeout) {
+            return;
+        }
+        *warned = Some(std::time::Instant::now());
+        let cause = match self.errors.last() {
+            Some(cause) => format!("; last client error: {cause}"),
+            None => String::new(),
+        };
+        tracing::warn!(
+            seq,
+            topic,
+            "broker unavailable: Kafka at {} has not confirmed the message after {:?}{cause}; \
+             it stays with the producer, which keeps trying",
+            self.brokers,
+            self.delivery_timeout
+        );
     }
 
     /// An idempotent producer that hit a fatal error (e.g. the broker lost its producer
@@ -279,6 +357,10 @@ impl KafkaPublisher {
                 | C::ClusterAuthorizationFailed,
             ) => PublishError::Permanent(reason),
             Some(C::InvalidTopic) => PublishError::Permanent(reason),
+            Some(C::PurgeQueue | C::PurgeInflight) => PublishError::Unavailable(format!(
+                "{reason}: let go by the producer (the relay is stopping, or the producer was \
+                 replaced)"
+            )),
             Some(
                 C::MessageTimedOut
                 | C::AllBrokersDown
@@ -309,14 +391,34 @@ impl Publisher for KafkaPublisher {
     }
 
     fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
-        self.publish_one(envelope).boxed()
+        match self.send(envelope) {
+            Ok(confirm) => confirm,
+            Err(e) => async move { Err(e) }.boxed(),
+        }
+    }
+
+    fn key_depth(&self) -> u32 {
+        u32::MAX
+    }
+
+    fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
+        let inner = self.inner.clone();
+        let sent = inner.start(envelope)?;
+        Ok(async move { inner.finish(sent).await }.boxed())
+    }
+
+    fn stop_sending(&self) {
+        // Messages not yet in a request to the broker: never written, so letting them go
+        // costs no duplicate; with the cluster unreachable, that is all of them.
+        let producer = self.inner.producer.read().expect("lock poisoned").clone();
+        producer.purge(rdkafka::producer::PurgeConfig::default().queue());
     }
 
     fn health(&self) -> BoxFuture<'_, Result<(), String>> {
         async move {
-            let producer = self.producer.read().expect("lock poisoned").clone();
-            let brokers = self.brokers.clone();
-            let errors = self.errors.clone();
+            let producer = self.inner.producer.read().expect("lock poisoned").clone();
+            let brokers = self.inner.brokers.clone();
+            let errors = self.inner.errors.clone();
             tokio::task::spawn_blocking(move || {
                 producer
                     .client()
@@ -337,7 +439,7 @@ impl Publisher for KafkaPublisher {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
-            let producer = self.producer.read().expect("lock poisoned").clone();
+            let producer = self.inner.producer.read().expect("lock poisoned").clone();
             let _ = tokio::task::spawn_blocking(move || {
                 producer.flush(Timeout::After(Duration::from_secs(5)))
             })

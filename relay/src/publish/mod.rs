@@ -42,6 +42,9 @@ pub enum PublishError {
     Fatal(String),
 }
 
+/// The wait for a broker's confirm of a message already handed over.
+pub type Confirm = BoxFuture<'static, Result<(), PublishError>>;
+
 /// Sends envelopes to a broker and waits for its confirm.
 pub trait Publisher: Send + Sync + 'static {
     /// Connects (or reconnects after a failure). Called before each read of the outbox;
@@ -50,9 +53,35 @@ pub trait Publisher: Send + Sync + 'static {
     fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>>;
 
     /// Publishes one message and resolves once the broker confirmed it (or did not).
-    /// Many calls are in flight at once (one per key with a message waiting); the relay never
-    /// starts a message of a key before the previous message of that key is confirmed.
+    /// Many calls are in flight at once (one per key with a message waiting); unless the
+    /// publisher has a [`Publisher::key_depth`] above 1, the relay never starts a message of
+    /// a key before the previous message of that key is confirmed.
     fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>>;
+
+    /// How many messages of one key may be at the broker at once. 1 (the default) unless the
+    /// publisher keeps a key's order itself: its [`Publisher::send`] hands each message to
+    /// the broker's client before it returns, in call order, and a message cannot be
+    /// written after an earlier one of its key and topic failed (Kafka's idempotent
+    /// producer with the gapless guarantee and no message timeout). The relay pipelines a
+    /// key's messages only while they share a topic.
+    fn key_depth(&self) -> u32 {
+        1
+    }
+
+    /// For a publisher with a [`Publisher::key_depth`] above 1: hands `envelope` to the
+    /// broker's client now and returns the wait for its confirm, or why it could not be
+    /// handed over.
+    fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
+        let _ = envelope;
+        Err(PublishError::Fatal(
+            "this publisher does not pipeline a key's messages".into(),
+        ))
+    }
+
+    /// The relay is shutting down and starts nothing new: messages handed to the broker's
+    /// client but not yet sent may be let go (they fail as unavailable and stay pending),
+    /// so that shutdown waits only for what is at the broker. A no-op by default.
+    fn stop_sending(&self) {}
 
     /// `Ok` while the broker connection is up (for the readiness probe and the
     /// `outbox_broker_up` gauge); otherwise why not.
