@@ -180,6 +180,7 @@ pub struct Deduplicator {
     retry: RetryPolicy,
     pub(crate) replay_interval: Duration,
     pub(crate) counters: Arc<Counters>,
+    batch: usize,
 }
 
 impl Deduplicator {
@@ -197,7 +198,24 @@ impl Deduplicator {
             retry: RetryPolicy::default(),
             replay_interval: Duration::from_secs(5),
             counters: Arc::default(),
+            batch: 1,
         })
+    }
+
+    /// Lets the sources handle up to `max` deliveries of one lane (a RabbitMQ key, a Kafka
+    /// partition) that are already waiting in one transaction, with one commit: see
+    /// [`Deduplicator::handle_batch`]. Default 1 (each delivery its own transaction). Only
+    /// for handlers whose effects all go through the transaction: when one message of a
+    /// batch fails, the batch is rolled back and its messages are handled one at a time, so
+    /// the others' handlers run again.
+    pub fn with_batch(mut self, max: usize) -> Self {
+        self.batch = max.max(1);
+        self
+    }
+
+    /// The most deliveries handled in one transaction ([`Deduplicator::with_batch`]).
+    pub fn batch(&self) -> usize {
+        self.batch
     }
 
     /// Keeps the tables in `schema` instead of `outbox_consumer`.
@@ -345,6 +363,89 @@ impl Deduplicator {
             #[cfg(feature = "metrics")]
             crate::metrics::record(&self.group, outcome, started.elapsed());
         })
+    }
+
+    /// Handles several deliveries, in order, in one transaction: each is claimed as in
+    /// [`Deduplicator::handle`] (a duplicate is skipped) and its handler runs; one commit
+    /// settles them all, and the outcomes are in the order given. Returns `None`, with
+    /// nothing changed, when one of them cannot be handled this way (it has no id and is to
+    /// be dead-lettered, or its handler failed, or the database refused the batch): handle
+    /// them one at a time then, with [`Deduplicator::handle_until_settled`], so that a
+    /// failure is retried and counted for its own message only.
+    pub async fn handle_batch<H: Handler + ?Sized>(
+        &self,
+        messages: &[Incoming],
+        handler: &H,
+    ) -> Result<Option<Vec<Outcome>>, ConsumerError> {
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let mut ids = Vec::with_capacity(messages.len());
+        for m in messages {
+            match (m.message_id, self.missing_id) {
+                (Some(id), _) => ids.push(id),
+                (None, MissingId::DeriveFromContent) => ids.push(derived_id(m)),
+                (None, MissingId::DeadLetter) => return Ok(None),
+            }
+        }
+        let span =
+            tracing::info_span!("handle_batch", group = %self.group, messages = messages.len());
+        let outcomes = async {
+            let s = &self.schema;
+            let claim = format!(
+                "WITH cleared AS (
+                     DELETE FROM {s}.attempts WHERE consumer_group = $1 AND message_id = $2
+                 )
+                 INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING"
+            );
+            let mut tx = self.pool.begin().await?;
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for (message, id) in messages.iter().zip(&ids) {
+                let fresh = sqlx::query(&claim)
+                    .bind(&self.group)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                if !fresh {
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                let span = tracing::info_span!(
+                    "handle",
+                    group = %self.group,
+                    source = %message.source,
+                    message_id = %id,
+                    traceparent = message.traceparent().unwrap_or(""),
+                );
+                #[cfg(feature = "opentelemetry")]
+                crate::trace::adopt_remote_parent(&span, &message.headers);
+                if let Err(e) = handler.handle(&mut tx, message).instrument(span).await {
+                    tracing::debug!(message_id = %id, error = %e, "handler failed in a batch; handling the batch one message at a time");
+                    tx.rollback().await?;
+                    return Ok::<_, sqlx::Error>(None);
+                }
+                outcomes.push(Outcome::Processed);
+            }
+            tx.commit().await?;
+            Ok(Some(outcomes))
+        }
+        .instrument(span)
+        .await;
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                tracing::debug!(error = %e, "batch refused by the database; handling it one message at a time");
+                None
+            }
+        };
+        for outcome in outcomes.iter().flatten() {
+            self.counters.count(outcome);
+            #[cfg(feature = "metrics")]
+            crate::metrics::record(&self.group, outcome, started.elapsed());
+        }
+        Ok(outcomes)
     }
 
     /// Handles one delivery until it is settled: retryable failures are retried in place

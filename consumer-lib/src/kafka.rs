@@ -40,6 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{ConsumerError, Deduplicator, Handler, Incoming};
 
+/// How long shutdown waits for the final offset commit.
+const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(10);
+
 /// Messages a lane may hold before the reader waits for it (bounds memory per partition).
 const LANE_CAPACITY: usize = 256;
 
@@ -87,8 +90,10 @@ impl KafkaSource {
     }
 
     /// Consumes until `shutdown` fires. Then each lane finishes the message it is handling,
-    /// the stored offsets are committed and the consumer leaves its group; messages read but
-    /// not started are left to the group's next owner. Meanwhile it replays the group's dead
+    /// the stored offsets are committed (waiting at most 10 s for Kafka: with the cluster
+    /// unreachable, `run` returns without it, and the handled messages come again and are
+    /// skipped as duplicates) and the consumer leaves its group; messages read but not
+    /// started are left to the group's next owner. Meanwhile it replays the group's dead
     /// letters that an operator asked to replay ([`Deduplicator::serve_replays`]).
     pub async fn run<H: Handler + 'static>(
         &self,
@@ -213,8 +218,29 @@ impl KafkaSource {
         while tasks.join_next().await.is_some() {}
         // Commit what the lanes stored (never the fetch position, which may be ahead of
         // what was handled); dropping the consumer then leaves the group (off this thread).
-        if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-            tracing::debug!(error = %e, "final offset commit");
+        // The commit waits for the broker, so it runs on a thread of its own, and shutdown
+        // waits for it only so long: an uncommitted offset only brings messages again,
+        // which dedup skips.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let committing = consumer.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kafka-consumer-commit".into())
+            .spawn(move || {
+                let result = committing.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+                let _ = done_tx.send(result);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread for the final offset commit; skipping it");
+            return Ok(());
+        }
+        match tokio::time::timeout(FINAL_COMMIT_WAIT, done_rx).await {
+            Ok(Ok(Ok(()))) | Ok(Err(_)) => {}
+            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "final offset commit"),
+            Err(_) => tracing::warn!(
+                waited = ?FINAL_COMMIT_WAIT,
+                "final offset commit not confirmed by Kafka; stopping without it (messages \
+                 handled since the last commit will come again and be skipped as duplicates)"
+            ),
         }
         Ok(())
     }

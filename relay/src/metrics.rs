@@ -24,6 +24,8 @@ pub const RETRIED: &str = "outbox_messages_retried_total";
 pub const BACKLOG: &str = "outbox_backlog_messages";
 /// Dead rows waiting for an operator, by `topic`.
 pub const DEAD_BACKLOG: &str = "outbox_dead_messages";
+/// Pending rows held back behind a dead row of their key, by `topic`.
+pub const HELD_BACK: &str = "outbox_held_back_messages";
 /// Age of the oldest pending row, by `topic`, in seconds (0 when none is pending).
 pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 /// Partitions this relay holds a lease on.
@@ -67,6 +69,10 @@ pub fn describe() {
     describe_counter!(RETRIED, "Failed messages scheduled for another attempt");
     describe_gauge!(BACKLOG, "Pending outbox rows");
     describe_gauge!(DEAD_BACKLOG, "Dead outbox rows waiting for an operator");
+    describe_gauge!(
+        HELD_BACK,
+        "Pending rows waiting behind a dead row of their key"
+    );
     describe_gauge!(
         OLDEST_PENDING_AGE,
         metrics::Unit::Seconds,
@@ -164,6 +170,7 @@ pub fn backlog(status: &crate::status::Status, previous: &mut Vec<String>) {
     for t in &status.topics {
         gauge!(BACKLOG, "topic" => t.topic.clone()).set(t.pending as f64);
         gauge!(DEAD_BACKLOG, "topic" => t.topic.clone()).set(t.dead as f64);
+        gauge!(HELD_BACK, "topic" => t.topic.clone()).set(t.held_back as f64);
         gauge!(OLDEST_PENDING_AGE, "topic" => t.topic.clone())
             .set(t.oldest_pending_secs.unwrap_or(0.0));
         seen.push(t.topic.clone());
@@ -171,6 +178,7 @@ pub fn backlog(status: &crate::status::Status, previous: &mut Vec<String>) {
     for gone in previous.iter().filter(|t| !seen.contains(t)) {
         gauge!(BACKLOG, "topic" => gone.clone()).set(0.0);
         gauge!(DEAD_BACKLOG, "topic" => gone.clone()).set(0.0);
+        gauge!(HELD_BACK, "topic" => gone.clone()).set(0.0);
         gauge!(OLDEST_PENDING_AGE, "topic" => gone.clone()).set(0.0);
     }
     *previous = seen;

@@ -13,6 +13,9 @@ pub struct TopicStatus {
     pub pending: i64,
     /// Pending rows that failed at least once.
     pub retrying: i64,
+    /// Pending rows waiting behind a dead row of their key (`block`), marked by the relay:
+    /// they move once that row is retried or discarded.
+    pub held_back: i64,
     /// Rows parked as dead.
     pub dead: i64,
     /// Age of the oldest pending row, in seconds.
@@ -51,6 +54,7 @@ pub async fn read(pool: &PgPool, schema: &Schema) -> Result<Status, sqlx::Error>
         "SELECT topic,
                 count(*) FILTER (WHERE status = 'pending') AS pending,
                 count(*) FILTER (WHERE status = 'pending' AND attempts > 0) AS retrying,
+                count(*) FILTER (WHERE status = 'pending' AND held_back) AS held_back,
                 count(*) FILTER (WHERE status = 'dead') AS dead,
                 extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8
                     AS oldest_pending_secs
@@ -67,6 +71,7 @@ pub async fn read(pool: &PgPool, schema: &Schema) -> Result<Status, sqlx::Error>
     for t in &topics {
         total.pending += t.pending;
         total.retrying += t.retrying;
+        total.held_back += t.held_back;
         total.dead += t.dead;
         total.oldest_pending_secs = match (total.oldest_pending_secs, t.oldest_pending_secs) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -118,16 +123,17 @@ impl std::fmt::Display for Status {
         writeln!(f, "outbox schema {:?}", self.schema)?;
         writeln!(
             f,
-            "{:<width$}  {:>9}  {:>9}  {:>9}  OLDEST PENDING",
-            "TOPIC", "PENDING", "RETRYING", "DEAD"
+            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  OLDEST PENDING",
+            "TOPIC", "PENDING", "RETRYING", "HELD BACK", "DEAD"
         )?;
         for t in self.topics.iter().chain(std::iter::once(&self.total)) {
             let name = if t.topic == "*" { "TOTAL" } else { &t.topic };
             writeln!(
                 f,
-                "{name:<width$}  {:>9}  {:>9}  {:>9}  {}",
+                "{name:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {}",
                 t.pending,
                 t.retrying,
+                t.held_back,
                 t.dead,
                 age(t.oldest_pending_secs)
             )?;

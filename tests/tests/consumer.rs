@@ -288,6 +288,74 @@ async fn retryable_failures_then_success_and_permanent_failures_dead_letter() {
     );
 }
 
+/// A batch is one transaction: all its effects commit together, duplicates in it are
+/// skipped; one failure rolls the whole batch back and leaves no trace, for the messages to
+/// be handled one at a time.
+#[tokio::test]
+async fn a_batch_commits_together_and_a_failure_in_it_changes_nothing() {
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "batch").await.with_batch(8);
+    let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    let handler = Recorder::default();
+    let first: Vec<Incoming> = ids[..4].iter().map(|&id| incoming(id, b"x")).collect();
+    let outcomes = dedup.handle_batch(&first, &handler).await.unwrap().unwrap();
+    assert_eq!(outcomes, vec![Outcome::Processed; 4]);
+    let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM effects")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!((effect_count(&db.pool).await, transactions), (4, 1));
+
+    // A redelivered message in the next batch is a duplicate; the new one is handled.
+    let second = vec![incoming(ids[0], b"x"), incoming(ids[4], b"x")];
+    let outcomes = dedup
+        .handle_batch(&second, &handler)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcomes, vec![Outcome::Duplicate, Outcome::Processed]);
+    assert_eq!(effect_count(&db.pool).await, 5);
+
+    // A failure anywhere in a batch: nothing of it stays, not even the failed attempt.
+    let flaky = Recorder {
+        flaky: AtomicU32::new(1),
+        ..Default::default()
+    };
+    let third = vec![incoming(ids[5], b"x"), incoming(Uuid::new_v4(), b"y")];
+    let failing = Recorder {
+        flaky: AtomicU32::new(0),
+        ..Default::default()
+    };
+    let poison = vec![incoming(ids[5], b"x"), incoming(Uuid::new_v4(), b"poison")];
+    assert_eq!(dedup.handle_batch(&poison, &failing).await.unwrap(), None);
+    assert_eq!(dedup.handle_batch(&third, &flaky).await.unwrap(), None);
+    assert_eq!(effect_count(&db.pool).await, 5, "rolled back");
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_consumer.attempts")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        attempts, 0,
+        "a batch records no attempt; one at a time does"
+    );
+    // One at a time, each settles on its own.
+    assert_eq!(
+        dedup.handle_until_settled(&third[0], &flaky).await,
+        Outcome::Processed
+    );
+    assert_eq!(effects(&db.pool, ids[5]).await, 1);
+    // A message without an id (to be dead-lettered) is never batched.
+    let no_id = Incoming::new("orders", b"z".to_vec(), BTreeMap::new());
+    assert_eq!(
+        dedup
+            .handle_batch(&[incoming(Uuid::new_v4(), b"x"), no_id], &handler)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(effect_count(&db.pool).await, 6);
+}
+
 #[tokio::test]
 async fn a_message_without_an_id_is_dead_lettered_or_keyed_by_content() {
     let db = TestDb::new().await;
@@ -434,7 +502,9 @@ async fn rabbitmq_crash_between_commit_and_ack_is_skipped_on_redelivery() {
 async fn end_to_end_effects_are_exactly_once_in_key_order(b: Broker) {
     const N: usize = 600;
     let db = TestDb::new().await;
-    let dedup = setup(&db, "e2e").await;
+    // Deliveries waiting together are handled in one transaction, falling back to one at a
+    // time around the poison message and the injected failures.
+    let dedup = setup(&db, "e2e").await.with_batch(32);
     let t = topic("e2e");
     b.consumer().await.declare(&t).await;
     let mut msgs = keyed_messages(&t, 0..N, 12);
@@ -522,6 +592,18 @@ async fn end_to_end_effects_are_exactly_once_in_key_order(b: Broker) {
     relay.stop().await;
 
     assert_one_effect_each_in_key_order(&db.pool, N).await;
+    if b == Broker::Kafka {
+        // A partition's waiting messages share transactions (the effects' xmin).
+        let transactions: i64 =
+            sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM effects")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert!(
+            transactions < N as i64 / 2,
+            "{N} effects in {transactions} transactions: no batching"
+        );
+    }
     let dead: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM outbox_consumer.dead_letters WHERE error LIKE '%not an order%'",
     )

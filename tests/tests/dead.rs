@@ -65,6 +65,17 @@ async fn dead_retry_requeues_at_the_head_of_its_key() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let (code, out) = cli(&db, &["status", "--json"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let status: serde_json::Value =
+        serde_json::Deserializer::from_str(&out[out.find("{\n").expect("JSON in the output")..])
+            .into_iter()
+            .next()
+            .unwrap()
+            .unwrap();
+    assert_eq!(status["total"]["held_back"], 3, "{status}");
+    assert_eq!(status["total"]["dead"], 1, "{status}");
+
     let (code, out) = cli(&db, &["dead", "list", "--json"]).await;
     assert_eq!(code, Some(0), "{out}");
     let listed: serde_json::Value = serde_json::from_str(&out[out.find('[').unwrap()..]).unwrap();

@@ -226,6 +226,23 @@ async fn metrics_match_the_outbox_and_readiness_follows_the_broker() {
     assert_eq!(pending, 5, "the messages behind the dead one wait");
     assert_eq!(one(&text, "outbox_backlog_messages", &on_q), pending as f64);
     assert_eq!(one(&text, "outbox_dead_messages", &on_nowhere), 1.0);
+    // The relay marks the 5 as held back within a second; the gauge follows.
+    let start = Instant::now();
+    loop {
+        let (_, text) = get(http, "/metrics").await.expect("/metrics answers");
+        let held = samples(&text, "outbox_held_back_messages")
+            .get(&on_q)
+            .copied()
+            .unwrap_or(0.0);
+        if held == 5.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "outbox_held_back_messages for {q} is {held}, not 5"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let oldest: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox.messages \
          WHERE status = 'pending' AND topic = $1",

@@ -21,7 +21,7 @@
 //! Runs against the stack of `scripts/stack.sh` (`DATABASE_URL`, `AMQP_URL`,
 //! `KAFKA_BROKERS`); `scripts/bench.sh` builds in release mode and runs it.
 //!
-//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim]`
+//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim|consumer]`
 
 use std::{
     collections::HashMap,
@@ -100,12 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let json = args.iter().any(|a| a == "--json");
-    // `--only rabbitmq|kafka|claim`: that broker's ceiling and drains, or the claim costs,
-    // nothing else (for tuning).
+    // `--only rabbitmq|kafka|claim|consumer`: that broker's ceiling and drains, or the claim
+    // costs, or the consumer library, nothing else (for tuning).
     let only = match args.iter().position(|a| a == "--only") {
         Some(i) => Some(
             args.get(i + 1)
-                .context("--only needs rabbitmq, kafka or claim")?
+                .context("--only needs rabbitmq, kafka, claim or consumer")?
                 .clone(),
         ),
         None => None,
@@ -262,6 +262,9 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
+    }
+
+    if runs("consumer") {
         let n_consumer = if quick { 1_000 } else { 20_000 };
         let one_row = pg_one_row_ceiling(&env, n_consumer).await?;
         report.add(
@@ -272,14 +275,32 @@ async fn main() -> anyhow::Result<()> {
             "",
         );
         for broker in ["rabbitmq", "kafka"] {
-            let rate = consumer_rate(&env, broker, n_consumer).await?;
-            report.add(
-                "consumer",
-                format!("consumer library ← {broker}, {n_consumer} msgs, one-row handler"),
-                rate,
-                "msg/s",
-                format!("{:.2}× the one-row ceiling", rate / one_row),
-            );
+            for batch in [1, 32] {
+                let (rate, raw) = consumer_rate(&env, broker, n_consumer, batch).await?;
+                if let Some(raw) = raw {
+                    report.add(
+                        "ceiling",
+                        format!("Kafka consume, {n_consumer} msgs, a plain rdkafka consumer, no handler"),
+                        raw,
+                        "msg/s",
+                        "",
+                    );
+                }
+                let how = if batch == 1 {
+                    "one message per transaction".to_owned()
+                } else {
+                    format!("up to {batch} waiting messages per transaction")
+                };
+                report.add(
+                    "consumer",
+                    format!(
+                        "consumer library ← {broker}, {n_consumer} msgs, one-row handler, {how}"
+                    ),
+                    rate,
+                    "msg/s",
+                    format!("{:.2}× the one-row ceiling", rate / one_row),
+                );
+            }
         }
     }
 
@@ -1035,10 +1056,38 @@ impl outbox_consumer::Handler for OneRow {
     }
 }
 
+/// How fast a plain rdkafka consumer (a group of its own, nothing handled) reads the `n`
+/// messages of `topic`, from the first message to the last.
+async fn kafka_consume_ceiling(env: &Env, topic: &str, n: usize) -> anyhow::Result<f64> {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .set("group.id", format!("bench-raw-{}", Uuid::new_v4().simple()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut first = None;
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .context("the plain Kafka consumer stalled")??;
+        first.get_or_insert_with(Instant::now);
+    }
+    let first = first.context("nothing to consume")?;
+    Ok((n - 1) as f64 / first.elapsed().as_secs_f64().max(1e-3))
+}
+
 /// The consumer library: the relay publishes `n` messages over 100 keys, then the library's
-/// source for `broker` handles them through dedup with a one-row handler. Messages/s from
+/// source for `broker` handles them through dedup with a one-row handler, up to `batch`
+/// waiting messages per transaction. Messages/s from
 /// the first effect to the last (a Kafka group's join is not counted).
-async fn consumer_rate(env: &Env, broker: &str, n: usize) -> anyhow::Result<f64> {
+async fn consumer_rate(
+    env: &Env,
+    broker: &str,
+    n: usize,
+    batch: usize,
+) -> anyhow::Result<(f64, Option<f64>)> {
     let pool = fresh_db(&env.db_url, "bench_consumer").await?;
     sqlx::query("CREATE TABLE one_row (id uuid PRIMARY KEY)")
         .execute(&pool)
@@ -1069,13 +1118,19 @@ async fn consumer_rate(env: &Env, broker: &str, n: usize) -> anyhow::Result<f64>
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(relay).await?;
+    // What the broker gives a plain consumer of the same topic (once per run).
+    let raw = if broker == "kafka" && batch == 1 {
+        Some(kafka_consume_ceiling(env, &topic, n).await?)
+    } else {
+        None
+    };
 
     // Handlers run on their own pool, as in a service: 8 lanes, 8 connections and spare.
     let handlers = PgPoolOptions::new()
         .max_connections(12)
         .connect(&db_url_of(&pool, &env.db_url)?)
         .await?;
-    let dedup = outbox_consumer::Deduplicator::new(handlers.clone(), "bench")?;
+    let dedup = outbox_consumer::Deduplicator::new(handlers.clone(), "bench")?.with_batch(batch);
     dedup.migrate().await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop_source = shutdown.clone();
@@ -1135,7 +1190,8 @@ async fn consumer_rate(env: &Env, broker: &str, n: usize) -> anyhow::Result<f64>
     let _ = conn.close(200, "bench").await;
     handlers.close().await;
     pool.close().await;
-    Ok((n as i64 - from) as f64 / last.0.duration_since(first).as_secs_f64().max(1e-3))
+    let rate = (n as i64 - from) as f64 / last.0.duration_since(first).as_secs_f64().max(1e-3);
+    Ok((rate, raw))
 }
 
 /// What reads cost behind a blocked key.
