@@ -473,14 +473,32 @@ async fn run() -> anyhow::Result<bool> {
     let drain = drain_started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await; // late duplicates
                                                       // Effects trail arrivals by one transaction each; wait for them too.
+                                                      // A consumer group held in a rebalance (a killed member is waited for until
+                                                      // `max.poll.interval.ms`) applies nothing for a while, then catches up: wait while the
+                                                      // effects still grow, and give up after 30 s without progress (or 3 minutes in all).
     let effects_started = Instant::now();
+    let mut effects_seen = 0;
+    let mut effects_changed = Instant::now();
     loop {
         let ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT message_id FROM chaos_effects")
             .fetch_all(&pool)
             .await
             .unwrap_or_default();
         let ids: HashSet<Uuid> = ids.into_iter().collect();
-        if committed.is_subset(&ids) || effects_started.elapsed() > Duration::from_secs(30) {
+        if committed.is_subset(&ids) {
+            break;
+        }
+        if ids.len() != effects_seen {
+            effects_seen = ids.len();
+            effects_changed = Instant::now();
+        }
+        if effects_changed.elapsed() > Duration::from_secs(30)
+            || effects_started.elapsed() > Duration::from_secs(180)
+        {
+            println!(
+                "effects stopped at {effects_seen} of {}; stopping the wait",
+                committed.len()
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
