@@ -310,24 +310,8 @@ impl Deduplicator {
                 }
             };
             tracing::Span::current().record("message_id", tracing::field::display(id));
-            let s = &self.schema;
             let mut tx = self.pool.begin().await?;
-            // Claims the message and clears its earlier failed attempts in one round trip:
-            // both stand only if the handler succeeds and the transaction commits.
-            let fresh = sqlx::query(&format!(
-                "WITH cleared AS (
-                     DELETE FROM {s}.attempts WHERE consumer_group = $1 AND message_id = $2
-                 )
-                 INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2)
-                 ON CONFLICT DO NOTHING"
-            ))
-            .bind(&self.group)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !fresh {
+            if !self.claim(&mut tx, id).await? {
                 tx.rollback().await?;
                 tracing::debug!("duplicate delivery skipped");
                 return Ok(Outcome::Duplicate);
@@ -390,25 +374,10 @@ impl Deduplicator {
         let span =
             tracing::info_span!("handle_batch", group = %self.group, messages = messages.len());
         let outcomes = async {
-            let s = &self.schema;
-            let claim = format!(
-                "WITH cleared AS (
-                     DELETE FROM {s}.attempts WHERE consumer_group = $1 AND message_id = $2
-                 )
-                 INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2)
-                 ON CONFLICT DO NOTHING"
-            );
             let mut tx = self.pool.begin().await?;
             let mut outcomes = Vec::with_capacity(messages.len());
             for (message, id) in messages.iter().zip(&ids) {
-                let fresh = sqlx::query(&claim)
-                    .bind(&self.group)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    == 1;
-                if !fresh {
+                if !self.claim(&mut tx, *id).await? {
                     outcomes.push(Outcome::Duplicate);
                     continue;
                 }
@@ -490,6 +459,25 @@ impl Deduplicator {
                 _ = stop.cancelled() => return None,
             }
         }
+    }
+
+    /// Claims message `id` in `tx` and clears its earlier failed attempts, in one round
+    /// trip: both stand only if the transaction commits. False: processed already.
+    async fn claim(&self, tx: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
+        let s = &self.schema;
+        Ok(sqlx::query(&format!(
+            "WITH cleared AS (
+                 DELETE FROM {s}.attempts WHERE consumer_group = $1 AND message_id = $2
+             )
+             INSERT INTO {s}.processed (consumer_group, message_id) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING"
+        ))
+        .bind(&self.group)
+        .bind(id)
+        .execute(tx)
+        .await?
+        .rows_affected()
+            == 1)
     }
 
     async fn record_attempt(&self, id: Uuid, error: &str) -> Result<u32, sqlx::Error> {

@@ -495,16 +495,15 @@ impl Store {
         // partitions leased; of those, the ones whose first marked row no longer has a
         // dead row before it (under `skip`, all).
         let freed = match self.policy {
-            DeadKeyPolicy::Block => {
+            DeadKeyPolicy::Block => format!(
                 "AND NOT EXISTS (
                      SELECT 1 FROM {s}.messages d
                      WHERE d.key = h.key AND d.status = 'dead'
                        AND d.seq < (SELECT min(x.seq) FROM {s}.messages x
                                     WHERE x.key = h.key AND x.held_back))"
-            }
-            DeadKeyPolicy::Skip => "",
-        }
-        .replace("{s}", &s.to_string());
+            ),
+            DeadKeyPolicy::Skip => String::new(),
+        };
         let keys: Vec<String> = sqlx::query_scalar(&format!(
             "WITH RECURSIVE held(key) AS (
                  (SELECT m.key FROM {s}.messages m
