@@ -15,6 +15,14 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://ru
 echo "== docker-compose.yml"
 docker-compose -f docker-compose.yml config -q
 
+# The debug build of the workspace and its test binaries takes about 2.5 GB.
+target=${CARGO_TARGET_DIR:-$ROOT/target}
+mkdir -p "$target"
+free_kb=$(df -Pk "$target" | awk 'NR == 2 { print $4 }')
+if [ "${free_kb:-0}" -lt $((3 * 1024 * 1024)) ]; then
+  echo "warning: only $((free_kb / 1024)) MB free under $target; the build needs about 2.5 GB" >&2
+fi
+
 echo "== build"
 cargo build --workspace --all-targets --locked
 
