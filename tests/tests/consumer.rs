@@ -740,6 +740,121 @@ async fn kafka_rebalance_mid_stream_loses_nothing_and_applies_nothing_twice() {
     );
 }
 
+/// Records like [`Recorder`], but holds every message of `stuck_key` until `open` is set.
+struct Gate {
+    open: Arc<std::sync::atomic::AtomicBool>,
+    stuck_key: &'static str,
+    inner: Recorder,
+}
+
+impl Handler for Gate {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        m: &'a Incoming,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            while m.key.as_deref() == Some(self.stuck_key) && !self.open.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.inner.handle(tx, m).await
+        })
+    }
+}
+
+/// Kafka: a partition whose handler is stuck holds back only itself. Its lane fills (it has
+/// far more messages than a lane holds) and the rest wait in librdkafka, while the other
+/// partitions are handled to the end; once it is unstuck, every message of all three has
+/// exactly one effect, in order: nothing that waited was dropped or read twice into effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_stuck_partition_holds_back_only_itself() {
+    use rdkafka::{
+        message::{Header, OwnedHeaders},
+        producer::{FutureProducer, FutureRecord},
+        ClientConfig,
+    };
+    const PER_PARTITION: usize = 1500;
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "stuck").await;
+    let t = topic("stuck");
+    Broker::Kafka.consumer().await.declare(&t).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut sent = Vec::new();
+    for partition in 0..3 {
+        let key = format!("p{partition}");
+        for seq in 0..PER_PARTITION {
+            let (id, seq) = (Uuid::new_v4().to_string(), seq.to_string());
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "outbox-id",
+                    value: Some(&id),
+                })
+                .insert(Header {
+                    key: "outbox-key",
+                    value: Some(&key),
+                })
+                .insert(Header {
+                    key: "outbox-seq",
+                    value: Some(&seq),
+                });
+            let record = FutureRecord::to(&t)
+                .partition(partition)
+                .key(&key)
+                .payload("order")
+                .headers(headers);
+            sent.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+    }
+    for delivery in sent {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = Arc::new(Gate {
+        open: open.clone(),
+        stuck_key: "p0",
+        inner: Recorder::default(),
+    });
+    let shutdown = CancellationToken::new();
+    let source = kafka_source(&format!("stuck-{t}"), &t);
+    let running = tokio::spawn({
+        let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
+        async move { source.run(dedup, handler, shutdown).await }
+    });
+    let effects_of = |key: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM effects WHERE key = $1")
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    wait_until(
+        Duration::from_secs(120),
+        "partitions 1 and 2 handled to the end while partition 0 is stuck",
+        || async { effects_of("p1").await + effects_of("p2").await == 2 * PER_PARTITION as i64 },
+    )
+    .await;
+    assert_eq!(effects_of("p0").await, 0, "the stuck partition had effects");
+
+    open.store(true, Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(120),
+        "the unstuck partition handled to the end",
+        || async { effects_of("p0").await == PER_PARTITION as i64 },
+    )
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_one_effect_each_in_key_order(&db.pool, 3 * PER_PARTITION).await;
+}
+
 /// Kafka: a consumer that dies after its transaction committed but before its offset was
 /// committed. The group's next consumer gets the message again, skips it as a duplicate and
 /// commits its offset.
