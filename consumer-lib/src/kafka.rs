@@ -145,6 +145,9 @@ impl KafkaSource {
             Arc::new(self.config.create_with_context(context).map_err(broker)?);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         let consumer = Arc::new(OffThread::new(consumer));
+        // However this ends (returned, or dropped midway), the queue handles go, and with
+        // them the cycle through the consumer's context.
+        let _forget_queues = ForgetQueues(consumer.clone());
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(broker)?;
 
@@ -243,7 +246,7 @@ impl KafkaSource {
 /// back-pressure per partition, with nothing fetched thrown away and fetched again (which
 /// pausing the partition would do).
 async fn pump(
-    queue: OffThread<StreamPartitionQueue<LaneContext>>,
+    queue: Arc<PartitionQueue>,
     lane: mpsc::Sender<OwnedMessage>,
     stop: CancellationToken,
 ) {
@@ -275,6 +278,15 @@ async fn pump(
                 error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+/// Drops the consumer's partition queue handles when dropped.
+struct ForgetQueues(Arc<OffThread<Arc<StreamConsumer<LaneContext>>>>);
+
+impl Drop for ForgetQueues {
+    fn drop(&mut self) {
+        self.0.context().lanes.forget_queues();
     }
 }
 
@@ -312,11 +324,20 @@ impl<T: Send + 'static> Drop for OffThread<T> {
     }
 }
 
+/// A partition's own queue. Its handle wraps librdkafka's queue of the partition, whose
+/// wake-up callback is set when the handle is made and cleared when it is dropped.
+type PartitionQueue = OffThread<StreamPartitionQueue<LaneContext>>;
+
 /// The lanes of the partitions this consumer holds, opened and closed by the rebalance
-/// callback.
+/// callback, and the partitions' queues.
 #[derive(Default)]
 struct Lanes {
     open: Mutex<HashMap<(String, i32), Lane>>,
+    /// Every partition's queue handle, kept from its first assignment until the consumer
+    /// stops and used again when the partition comes back. A second handle would set the
+    /// queue's wake-up callback anew, and the first one, dropped later, would clear it
+    /// under the second: its lane would never be woken again.
+    queues: Mutex<HashMap<(String, i32), Arc<PartitionQueue>>>,
 }
 
 struct Lane {
@@ -330,7 +351,7 @@ struct Opened {
     tx: mpsc::Sender<OwnedMessage>,
     rx: mpsc::Receiver<OwnedMessage>,
     stop: CancellationToken,
-    queue: Option<OffThread<StreamPartitionQueue<LaneContext>>>,
+    queue: Option<Arc<PartitionQueue>>,
 }
 
 impl Lanes {
@@ -339,7 +360,7 @@ impl Lanes {
         &self,
         partition: &(String, i32),
         shutdown: &CancellationToken,
-        queue: Option<OffThread<StreamPartitionQueue<LaneContext>>>,
+        queue: Option<Arc<PartitionQueue>>,
     ) -> Option<Opened> {
         let mut open = self.open.lock().expect("lanes lock");
         if open.contains_key(partition) {
@@ -378,6 +399,27 @@ impl Lanes {
                 lane.stop.cancel();
             }
         }
+    }
+
+    /// `partition`'s queue handle, split off by `split` the first time.
+    fn queue(
+        &self,
+        partition: &(String, i32),
+        split: impl FnOnce() -> Option<PartitionQueue>,
+    ) -> Option<Arc<PartitionQueue>> {
+        let mut queues = self.queues.lock().expect("queues lock");
+        if let Some(queue) = queues.get(partition) {
+            return Some(queue.clone());
+        }
+        let queue = Arc::new(split()?);
+        queues.insert(partition.clone(), queue.clone());
+        Some(queue)
+    }
+
+    /// Drops the queue handles, which hold the consumer (the consumer holds them in turn,
+    /// through its context).
+    fn forget_queues(&self) {
+        self.queues.lock().expect("queues lock").clear();
     }
 
     fn stop_all(&self) {
@@ -431,10 +473,11 @@ impl ConsumerContext for LaneContext {
                     if self.lanes.sender(&partition).is_some() {
                         continue;
                     }
-                    let queue = this
-                        .as_ref()
-                        .and_then(|c| c.split_partition_queue(&partition.0, partition.1))
-                        .map(OffThread::new);
+                    let queue = self.lanes.queue(&partition, || {
+                        this.as_ref()
+                            .and_then(|c| c.split_partition_queue(&partition.0, partition.1))
+                            .map(OffThread::new)
+                    });
                     if queue.is_none() {
                         tracing::warn!(topic = %partition.0, partition = partition.1,
                             "no queue of its own for the partition; its messages come through the consumer's");

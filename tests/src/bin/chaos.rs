@@ -155,6 +155,13 @@ struct Counters {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // The in-process consumers' logs, on request (`RUST_LOG=outbox_consumer=info`).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     match run().await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -471,11 +478,12 @@ async fn run() -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let drain = drain_started.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await; // late duplicates
-                                                      // Effects trail arrivals by one transaction each; wait for them too.
-                                                      // A consumer group held in a rebalance (a killed member is waited for until
-                                                      // `max.poll.interval.ms`) applies nothing for a while, then catches up: wait while the
-                                                      // effects still grow, and give up after 30 s without progress (or 3 minutes in all).
+    // Late duplicates.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Effects trail arrivals by one transaction each; wait for them too. A consumer group
+    // held in a rebalance (a killed member is waited for until `max.poll.interval.ms`)
+    // applies nothing for a while, then catches up: wait while the effects still grow, and
+    // give up after 30 s without progress (or 3 minutes in all).
     let effects_started = Instant::now();
     let mut effects_seen = 0;
     let mut effects_changed = Instant::now();
