@@ -16,27 +16,21 @@
 //! message's effect still never happens before the effects of the messages ahead of it.
 //! Nothing is lost, nothing is applied twice, per-partition order holds.
 //!
-//! **Back-pressure per partition.** Each assigned partition's messages come through a
-//! queue of its own, split off before librdkafka starts fetching it, and a lane holds at
-//! most 256 of them. When a lane is full (its handler is slow, or a message waits to be
-//! retried), its partition's messages wait in librdkafka, which stops fetching that
-//! partition at its prefetch limits (`queued.min.messages`, `queued.max.messages.kbytes`),
-//! while the other partitions keep flowing. Nothing fetched is thrown away (pausing a
-//! partition would drop its prefetched messages and fetch them again), and the reader
-//! keeps polling the consumer, so a slow lane never pushes it out of its group
-//! (`max.poll.interval.ms`).
+//! **Back-pressure per partition.** A lane holds at most 256 messages. When a partition's
+//! lane is full (its handler is slow, or a message waits to be retried), that partition
+//! alone is paused: its next messages wait in the reader (in order) and librdkafka stops
+//! fetching it, while the other partitions keep flowing and the reader keeps polling, so a
+//! slow lane never pushes the consumer out of its group (`max.poll.interval.ms`). The
+//! partition resumes once its lane has taken the waiting messages.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, OnceLock, Weak},
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use rdkafka::{
-    consumer::{
-        stream_consumer::StreamPartitionQueue, BaseConsumer, Consumer, ConsumerContext, Rebalance,
-        StreamConsumer,
-    },
+    consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
     message::{Headers, Message, OwnedMessage},
     ClientConfig, ClientContext, Offset, TopicPartitionList,
@@ -52,11 +46,6 @@ const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(10);
 /// Messages a lane may hold before the reader waits for it (bounds memory per partition).
 const LANE_CAPACITY: usize = 256;
 
-/// librdkafka's prefetch limit per partition (`queued.max.messages.kbytes`), in KiB: 4 MiB
-/// instead of its default of 64 MiB, which applies per partition once partitions have
-/// queues of their own.
-const PREFETCH_KBYTES_PER_PARTITION: &str = "4096";
-
 /// Properties [`KafkaSource::with_property`] refuses: setting them would acknowledge
 /// messages before their effects committed.
 const GUARDED: &[&str] = &["enable.auto.offset.store"];
@@ -70,8 +59,7 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     /// Consumes `topics` from the cluster at `brokers` in group `group_id`, from the
-    /// earliest offset when the group has none, prefetching at most 4 MiB per partition
-    /// (`queued.max.messages.kbytes`).
+    /// earliest offset when the group has none.
     pub fn new(brokers: &str, group_id: &str, topics: &[&str]) -> Self {
         let mut config = ClientConfig::new();
         config
@@ -79,9 +67,7 @@ impl KafkaSource {
             .set("group.id", group_id)
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            // Each partition has a queue of its own, and this prefetch limit applies to each.
-            .set("queued.max.messages.kbytes", PREFETCH_KBYTES_PER_PARTITION);
+            .set("auto.offset.reset", "earliest");
         Self {
             config,
             topics: topics.iter().map(|t| t.to_string()).collect(),
@@ -134,31 +120,23 @@ impl KafkaSource {
         shutdown: CancellationToken,
     ) -> Result<(), ConsumerError> {
         let broker = |e: KafkaError| ConsumerError::Broker(e.to_string());
-        let (opened_tx, mut opened) = mpsc::unbounded_channel();
-        let context = LaneContext {
-            lanes: Lanes::default(),
-            consumer: OnceLock::new(),
-            shutdown: shutdown.clone(),
-            opened: opened_tx,
-        };
-        let consumer: Arc<StreamConsumer<LaneContext>> =
-            Arc::new(self.config.create_with_context(context).map_err(broker)?);
-        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
-        let consumer = Arc::new(OffThread::new(consumer));
-        // However this ends (returned, or dropped midway), the queue handles go, and with
-        // them the cycle through the consumer's context.
-        let _forget_queues = ForgetQueues(consumer.clone());
+        let lanes = Arc::new(Lanes::default());
+        let consumer = Arc::new(ClosingOffThread(Some(
+            self.config
+                .create_with_context(LaneContext {
+                    lanes: lanes.clone(),
+                })
+                .map_err(broker)?,
+        )));
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(broker)?;
 
         let mut tasks = tokio::task::JoinSet::new();
         let mut error_backoff = Duration::from_millis(100);
-        // Polling the consumer's own queue serves rebalances and tells librdkafka the
-        // application is alive; the tick does so while every lane is busy and no event
-        // comes, so lanes slowed by their handlers never push the consumer out of its group
-        // (`max.poll.interval.ms`).
-        let mut alive = tokio::time::interval(Duration::from_secs(1));
-        alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Partitions paused because their lane is full, with the messages read for them
+        // meanwhile (in offset order); a feeder hands these to the lane and says when done.
+        let mut paused: HashMap<(String, i32), Arc<Mutex<VecDeque<OwnedMessage>>>> = HashMap::new();
+        let (fed_tx, mut fed) = mpsc::unbounded_channel::<(String, i32)>();
         loop {
             // `biased`: a message already taken from librdkafka is always dispatched, never
             // dropped because shutdown fired at the same moment. Rebalances are served
@@ -166,15 +144,27 @@ impl KafkaSource {
             let message = tokio::select! {
                 biased;
                 m = consumer.recv() => m,
-                Some(opened) = opened.recv() => {
-                    let Opened { tx, rx, stop, queue } = opened;
-                    if let Some(queue) = queue {
-                        tasks.spawn(pump(queue, tx, stop.clone()));
+                Some(partition) = fed.recv() => {
+                    let waiting = paused.remove(&partition).expect("a paused partition");
+                    let rest: Vec<OwnedMessage> = waiting.lock().expect("paused lock").drain(..).collect();
+                    if rest.is_empty() {
+                        let mut list = TopicPartitionList::new();
+                        list.add_partition(&partition.0, partition.1);
+                        if let Err(e) = consumer.resume(&list) {
+                            tracing::debug!(error = %e, partition = partition.1, "resume");
+                        }
+                        tracing::debug!(topic = %partition.0, partition = partition.1, "lane drained; partition resumed");
+                    } else {
+                        // More arrived while the feeder worked: feed those too, still paused.
+                        let sender = lanes.sender(&partition, &shutdown, |rx, stop| {
+                            tasks.spawn(lane(rx, stop, consumer.clone(), dedup.clone(), handler.clone()));
+                        });
+                        let queue = Arc::new(Mutex::new(VecDeque::from(rest)));
+                        paused.insert(partition.clone(), queue.clone());
+                        tasks.spawn(feed(sender, queue, partition, fed_tx.clone()));
                     }
-                    tasks.spawn(lane(rx, stop, consumer.clone(), dedup.clone(), handler.clone()));
                     continue;
                 }
-                _ = alive.tick() => continue,
                 _ = shutdown.cancelled() => break,
             };
             let message = match message {
@@ -192,23 +182,39 @@ impl KafkaSource {
                     continue;
                 }
             };
-            // A partition's messages come through its own queue (see `LaneContext`); one
-            // whose queue could not be split comes here, and goes to its lane in order.
             let partition = (message.topic().to_owned(), message.partition());
-            let Some(sender) = consumer.context().lanes.sender(&partition) else {
-                // Not (or no longer) assigned: the partition's owner reads it from the
-                // committed offset.
+            let sender = lanes.sender(&partition, &shutdown, |rx, stop| {
+                tasks.spawn(lane(
+                    rx,
+                    stop,
+                    consumer.clone(),
+                    dedup.clone(),
+                    handler.clone(),
+                ));
+            });
+            if let Some(waiting) = paused.get(&partition) {
+                waiting.lock().expect("paused lock").push_back(message);
                 continue;
-            };
-            tokio::select! {
-                biased;
+            }
+            match sender.try_send(message) {
+                Ok(()) => {}
                 // A closed lane was revoked after this message was fetched: the partition's
                 // next owner reads it from the committed offset.
-                _ = sender.send(message) => {}
-                _ = shutdown.cancelled() => break,
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(message)) => {
+                    let mut list = TopicPartitionList::new();
+                    list.add_partition(&partition.0, partition.1);
+                    if let Err(e) = consumer.pause(&list) {
+                        tracing::debug!(error = %e, partition = partition.1, "pause");
+                    }
+                    tracing::debug!(topic = %partition.0, partition = partition.1, "lane full; partition paused");
+                    let queue = Arc::new(Mutex::new(VecDeque::from([message])));
+                    paused.insert(partition.clone(), queue.clone());
+                    tasks.spawn(feed(sender, queue, partition, fed_tx.clone()));
+                }
             }
         }
-        consumer.context().lanes.stop_all();
+        lanes.stop_all();
         while tasks.join_next().await.is_some() {}
         // Commit what the lanes stored (never the fetch position, which may be ahead of
         // what was handled); dropping the consumer then leaves the group (off this thread).
@@ -240,83 +246,47 @@ impl KafkaSource {
     }
 }
 
-/// Moves a partition's messages from its librdkafka queue to its lane, in offset order,
-/// until the lane stops. While the lane is full this waits, and librdkafka stops fetching
-/// the partition once its queue holds `queued.min.messages` or `queued.max.messages.kbytes`:
-/// back-pressure per partition, with nothing fetched thrown away and fetched again (which
-/// pausing the partition would do).
-async fn pump(
-    queue: Arc<PartitionQueue>,
+/// Hands a paused partition's waiting messages to its lane, as the lane makes room, then
+/// reports the partition as fed (the reader resumes it, or feeds what arrived meanwhile).
+/// Stops early if the lane closes (revoked or shut down): the rest is read again by the
+/// partition's next owner.
+async fn feed(
     lane: mpsc::Sender<OwnedMessage>,
-    stop: CancellationToken,
+    waiting: Arc<Mutex<VecDeque<OwnedMessage>>>,
+    partition: (String, i32),
+    fed: mpsc::UnboundedSender<(String, i32)>,
 ) {
-    let mut error_backoff = Duration::from_millis(100);
     loop {
-        let message = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            m = queue.recv() => m,
-        };
-        match message {
-            Ok(m) => {
-                error_backoff = Duration::from_millis(100);
-                let m = m.detach();
-                tokio::select! {
-                    biased;
-                    // Stopped (revoked or shut down): the lane drops what it had not started,
-                    // and the partition's next owner reads it from the committed offset.
-                    _ = stop.cancelled() => break,
-                    sent = lane.send(m) => if sent.is_err() { break },
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?error_backoff, "Kafka partition error; continuing");
-                tokio::select! {
-                    _ = tokio::time::sleep(error_backoff) => {}
-                    _ = stop.cancelled() => break,
-                }
-                error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
-            }
+        let next = waiting.lock().expect("paused lock").pop_front();
+        let Some(message) = next else { break };
+        if lane.send(message).await.is_err() {
+            waiting.lock().expect("paused lock").clear();
+            break;
         }
     }
+    let _ = fed.send(partition);
 }
 
-/// Drops the consumer's partition queue handles when dropped.
-struct ForgetQueues(Arc<OffThread<Arc<StreamConsumer<LaneContext>>>>);
+/// The consumer, closed on a thread of its own when the last handle goes. Closing leaves the
+/// group, which waits for the broker: with the broker unreachable or failing, it can take
+/// as long as the broker stays so. Done in place it would block the async worker that
+/// dropped the last handle (at shutdown, or wherever an aborted task is dropped).
+struct ClosingOffThread(Option<StreamConsumer<LaneContext>>);
 
-impl Drop for ForgetQueues {
-    fn drop(&mut self) {
-        self.0.context().lanes.forget_queues();
-    }
-}
+impl std::ops::Deref for ClosingOffThread {
+    type Target = StreamConsumer<LaneContext>;
 
-/// Something holding the consumer (a handle, or a partition queue, which holds one),
-/// dropped on a thread of its own. Dropping the last handle closes the consumer, which
-/// leaves the group and waits for the broker: with the broker unreachable or failing, it
-/// can take as long as the broker stays so. Done in place it would block the async worker
-/// that dropped it (at shutdown, or wherever an aborted task is dropped).
-struct OffThread<T: Send + 'static>(Option<T>);
-
-impl<T: Send + 'static> OffThread<T> {
-    fn new(value: T) -> Self {
-        Self(Some(value))
-    }
-}
-
-impl<T: Send + 'static> std::ops::Deref for OffThread<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
+    fn deref(&self) -> &Self::Target {
         self.0.as_ref().expect("present until dropped")
     }
 }
 
-impl<T: Send + 'static> Drop for OffThread<T> {
+impl Drop for ClosingOffThread {
     fn drop(&mut self) {
-        if let Some(value) = self.0.take() {
+        if let Some(consumer) = self.0.take() {
             let closing = std::thread::Builder::new()
                 .name("kafka-consumer-close".into())
-                .spawn(move || drop(value));
+                .spawn(move || drop(consumer));
             if let Err(e) = closing {
                 tracing::warn!(error = %e, "no thread to close the Kafka consumer on; closing in place");
             }
@@ -324,20 +294,11 @@ impl<T: Send + 'static> Drop for OffThread<T> {
     }
 }
 
-/// A partition's own queue. Its handle wraps librdkafka's queue of the partition, whose
-/// wake-up callback is set when the handle is made and cleared when it is dropped.
-type PartitionQueue = OffThread<StreamPartitionQueue<LaneContext>>;
-
-/// The lanes of the partitions this consumer holds, opened and closed by the rebalance
-/// callback, and the partitions' queues.
+/// The lanes of the partitions this consumer holds, shared by the reader (which opens them)
+/// and the rebalance callback (which closes the revoked ones).
 #[derive(Default)]
 struct Lanes {
     open: Mutex<HashMap<(String, i32), Lane>>,
-    /// Every partition's queue handle, kept from its first assignment until the consumer
-    /// stops and used again when the partition comes back. A second handle would set the
-    /// queue's wake-up callback anew, and the first one, dropped later, would clear it
-    /// under the second: its lane would never be woken again.
-    queues: Mutex<HashMap<(String, i32), Arc<PartitionQueue>>>,
 }
 
 struct Lane {
@@ -345,48 +306,29 @@ struct Lane {
     stop: CancellationToken,
 }
 
-/// A lane just opened, for the reader to start: its messages, its stop, and the partition's
-/// own queue that feeds it (none if it could not be split off).
-struct Opened {
-    tx: mpsc::Sender<OwnedMessage>,
-    rx: mpsc::Receiver<OwnedMessage>,
-    stop: CancellationToken,
-    queue: Option<Arc<PartitionQueue>>,
-}
-
 impl Lanes {
-    /// Opens a lane for `partition` unless it has one.
-    fn open(
+    /// The sender of `partition`'s lane, opening one (through `spawn`) if there is none.
+    fn sender(
         &self,
         partition: &(String, i32),
         shutdown: &CancellationToken,
-        queue: Option<Arc<PartitionQueue>>,
-    ) -> Option<Opened> {
+        spawn: impl FnOnce(mpsc::Receiver<OwnedMessage>, CancellationToken),
+    ) -> mpsc::Sender<OwnedMessage> {
         let mut open = self.open.lock().expect("lanes lock");
-        if open.contains_key(partition) {
-            return None;
+        if let Some(lane) = open.get(partition) {
+            return lane.tx.clone();
         }
         let (tx, rx) = mpsc::channel(LANE_CAPACITY);
         let stop = shutdown.child_token();
+        spawn(rx, stop.clone());
         open.insert(
             partition.clone(),
             Lane {
                 tx: tx.clone(),
-                stop: stop.clone(),
+                stop,
             },
         );
-        Some(Opened {
-            tx,
-            rx,
-            stop,
-            queue,
-        })
-    }
-
-    /// The sender of `partition`'s lane, if it has one.
-    fn sender(&self, partition: &(String, i32)) -> Option<mpsc::Sender<OwnedMessage>> {
-        let open = self.open.lock().expect("lanes lock");
-        open.get(partition).map(|lane| lane.tx.clone())
+        tx
     }
 
     /// Closes the lanes of revoked partitions: each finishes its current message and drops
@@ -401,27 +343,6 @@ impl Lanes {
         }
     }
 
-    /// `partition`'s queue handle, split off by `split` the first time.
-    fn queue(
-        &self,
-        partition: &(String, i32),
-        split: impl FnOnce() -> Option<PartitionQueue>,
-    ) -> Option<Arc<PartitionQueue>> {
-        let mut queues = self.queues.lock().expect("queues lock");
-        if let Some(queue) = queues.get(partition) {
-            return Some(queue.clone());
-        }
-        let queue = Arc::new(split()?);
-        queues.insert(partition.clone(), queue.clone());
-        Some(queue)
-    }
-
-    /// Drops the queue handles, which hold the consumer (the consumer holds them in turn,
-    /// through its context).
-    fn forget_queues(&self) {
-        self.queues.lock().expect("queues lock").clear();
-    }
-
     fn stop_all(&self) {
         let mut open = self.open.lock().expect("lanes lock");
         for (_, lane) in open.drain() {
@@ -430,20 +351,9 @@ impl Lanes {
     }
 }
 
-/// Opens a partition's lane when it is assigned, and closes it before librdkafka gives the
-/// partition up.
-///
-/// Each assigned partition's messages are split off into a queue of its own before
-/// librdkafka starts fetching it (an application's split is kept by the fetcher), so a
-/// lane that falls behind holds back only its partition, through librdkafka's own
-/// per-partition prefetch limits.
+/// Closes a partition's lane before librdkafka gives the partition up.
 struct LaneContext {
-    lanes: Lanes,
-    /// The consumer itself, to split partition queues off (set right after creation).
-    consumer: OnceLock<Weak<StreamConsumer<LaneContext>>>,
-    shutdown: CancellationToken,
-    /// Lanes opened, for the reader to start.
-    opened: mpsc::UnboundedSender<Opened>,
+    lanes: Arc<Lanes>,
 }
 
 impl ClientContext for LaneContext {}
@@ -465,27 +375,11 @@ impl ConsumerContext for LaneContext {
                 }
             }
             Rebalance::Assign(list) => {
-                let this = self.consumer.get().and_then(Weak::upgrade);
-                let mut partitions = Vec::new();
-                for e in list.elements() {
-                    let partition = (e.topic().to_owned(), e.partition());
-                    partitions.push(format!("{}[{}]", partition.0, partition.1));
-                    if self.lanes.sender(&partition).is_some() {
-                        continue;
-                    }
-                    let queue = self.lanes.queue(&partition, || {
-                        this.as_ref()
-                            .and_then(|c| c.split_partition_queue(&partition.0, partition.1))
-                            .map(OffThread::new)
-                    });
-                    if queue.is_none() {
-                        tracing::warn!(topic = %partition.0, partition = partition.1,
-                            "no queue of its own for the partition; its messages come through the consumer's");
-                    }
-                    if let Some(opened) = self.lanes.open(&partition, &self.shutdown, queue) {
-                        let _ = self.opened.send(opened);
-                    }
-                }
+                let partitions: Vec<String> = list
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                    .collect();
                 tracing::info!(?partitions, "partitions assigned");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
@@ -498,7 +392,7 @@ impl ConsumerContext for LaneContext {
 async fn lane<H: Handler + 'static>(
     rx: mpsc::Receiver<OwnedMessage>,
     stop: CancellationToken,
-    consumer: Arc<OffThread<Arc<StreamConsumer<LaneContext>>>>,
+    consumer: Arc<ClosingOffThread>,
     dedup: Deduplicator,
     handler: Arc<H>,
 ) {

@@ -763,9 +763,9 @@ impl Handler for Gate {
 }
 
 /// Kafka: a partition whose handler is stuck holds back only itself. Its lane fills (it has
-/// far more messages than a lane holds) and the rest wait in librdkafka, while the other
-/// partitions are handled to the end; once it is unstuck, every message of all three has
-/// exactly one effect, in order: nothing that waited was dropped or read twice into effect.
+/// far more messages than a lane holds) while the other partitions are handled to the end;
+/// once it is unstuck, every message of all three has exactly one effect, in order: nothing
+/// that waited was dropped or applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_a_stuck_partition_holds_back_only_itself() {
     use rdkafka::{
