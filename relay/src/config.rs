@@ -278,9 +278,12 @@ pub struct RabbitMqSettings {
     /// Largest payload sent, in bytes; larger messages are dead at once without being sent.
     /// Keep it at or below the broker's `max_message_size` (RabbitMQ's default: 128 MiB).
     pub max_message_size: u64,
-    /// Channels on the connection, each with one unconfirmed message at a time: the most
-    /// messages (of different keys) at the broker at once.
+    /// Channels on the connection, each publishing a window of messages (of different keys)
+    /// and waiting for their confirms before it takes more.
     pub channels: u16,
+    /// The most unconfirmed messages on one channel. `channels × channel_window` bounds the
+    /// messages at the broker at once; 1 gives one unconfirmed message per channel.
+    pub channel_window: u16,
     /// A file holding the password; replaces the URL's password (e.g. a mounted secret).
     pub password_file: Option<PathBuf>,
     /// TLS for `amqps://` URLs.
@@ -351,7 +354,8 @@ impl Default for RabbitMqSettings {
             routes: BTreeMap::new(),
             confirm_timeout: Duration::from_secs(10),
             max_message_size: 128 * 1024 * 1024,
-            channels: 512,
+            channels: 4,
+            channel_window: 512,
             password_file: None,
             tls: AmqpTlsSettings::default(),
         }
@@ -648,6 +652,12 @@ impl Settings {
                 p.push(format!(
                     "rabbitmq.channels must be between 1 and 2047 (RabbitMQ's default channel_max); got {}",
                     rb.channels
+                ));
+            }
+            if !(1..=10_000).contains(&rb.channel_window) {
+                p.push(format!(
+                    "rabbitmq.channel_window must be between 1 and 10000; got {}",
+                    rb.channel_window
                 ));
             }
             if !(1..=512 * 1024 * 1024).contains(&rb.max_message_size) {

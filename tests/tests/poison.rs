@@ -469,3 +469,147 @@ async fn a_panic_in_a_relay_task_stops_the_relay_with_an_error() {
         "the message stays for the next relay"
     );
 }
+
+fn envelope(seq: i64, topic: &str, key: String) -> Envelope {
+    Envelope {
+        seq,
+        partition: 0,
+        id: Uuid::new_v4(),
+        topic: topic.to_owned(),
+        key: Some(key),
+        payload: b"windowed".to_vec(),
+        headers: BTreeMap::new(),
+        content_type: None,
+        created_at_unix: 0,
+        created_at_micros: 0,
+        attempts: 0,
+    }
+}
+
+/// Many messages in one channel's confirm window, every third one unroutable: RabbitMQ
+/// acknowledges them several at a time and lapin hands each return to any one confirm of an
+/// ack, so each outcome must come from the return's `message-id`. Every unroutable message is
+/// rejected, every routed one confirmed and enqueued, none the other way round. (The routed
+/// queue is not durable, so RabbitMQ confirms routed and unroutable messages alike without
+/// waiting for a disk, and acknowledges runs of both with one `basic.ack`.)
+#[tokio::test]
+async fn returns_in_a_confirm_window_are_matched_to_their_own_messages() {
+    let db = TestDb::new().await;
+    let routed = topic("window");
+    let consumer = Consumer::connect().await;
+    let declare = |passive| {
+        consumer.channel().queue_declare(
+            &routed,
+            lapin::options::QueueDeclareOptions {
+                passive,
+                auto_delete: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+    };
+    declare(false).await.expect("queue_declare");
+    let unroutable = topic("window-nowhere");
+    let mut s = settings(&db);
+    s.rabbitmq.channels = 1;
+    s.rabbitmq.channel_window = 500;
+    let publisher =
+        outbox_relay::publish::rabbitmq::RabbitMqPublisher::new(&s.rabbitmq).expect("publisher");
+    publisher.ready().await.expect("RabbitMQ is up");
+
+    let mut confirmed = 0u32;
+    for round in 0..10 {
+        let envelopes: Vec<Envelope> = (0..300)
+            .map(|i| {
+                let to = if i % 3 == 0 { &unroutable } else { &routed };
+                envelope(round * 1000 + i, to, format!("k{i}"))
+            })
+            .collect();
+        // All queued before the channel's worker runs: they share one window.
+        let outcomes =
+            futures::future::join_all(envelopes.iter().map(|e| publisher.publish(e))).await;
+        for (env, outcome) in envelopes.iter().zip(outcomes) {
+            if env.topic == unroutable {
+                match outcome {
+                    Err(PublishError::Rejected(why)) => {
+                        assert!(why.contains("NO_ROUTE"), "seq {}: {why}", env.seq)
+                    }
+                    other => panic!(
+                        "seq {} ({}) was returned by RabbitMQ but came out as {other:?}",
+                        env.seq, env.id
+                    ),
+                }
+            } else {
+                assert_eq!(
+                    outcome,
+                    Ok(()),
+                    "seq {} ({}) was routed but not confirmed",
+                    env.seq,
+                    env.id
+                );
+                confirmed += 1;
+            }
+        }
+    }
+    let queue = declare(true).await.expect("passive queue_declare");
+    assert_eq!(
+        queue.message_count(),
+        confirmed,
+        "routed messages in the queue"
+    );
+    publisher.close().await;
+}
+
+/// A message to an exchange that does not exist makes RabbitMQ close its channel, which takes
+/// every message of the channel's window with it. None of the others is charged: they are
+/// published again alone, go through, and only the message at fault dies.
+#[tokio::test]
+async fn a_message_that_closes_its_channel_dies_alone_and_costs_its_window_nothing() {
+    let db = TestDb::new().await;
+    let q = topic("chanclose");
+    let bad_topic = topic("to-missing-exchange");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&q).await;
+    let bad = Message::new(&bad_topic, b"x".to_vec())
+        .unwrap()
+        .with_key("bad")
+        .unwrap();
+    let mut all = vec![bad.clone()];
+    all.extend((0..300).map(|i| {
+        Message::new(&q, vec![1])
+            .unwrap()
+            .with_key(format!("k{}", i % 100))
+            .unwrap()
+    }));
+    Outbox::default()
+        .enqueue_batch(&db.pool, &all)
+        .await
+        .unwrap();
+
+    let mut s = settings(&db);
+    s.retention.delivered = Duration::from_secs(3600);
+    s.retry.max_attempts = 2;
+    s.rabbitmq.channels = 1;
+    s.rabbitmq.routes.insert(
+        bad_topic.clone(),
+        outbox_relay::config::RouteSettings {
+            exchange: format!("{bad_topic}.missing"),
+            routing_key: "{topic}".into(),
+        },
+    );
+    let relay = start_relay(&s).await;
+    let (attempts, err) = wait_dead(&db.pool, bad.id(), "the channel closer").await;
+    assert_eq!(attempts, 2, "{err}");
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    consumer.wait_for_distinct(300, WAIT).await;
+    relay.stop().await;
+    let charged: Vec<_> = attempts_of_delivered(&db.pool)
+        .await
+        .into_iter()
+        .filter(|(_, a)| *a > 0)
+        .collect();
+    assert!(
+        charged.is_empty(),
+        "messages that shared a window with it were charged attempts: {charged:?}"
+    );
+}

@@ -1,29 +1,32 @@
 //! RabbitMQ through lapin: publisher confirms, `mandatory`, persistent delivery.
 //!
-//! A message is confirmed only by a broker `basic.ack` without a preceding `basic.return`.
+//! A message is confirmed only by a broker `basic.ack` without a `basic.return` of it.
 //! A return (unroutable), a NACK or a channel closed over this message is a rejection; a
 //! lost connection or a missing confirm is "broker unavailable" and the message is
 //! released untouched.
 //!
-//! Each channel carries **one unconfirmed message at a time**; concurrency comes from a
-//! pool of channels (`rabbitmq.channels`, opened as needed and reused). A `basic.return` names no delivery tag, and when the broker acks
-//! several messages at once (`multiple`), lapin hands a pending return to whichever of their
-//! confirms it completes first — with several messages in flight on one channel, a returned
-//! message could look confirmed (and be lost) while a routed one looked returned. With one
-//! in flight per channel, a return can only belong to that message.
+//! Concurrency comes from a few channels (`rabbitmq.channels`), each carrying a window of
+//! up to `rabbitmq.channel_window` unconfirmed messages; see [`window`] for how a return is
+//! matched to its message when the broker acknowledges several at once. The relay never
+//! puts two messages of one key at the broker at once (a NACK of one and an ACK of the next
+//! could otherwise break the key's order), so a window holds messages of different keys.
 
-use std::{sync::Mutex, time::Duration};
+mod window;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::{future::BoxFuture, FutureExt};
 use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
     protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError},
-    publisher_confirm::Confirmation,
     tcp::{OwnedIdentity, OwnedTLSConfig},
     types::{AMQPValue, FieldTable, LongString, ShortString},
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Connection, ConnectionProperties,
 };
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{PublishError, Publisher};
 use crate::{
@@ -32,7 +35,7 @@ use crate::{
     route::{Route, Router, Template},
 };
 
-/// Publishes to one RabbitMQ broker over one connection and one confirm-mode channel.
+/// Publishes to one RabbitMQ broker over one connection and a few confirm-mode channels.
 pub struct RabbitMqPublisher {
     url: SecretString,
     tls: AmqpTls,
@@ -40,17 +43,19 @@ pub struct RabbitMqPublisher {
     router: Router,
     confirm_timeout: Duration,
     max_message_size: u64,
-    live: Mutex<Option<Live>>,
+    channels: usize,
+    channel_window: usize,
+    live: Arc<Mutex<Option<Live>>>,
     connecting: tokio::sync::Mutex<()>,
-    slots: tokio::sync::Semaphore,
     generations: std::sync::atomic::AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
 struct Live {
-    connection: std::sync::Arc<Connection>,
+    connection: Arc<Connection>,
     generation: u64,
-    idle: Vec<Channel>,
+    /// The channel workers' queue; dropping it stops them.
+    queue: mpsc::UnboundedSender<window::Job>,
     /// The negotiated largest frame; a message's properties must fit in one.
     frame_max: u32,
 }
@@ -84,9 +89,10 @@ impl RabbitMqPublisher {
             router: Router::new(default, routes),
             confirm_timeout: settings.confirm_timeout,
             max_message_size: settings.max_message_size,
-            live: Mutex::new(None),
+            channels: usize::from(settings.channels.max(1)),
+            channel_window: usize::from(settings.channel_window.max(1)),
+            live: Arc::new(Mutex::new(None)),
             connecting: tokio::sync::Mutex::new(()),
-            slots: tokio::sync::Semaphore::new(usize::from(settings.channels)),
             generations: std::sync::atomic::AtomicU64::new(0),
             last_error: Mutex::new(None),
         })
@@ -98,56 +104,9 @@ impl RabbitMqPublisher {
             .is_some_and(|l| l.connection.status().connected())
     }
 
-    /// An idle confirm-mode channel of the live connection, or a new one.
-    async fn take_channel(&self) -> Result<(Channel, u64), PublishError> {
-        let (connection, generation) = {
-            let mut live = self.live.lock().expect("lock poisoned");
-            let live = live.as_mut().ok_or_else(not_connected)?;
-            while let Some(channel) = live.idle.pop() {
-                if channel.status().connected() {
-                    return Ok((channel, live.generation));
-                }
-            }
-            (live.connection.clone(), live.generation)
-        };
-        let channel = connection.create_channel().await.map_err(|e| {
-            self.reset();
-            PublishError::Unavailable(format!(
-                "cannot open a channel on RabbitMQ at {}: {e}",
-                self.shown_url
-            ))
-        })?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| {
-                self.reset();
-                PublishError::Unavailable(format!(
-                    "cannot enable confirms on RabbitMQ at {}: {e}",
-                    self.shown_url
-                ))
-            })?;
-        Ok((channel, generation))
-    }
-
-    /// Returns a channel with nothing in flight to the pool.
-    fn give_back(&self, channel: Channel, generation: u64) {
-        let mut live = self.live.lock().expect("lock poisoned");
-        if let Some(live) = live.as_mut().filter(|l| l.generation == generation) {
-            if channel.status().connected() {
-                live.idle.push(channel);
-            }
-        }
-    }
-
     /// Drops the connection so that the next `ready` opens a new one.
     fn reset(&self) {
-        crate::metrics::broker_up(false);
-        if let Some(old) = self.live.lock().expect("lock poisoned").take() {
-            tokio::spawn(async move {
-                let _ = old.connection.close(200, "outbox-relay reconnecting").await;
-            });
-        }
+        drop_live(&self.live, None);
     }
 
     async fn connect(&self) -> Result<(), PublishError> {
@@ -181,10 +140,28 @@ impl RabbitMqPublisher {
         crate::metrics::broker_up(true);
         self.last_error.lock().expect("lock poisoned").take();
         let frame_max = connection.configuration().frame_max();
+        let connection = Arc::new(connection);
+        let live = Arc::downgrade(&self.live);
+        let queue = window::start(
+            window::Shared {
+                connection: connection.clone(),
+                shown_url: self.shown_url.clone(),
+                confirm_timeout: self.confirm_timeout,
+                window: self.channel_window,
+                // A worker that finds the connection unusable drops it, unless it has been
+                // replaced meanwhile.
+                reset: Box::new(move || {
+                    if let Some(live) = live.upgrade() {
+                        drop_live(&live, Some(generation));
+                    }
+                }),
+            },
+            self.channels,
+        );
         *self.live.lock().expect("lock poisoned") = Some(Live {
-            connection: std::sync::Arc::new(connection),
+            connection,
             generation,
-            idle: Vec::new(),
+            queue,
             frame_max: if frame_max == 0 { u32::MAX } else { frame_max },
         });
         Ok(())
@@ -220,15 +197,15 @@ impl RabbitMqPublisher {
     }
 
     async fn publish_one(&self, env: &Envelope) -> Result<(), PublishError> {
-        // Checked before taking a channel: a message over the protocol's limits never
+        // Checked before the message is queued: a message over the protocol's limits never
         // reaches the connection.
         let (exchange, routing_key) = self.router.resolve(&env.topic, env.key.as_deref());
-        let frame_max = self
+        let (frame_max, queue) = self
             .live
             .lock()
             .expect("lock poisoned")
             .as_ref()
-            .map(|l| l.frame_max)
+            .map(|l| (l.frame_max, l.queue.clone()))
             .ok_or_else(not_connected)?;
         check_limits(
             env,
@@ -238,88 +215,41 @@ impl RabbitMqPublisher {
             self.max_message_size,
         )
         .map_err(PublishError::TooLarge)?;
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        let (channel, generation) = self.take_channel().await?;
-        let result = self
-            .publish_on(&channel, env, &exchange, &routing_key)
-            .await;
-        if !matches!(result, Err(PublishError::Unavailable(_))) {
-            self.give_back(channel, generation);
-        }
-        result
-    }
-
-    async fn publish_on(
-        &self,
-        channel: &Channel,
-        env: &Envelope,
-        exchange: &str,
-        routing_key: &str,
-    ) -> Result<(), PublishError> {
-        let confirm = channel
-            .basic_publish(
+        let (reply, answer) = oneshot::channel();
+        queue
+            .send(window::Job {
                 exchange,
                 routing_key,
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &env.payload,
-                properties(env),
-            )
-            .await
-            .map_err(|e| self.classify(e, exchange))?;
-        let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
-            .await
-            .map_err(|_| {
-                self.reset();
-                PublishError::Unavailable(format!(
-                    "no confirm from RabbitMQ within {}",
-                    humantime::format_duration(self.confirm_timeout)
-                ))
-            })?
-            .map_err(|e| self.classify(e, exchange))?;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                Err(PublishError::Rejected(format!(
-                    "returned as unroutable: {} {} (exchange {exchange:?}, routing key {routing_key:?})",
-                    returned.reply_code, returned.reply_text
-                )))
-            }
-            Confirmation::Nack(None) => Err(PublishError::Rejected(format!(
-                "negatively acknowledged (basic.nack) by RabbitMQ (exchange {exchange:?}, \
-                 routing key {routing_key:?})"
-            ))),
-            Confirmation::NotRequested => {
-                self.reset();
-                Err(PublishError::Unavailable("channel was not in confirm mode".into()))
-            }
-        }
+                payload: env.payload.clone(),
+                properties: properties(env),
+                id: env.id.to_string(),
+                reply,
+            })
+            .map_err(|_| not_connected())?;
+        answer.await.unwrap_or_else(|_| {
+            Err(PublishError::Unavailable(
+                "the connection to RabbitMQ was replaced before this message was confirmed".into(),
+            ))
+        })
     }
+}
 
-    /// A channel-level refusal (unknown exchange, access refused, oversize message) is the
-    /// message's own problem; anything else is the connection's.
-    fn classify(&self, e: lapin::Error, exchange: &str) -> PublishError {
-        match &e {
-            // The broker closed this message's channel (unknown exchange, access refused,
-            // message too large): only that channel is gone, and it is not reused.
-            lapin::Error::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_)) => {
-                PublishError::Rejected(format!(
-                    "RabbitMQ closed the channel: {amqp} (exchange {exchange:?})"
-                ))
-            }
-            // The whole connection went while this message was in flight: maybe its fault
-            // (a frame the broker refused), maybe not; the relay's suspect rule decides.
-            _ => {
-                self.reset();
-                PublishError::Disconnected(format!("RabbitMQ at {}: {e}", self.shown_url))
-            }
+/// Takes the live connection (only generation `only`'s, when given) and closes it in the
+/// background; its channel workers stop once their queue is answered.
+fn drop_live(live: &Mutex<Option<Live>>, only: Option<u64>) {
+    let old = {
+        let mut live = live.lock().expect("lock poisoned");
+        if only.is_some() && live.as_ref().map(|l| l.generation) != only {
+            return;
         }
+        live.take()
+    };
+    crate::metrics::broker_up(false);
+    if let Some(old) = old {
+        drop(old.queue);
+        tokio::spawn(async move {
+            let _ = old.connection.close(200, "outbox-relay reconnecting").await;
+        });
     }
 }
 
@@ -358,9 +288,7 @@ impl Publisher for RabbitMqPublisher {
         async move {
             let live = self.live.lock().expect("lock poisoned").take();
             if let Some(live) = live {
-                for channel in live.idle {
-                    let _ = channel.close(200, "outbox-relay shutting down").await;
-                }
+                drop(live.queue);
                 let _ = live
                     .connection
                     .close(200, "outbox-relay shutting down")

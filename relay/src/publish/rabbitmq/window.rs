@@ -1,0 +1,263 @@
+//! Confirm windows: many unconfirmed messages per channel, each return matched to its
+//! message by `message-id`.
+//!
+//! A few channel workers share one queue of messages to publish. A worker that is free takes
+//! what is queued (up to `rabbitmq.channel_window` messages), publishes all of it on its
+//! channel, and waits for all of their confirms before it takes more: a **window**. Under
+//! light load a window holds one message and a publish goes out at once; under load the
+//! windows fill and the broker acknowledges them with few `basic.ack ... multiple` frames.
+//!
+//! Why a window is closed before it is judged: RabbitMQ sends a `basic.return` (unroutable
+//! with `mandatory`) before the `basic.ack` of the same message, but the return names no
+//! delivery tag, and when one ack covers several messages lapin hands the waiting return to
+//! any one of them. So a message's own confirm cannot say whether it was returned. Once every
+//! confirm of the window is in, every return of the window has arrived (it precedes its ack)
+//! and was handed to a confirm of the same window (nothing else was in flight on the
+//! channel); the returns then name their messages by `message-id`, which is the outbox id.
+//! A message is confirmed only if it was acked and no return of its window names it.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::future::join_all;
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    protocol::AMQPErrorKind,
+    publisher_confirm::Confirmation,
+    BasicProperties, Channel, Connection,
+};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::super::PublishError;
+
+/// One message on its way to a channel worker.
+pub(super) struct Job {
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub properties: BasicProperties,
+    /// The outbox id, also the AMQP `message-id`: what a return is matched by.
+    pub id: String,
+    pub reply: oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// What the workers need of their publisher.
+pub(super) struct Shared {
+    pub connection: Arc<Connection>,
+    pub shown_url: String,
+    pub confirm_timeout: Duration,
+    pub window: usize,
+    /// Called when the connection is no longer usable (the next `ready` reconnects).
+    pub reset: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Starts `channels` workers on one connection, fed by the queue whose sender is returned.
+/// They stop once the sender is dropped and what was queued is answered.
+pub(super) fn start(shared: Shared, channels: usize) -> mpsc::UnboundedSender<Job> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let rx = Arc::new(Mutex::new(rx));
+    let shared = Arc::new(shared);
+    for _ in 0..channels {
+        tokio::spawn(worker(shared.clone(), rx.clone()));
+    }
+    tx
+}
+
+async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+    let mut channel: Option<Channel> = None;
+    loop {
+        let jobs = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                break;
+            };
+            let mut jobs = vec![first];
+            while jobs.len() < shared.window {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            jobs
+        };
+        let open = match channel.take().filter(|c| c.status().connected()) {
+            Some(c) => Ok(c),
+            None => open_channel(&shared).await,
+        };
+        let outcomes = match &open {
+            Ok(c) => publish_window(&shared, c, &jobs).await,
+            Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+        };
+        channel = open.ok().filter(|c| c.status().connected());
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            // The caller may have given up (shutdown's grace period): the row stays pending.
+            let _ = job.reply.send(outcome);
+        }
+    }
+    if let Some(c) = channel {
+        let _ = c
+            .close(200, "outbox-relay: connection replaced or closing")
+            .await;
+    }
+}
+
+async fn open_channel(shared: &Shared) -> Result<Channel, PublishError> {
+    let unavailable = |what: &str, e: lapin::Error| {
+        (shared.reset)();
+        PublishError::Unavailable(format!(
+            "cannot {what} on RabbitMQ at {}: {e}",
+            shared.shown_url
+        ))
+    };
+    let channel = shared
+        .connection
+        .create_channel()
+        .await
+        .map_err(|e| unavailable("open a channel", e))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| unavailable("enable confirms", e))?;
+    Ok(channel)
+}
+
+/// Publishes `jobs` on `channel`, waits for every confirm, and says what became of each.
+async fn publish_window(
+    shared: &Shared,
+    channel: &Channel,
+    jobs: &[Job],
+) -> Vec<Result<(), PublishError>> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    // Polled in order, so the delivery tags follow `jobs`; all frames are queued at once.
+    let sent = join_all(jobs.iter().map(|job| {
+        channel.basic_publish(
+            &job.exchange,
+            &job.routing_key,
+            options,
+            &job.payload,
+            job.properties.clone(),
+        )
+    }))
+    .await;
+    let mut waits = Vec::with_capacity(jobs.len());
+    let mut errors: Vec<Option<lapin::Error>> = Vec::with_capacity(jobs.len());
+    for result in sent {
+        match result {
+            Ok(confirm) => {
+                waits.push(Some(confirm));
+                errors.push(None);
+            }
+            Err(e) => {
+                waits.push(None);
+                errors.push(Some(e));
+            }
+        }
+    }
+    let confirms = join_all(waits.into_iter().map(|w| async move {
+        match w {
+            Some(confirm) => Some(confirm.await),
+            None => None,
+        }
+    }));
+    let Ok(confirms) = tokio::time::timeout(shared.confirm_timeout, confirms).await else {
+        (shared.reset)();
+        let e = PublishError::Unavailable(format!(
+            "no confirm from RabbitMQ within {}",
+            humantime::format_duration(shared.confirm_timeout)
+        ));
+        return jobs.iter().map(|_| Err(e.clone())).collect();
+    };
+
+    // Every return of the window, by the message id it carries.
+    let mut returned: HashMap<String, String> = HashMap::new();
+    for confirmation in confirms.iter().flatten().flatten() {
+        if let Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) = confirmation {
+            match r.properties.message_id() {
+                Some(id) => {
+                    returned.insert(
+                        id.as_str().to_owned(),
+                        format!("{} {}", r.reply_code, r.reply_text),
+                    );
+                }
+                None => tracing::warn!(
+                    exchange = r.exchange.as_str(),
+                    routing_key = r.routing_key.as_str(),
+                    "RabbitMQ returned a message without a message-id; ignoring it"
+                ),
+            }
+        }
+    }
+    let in_flight = jobs.len();
+    jobs.iter()
+        .zip(errors)
+        .zip(confirms)
+        .map(|((job, error), confirm)| {
+            let error = error.or_else(|| confirm.as_ref().and_then(|c| c.as_ref().err().cloned()));
+            if let Some(e) = error {
+                return Err(classify(shared, e, &job.exchange, in_flight));
+            }
+            let confirmation = confirm.and_then(Result::ok);
+            let route = || {
+                format!(
+                    "(exchange {:?}, routing key {:?})",
+                    job.exchange, job.routing_key
+                )
+            };
+            match confirmation {
+                Some(Confirmation::Ack(_)) => match returned.get(&job.id) {
+                    None => Ok(()),
+                    Some(why) => Err(PublishError::Rejected(format!(
+                        "returned as unroutable: {why} {}",
+                        route()
+                    ))),
+                },
+                Some(Confirmation::Nack(_)) => Err(PublishError::Rejected(format!(
+                    "negatively acknowledged (basic.nack) by RabbitMQ {}",
+                    route()
+                ))),
+                Some(Confirmation::NotRequested) | None => {
+                    (shared.reset)();
+                    Err(PublishError::Unavailable(
+                        "channel was not in confirm mode".into(),
+                    ))
+                }
+            }
+        })
+        .collect()
+}
+
+/// A channel-level refusal (unknown exchange, access refused, oversize message) closes
+/// only the channel. With one message in flight it is that message's own problem; with
+/// several, any one of them may be at fault, so each is published again alone (the relay's
+/// suspect rule) before one is charged. Anything else is the connection's.
+fn classify(shared: &Shared, e: lapin::Error, exchange: &str, in_flight: usize) -> PublishError {
+    match &e {
+        lapin::Error::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_)) => {
+            if in_flight == 1 {
+                PublishError::Rejected(format!(
+                    "RabbitMQ closed the channel: {amqp} (exchange {exchange:?})"
+                ))
+            } else {
+                PublishError::Disconnected(format!(
+                    "RabbitMQ closed the channel with {in_flight} messages in flight: {amqp}; \
+                     each is published again alone to find the one at fault"
+                ))
+            }
+        }
+        // The channel was closed under this message (by a close of the window's channel
+        // that reached it first) while the connection stays up: not the connection's fault.
+        lapin::Error::InvalidChannelState(_) if shared.connection.status().connected() => {
+            PublishError::Disconnected(format!(
+                "RabbitMQ closed the channel with {in_flight} messages in flight: {e}"
+            ))
+        }
+        // The whole connection went while this message was in flight: maybe its fault
+        // (a frame the broker refused), maybe not; the relay's suspect rule decides.
+        _ => {
+            (shared.reset)();
+            PublishError::Disconnected(format!("RabbitMQ at {}: {e}", shared.shown_url))
+        }
+    }
+}
