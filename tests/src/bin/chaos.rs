@@ -357,6 +357,8 @@ async fn run() -> anyhow::Result<bool> {
 
     let (mut kills, mut broker_restarts, mut db_restarts) = (0, 0, 0);
     let (mut consumers_killed, mut consumers_stopped) = (0, 0);
+    // Consumers restarted because the effects stalled (see the effects wait below).
+    let mut group_nudges = 0usize;
     let total = o.messages as u64;
     let planned = o.planned().as_secs_f64();
     let mut next_progress = Instant::now();
@@ -483,10 +485,19 @@ async fn run() -> anyhow::Result<bool> {
     // Effects trail arrivals by one transaction each; wait for them too. A consumer group
     // held in a rebalance (a killed member is waited for until `max.poll.interval.ms`)
     // applies nothing for a while, then catches up: wait while the effects still grow, and
-    // give up after 30 s without progress (or 3 minutes in all).
+    // give up after 45 s without progress (or 3 minutes in all).
+    //
+    // The local Kafka-protocol broker can also leave a partition with no owner for good:
+    // after a broker restart, a member that joins a generation late may be handed a stale
+    // assignment by SyncGroup (seen: the leader assigned [0, 1] and [2]; the late member was
+    // given [1]), and with every member heartbeating in that generation no rebalance
+    // follows. A real broker hands out the leader's assignment. So when the effects stall
+    // for 10 s, one consumer is restarted, which makes the group rebalance; the summary
+    // counts these restarts.
     let effects_started = Instant::now();
     let mut effects_seen = 0;
     let mut effects_changed = Instant::now();
+    let mut last_nudge = Instant::now();
     loop {
         let ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT message_id FROM chaos_effects")
             .fetch_all(&pool)
@@ -500,7 +511,22 @@ async fn run() -> anyhow::Result<bool> {
             effects_seen = ids.len();
             effects_changed = Instant::now();
         }
-        if effects_changed.elapsed() > Duration::from_secs(30)
+        let stalled = effects_changed.elapsed().min(last_nudge.elapsed());
+        if o.kafka && stalled > Duration::from_secs(10) && group_nudges < 3 {
+            let i = group_nudges % members.len();
+            let old = std::mem::replace(&mut members[i], member());
+            old.stop().await;
+            group_nudges += 1;
+            last_nudge = Instant::now();
+            println!(
+                "[{:>6.1}s] effects stalled at {} of {} for 10 s: restarted consumer {i} to \
+                 make the group rebalance",
+                started.elapsed().as_secs_f64(),
+                ids.len(),
+                committed.len()
+            );
+        }
+        if effects_changed.elapsed() > Duration::from_secs(45)
             || effects_started.elapsed() > Duration::from_secs(180)
         {
             println!(
@@ -688,6 +714,10 @@ async fn run() -> anyhow::Result<bool> {
     println!(
         "| {:<36} | {:>30} |",
         "per-key effect order violations", effect_violations
+    );
+    println!(
+        "| {:<36} | {:>30} |",
+        "consumers restarted (effects stalled)", group_nudges
     );
     println!(
         "| {:<36} | {:>30} |",
