@@ -17,11 +17,16 @@
 //! Nothing is lost, nothing is applied twice, per-partition order holds.
 //!
 //! **Back-pressure per partition.** A lane holds at most 256 messages. When a partition's
-//! lane is full (its handler is slow, or a message waits to be retried), that partition
-//! alone is paused: its next messages wait in the reader (in order) and librdkafka stops
-//! fetching it, while the other partitions keep flowing and the reader keeps polling, so a
-//! slow lane never pushes the consumer out of its group (`max.poll.interval.ms`). The
-//! partition resumes once its lane has taken the waiting messages.
+//! lane is full (its handler is slow, or a message waits to be retried), that partition's
+//! next messages wait in the reader, in order, and a feeder hands them over as the lane
+//! makes room; only once 4,096 messages (or 8 MiB of payloads) wait is the partition paused
+//! in librdkafka, which stops fetching it, and it resumes once its lane has taken them all.
+//! The other partitions keep flowing and the reader keeps polling, so a slow lane never
+//! pushes the consumer out of its group (`max.poll.interval.ms`). (librdkafka drops a paused
+//! partition's prefetched messages and fetches them again on resume: pausing at every full
+//! lane would fetch most messages twice and wait for each fetch.) If a partition is revoked
+//! and assigned back while messages wait for its old lane, they are dropped with that lane
+//! (their offsets were never stored) and the partition's messages start a new lane.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -45,6 +50,10 @@ const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Messages a lane may hold before the reader waits for it (bounds memory per partition).
 const LANE_CAPACITY: usize = 256;
+/// Messages (or payload bytes) read for a partition whose lane is full before the partition
+/// is paused.
+const OVERFLOW_MESSAGES: usize = 4096;
+const OVERFLOW_BYTES: usize = 8 * 1024 * 1024;
 
 /// Properties [`KafkaSource::with_property`] refuses: setting them would acknowledge
 /// messages before their effects committed.
@@ -133,10 +142,11 @@ impl KafkaSource {
 
         let mut tasks = tokio::task::JoinSet::new();
         let mut error_backoff = Duration::from_millis(100);
-        // Partitions paused because their lane is full, with the messages read for them
-        // meanwhile (in offset order); a feeder hands these to the lane and says when done.
-        let mut paused: HashMap<(String, i32), Arc<Mutex<VecDeque<OwnedMessage>>>> = HashMap::new();
-        let (fed_tx, mut fed) = mpsc::unbounded_channel::<(String, i32)>();
+        // Partitions whose lane is full, with the messages read for them meanwhile (in
+        // offset order); a feeder hands these to the lane and says when it is done.
+        let mut overflowing: HashMap<(String, i32), Overflow> = HashMap::new();
+        let mut overflows = 0u64;
+        let (fed_tx, mut fed) = mpsc::unbounded_channel::<((String, i32), u64)>();
         loop {
             // `biased`: a message already taken from librdkafka is always dispatched, never
             // dropped because shutdown fired at the same moment. Rebalances are served
@@ -144,24 +154,28 @@ impl KafkaSource {
             let message = tokio::select! {
                 biased;
                 m = consumer.recv() => m,
-                Some(partition) = fed.recv() => {
-                    let waiting = paused.remove(&partition).expect("a paused partition");
-                    let rest: Vec<OwnedMessage> = waiting.lock().expect("paused lock").drain(..).collect();
-                    if rest.is_empty() {
-                        let mut list = TopicPartitionList::new();
-                        list.add_partition(&partition.0, partition.1);
-                        if let Err(e) = consumer.resume(&list) {
-                            tracing::debug!(error = %e, partition = partition.1, "resume");
+                Some((partition, id)) = fed.recv() => {
+                    // A feeder of a lane revoked since reports too late: its entry is gone.
+                    if overflowing.get(&partition).is_none_or(|o| o.id != id) {
+                        continue;
+                    }
+                    let done = overflowing.remove(&partition).expect("checked above");
+                    let rest = done.waiting.lock().expect("overflow lock").take();
+                    if rest.messages.is_empty() {
+                        if done.paused {
+                            let mut list = TopicPartitionList::new();
+                            list.add_partition(&partition.0, partition.1);
+                            if let Err(e) = consumer.resume(&list) {
+                                tracing::debug!(error = %e, partition = partition.1, "resume");
+                            }
+                            tracing::debug!(topic = %partition.0, partition = partition.1, "lane caught up; partition resumed");
                         }
-                        tracing::debug!(topic = %partition.0, partition = partition.1, "lane drained; partition resumed");
                     } else {
-                        // More arrived while the feeder worked: feed those too, still paused.
-                        let sender = lanes.sender(&partition, &shutdown, |rx, stop| {
-                            tasks.spawn(lane(rx, stop, consumer.clone(), dedup.clone(), handler.clone()));
-                        });
-                        let queue = Arc::new(Mutex::new(VecDeque::from(rest)));
-                        paused.insert(partition.clone(), queue.clone());
-                        tasks.spawn(feed(sender, queue, partition, fed_tx.clone()));
+                        // More arrived while the feeder worked: feed those too.
+                        overflows += 1;
+                        let overflow = Overflow::start(overflows, done.lane, rest, done.paused);
+                        tasks.spawn(overflow.feed(partition.clone(), fed_tx.clone()));
+                        overflowing.insert(partition, overflow);
                     }
                     continue;
                 }
@@ -192,9 +206,32 @@ impl KafkaSource {
                     handler.clone(),
                 ));
             });
-            if let Some(waiting) = paused.get(&partition) {
-                waiting.lock().expect("paused lock").push_back(message);
-                continue;
+            if let Some(overflow) = overflowing.get_mut(&partition) {
+                if overflow.lane.same_channel(&sender) {
+                    let over = {
+                        let mut waiting = overflow.waiting.lock().expect("overflow lock");
+                        waiting.push(message);
+                        waiting.over_limit()
+                    };
+                    // Paused only once the overflow is large: librdkafka drops a paused
+                    // partition's prefetched messages and fetches them again on resume, so
+                    // pausing at every full lane would fetch most messages twice and wait
+                    // for each fetch.
+                    if over && !overflow.paused {
+                        let mut list = TopicPartitionList::new();
+                        list.add_partition(&partition.0, partition.1);
+                        if let Err(e) = consumer.pause(&list) {
+                            tracing::debug!(error = %e, partition = partition.1, "pause");
+                        }
+                        overflow.paused = true;
+                        tracing::debug!(topic = %partition.0, partition = partition.1, "lane and overflow full; partition paused");
+                    }
+                    continue;
+                }
+                // The partition was revoked (its lane closed) and assigned to this consumer
+                // again: what waited belongs to the closed lane, which drops it (the offsets
+                // were never stored); this message starts the new lane.
+                overflowing.remove(&partition);
             }
             match sender.try_send(message) {
                 Ok(()) => {}
@@ -202,15 +239,12 @@ impl KafkaSource {
                 // next owner reads it from the committed offset.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(message)) => {
-                    let mut list = TopicPartitionList::new();
-                    list.add_partition(&partition.0, partition.1);
-                    if let Err(e) = consumer.pause(&list) {
-                        tracing::debug!(error = %e, partition = partition.1, "pause");
-                    }
-                    tracing::debug!(topic = %partition.0, partition = partition.1, "lane full; partition paused");
-                    let queue = Arc::new(Mutex::new(VecDeque::from([message])));
-                    paused.insert(partition.clone(), queue.clone());
-                    tasks.spawn(feed(sender, queue, partition, fed_tx.clone()));
+                    let mut waiting = Waiting::default();
+                    waiting.push(message);
+                    overflows += 1;
+                    let overflow = Overflow::start(overflows, sender, waiting, false);
+                    tasks.spawn(overflow.feed(partition.clone(), fed_tx.clone()));
+                    overflowing.insert(partition, overflow);
                 }
             }
         }
@@ -246,25 +280,77 @@ impl KafkaSource {
     }
 }
 
-/// Hands a paused partition's waiting messages to its lane, as the lane makes room, then
-/// reports the partition as fed (the reader resumes it, or feeds what arrived meanwhile).
-/// Stops early if the lane closes (revoked or shut down): the rest is read again by the
-/// partition's next owner.
-async fn feed(
+/// Messages read for a partition whose lane is full, in offset order.
+#[derive(Default)]
+struct Waiting {
+    messages: VecDeque<OwnedMessage>,
+    bytes: usize,
+}
+
+impl Waiting {
+    fn push(&mut self, m: OwnedMessage) {
+        self.bytes += m.payload().map_or(0, <[u8]>::len);
+        self.messages.push_back(m);
+    }
+
+    fn pop(&mut self) -> Option<OwnedMessage> {
+        let m = self.messages.pop_front()?;
+        self.bytes -= m.payload().map_or(0, <[u8]>::len);
+        Some(m)
+    }
+
+    fn take(&mut self) -> Waiting {
+        std::mem::take(self)
+    }
+
+    /// Past the point where the partition is paused.
+    fn over_limit(&self) -> bool {
+        self.messages.len() >= OVERFLOW_MESSAGES || self.bytes >= OVERFLOW_BYTES
+    }
+}
+
+/// A partition's overflow: what waits for its lane, and the lane it waits for.
+struct Overflow {
+    /// Tells this overflow's feeder report from a later one's.
+    id: u64,
     lane: mpsc::Sender<OwnedMessage>,
-    waiting: Arc<Mutex<VecDeque<OwnedMessage>>>,
-    partition: (String, i32),
-    fed: mpsc::UnboundedSender<(String, i32)>,
-) {
-    loop {
-        let next = waiting.lock().expect("paused lock").pop_front();
-        let Some(message) = next else { break };
-        if lane.send(message).await.is_err() {
-            waiting.lock().expect("paused lock").clear();
-            break;
+    waiting: Arc<Mutex<Waiting>>,
+    /// Whether the partition was paused in librdkafka (and must be resumed once fed).
+    paused: bool,
+}
+
+impl Overflow {
+    fn start(id: u64, lane: mpsc::Sender<OwnedMessage>, waiting: Waiting, paused: bool) -> Self {
+        Self {
+            id,
+            lane,
+            waiting: Arc::new(Mutex::new(waiting)),
+            paused,
         }
     }
-    let _ = fed.send(partition);
+
+    /// Hands the waiting messages to the lane as it makes room, then reports the partition
+    /// as fed (the reader resumes it, or feeds what arrived meanwhile). Stops early if the
+    /// lane closes (revoked or shut down): the rest is read again by the partition's next
+    /// owner, from the committed offset.
+    fn feed(
+        &self,
+        partition: (String, i32),
+        fed: mpsc::UnboundedSender<((String, i32), u64)>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (id, lane, waiting) = (self.id, self.lane.clone(), self.waiting.clone());
+        async move {
+            loop {
+                let next = waiting.lock().expect("overflow lock").pop();
+                let Some(message) = next else { break };
+                if lane.send(message).await.is_err() {
+                    waiting.lock().expect("overflow lock").take();
+                    break;
+                }
+            }
+            let _ = fed.send((partition, id));
+        }
+    }
 }
 
 /// The consumer, closed on a thread of its own when the last handle goes. Closing leaves the

@@ -1,7 +1,7 @@
-//! `KafkaSource` under a stuck partition: the partition whose lane is full is paused alone,
-//! the others keep flowing, and the consumer keeps polling, so it stays in its group past
-//! `max.poll.interval.ms`. A binary of its own: it installs a global tracing layer to count
-//! partition revocations.
+//! `KafkaSource` under a stuck partition: the partition whose lane and overflow are full is
+//! paused alone, the others keep flowing, and the consumer keeps polling, so it stays in its
+//! group past `max.poll.interval.ms`. A binary of its own: it installs a global tracing layer
+//! to count partition pauses and revocations.
 
 use std::{
     sync::{
@@ -25,23 +25,26 @@ use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 
-/// Counts log events that announce a revoked partition.
-struct Revocations(Arc<AtomicUsize>);
+/// Counts log events whose message contains a phrase.
+struct Counting {
+    phrase: &'static str,
+    seen: Arc<AtomicUsize>,
+}
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Revocations {
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Counting {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Message(bool);
-        impl tracing::field::Visit for Message {
+        struct Message<'p>(&'p str, bool);
+        impl tracing::field::Visit for Message<'_> {
             fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "message" && format!("{value:?}").contains("partition revoked") {
-                    self.0 = true;
+                if field.name() == "message" && format!("{value:?}").contains(self.0) {
+                    self.1 = true;
                 }
             }
         }
-        let mut m = Message(false);
+        let mut m = Message(self.phrase, false);
         event.record(&mut m);
-        if m.0 {
-            self.0.fetch_add(1, Ordering::SeqCst);
+        if m.1 {
+            self.seen.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -112,8 +115,17 @@ async fn wait_handled(recorder: &Recorder, prefix: &str, n: usize, within: Durat
 #[tokio::test]
 async fn a_stuck_partition_is_paused_alone_and_the_consumer_stays_in_its_group() {
     let revoked = Arc::new(AtomicUsize::new(0));
+    let paused = Arc::new(AtomicUsize::new(0));
     tracing::subscriber::set_global_default(
-        tracing_subscriber::registry().with(Revocations(revoked.clone())),
+        tracing_subscriber::registry()
+            .with(Counting {
+                phrase: "partition revoked",
+                seen: revoked.clone(),
+            })
+            .with(Counting {
+                phrase: "partition paused",
+                seen: paused.clone(),
+            }),
     )
     .expect("the only subscriber of this binary");
 
@@ -125,10 +137,12 @@ async fn a_stuck_partition_is_paused_alone_and_the_consumer_stays_in_its_group()
         .set("linger.ms", "5")
         .create()
         .unwrap();
-    // Partition 0: a message that never succeeds, then more than a lane holds behind it.
+    // Partition 0: a message that never succeeds, then more than its lane and the reader's
+    // overflow hold (256 + 4,096) behind it, so that the partition is paused.
     produce(&producer, &t, 0, "stuck").await;
-    for i in 0..400 {
-        produce(&producer, &t, 0, &format!("p0-{i}")).await;
+    for chunk in (0..4600).collect::<Vec<_>>().chunks(500) {
+        let payloads: Vec<String> = chunk.iter().map(|i| format!("p0-{i}")).collect();
+        futures::future::join_all(payloads.iter().map(|p| produce(&producer, &t, 0, p))).await;
     }
 
     let dedup = Deduplicator::new(db.pool.clone(), "backpressure")
@@ -165,6 +179,11 @@ async fn a_stuck_partition_is_paused_alone_and_the_consumer_stays_in_its_group()
         handled_with(&recorder, "p0-"),
         0,
         "partition 0 keeps its order: nothing passes the stuck message"
+    );
+    assert!(
+        paused.load(Ordering::SeqCst) >= 1,
+        "partition 0 was never paused with 4,600 messages behind its stuck head: the reader \
+         would hold them all"
     );
 
     // Past max.poll.interval.ms with partition 0 still stuck: still a member, still served.
