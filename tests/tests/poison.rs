@@ -18,7 +18,9 @@ use outbox_relay::{
     relay::{Relay, RelayError},
     store::Store,
 };
-use outbox_tests::{settings, start_relay, topic, with_policy, Consumer, TestDb};
+use outbox_tests::{
+    enqueue_all, keyed_messages, settings, start_relay, topic, with_policy, Consumer, TestDb,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -68,9 +70,9 @@ async fn wait_dead(pool: &PgPool, id: Uuid, what: &str) -> (i32, String) {
     }
 }
 
-/// Failed attempts recorded for delivered messages (kept by `retention.delivered`).
-async fn attempts_of_delivered(pool: &PgPool) -> BTreeMap<Uuid, i32> {
-    sqlx::query_as("SELECT id, attempts FROM outbox.delivered")
+/// Delivered messages that were charged failed attempts (kept by `retention.delivered`).
+async fn charged_deliveries(pool: &PgPool) -> BTreeMap<Uuid, i32> {
+    sqlx::query_as("SELECT id, attempts FROM outbox.delivered WHERE attempts > 0")
         .fetch_all(pool)
         .await
         .unwrap()
@@ -158,11 +160,7 @@ async fn rows_over_amqp_limits_die_at_once_naming_the_limit_and_cost_others_noth
                 DeadKeyPolicy::Skip => assert!(arrived, "under skip, it goes"),
             }
         }
-        let charged: Vec<_> = attempts_of_delivered(&db.pool)
-            .await
-            .into_iter()
-            .filter(|(_, a)| *a > 0)
-            .collect();
+        let charged = charged_deliveries(&db.pool).await;
         assert!(
             charged.is_empty(),
             "{policy:?}: innocent messages charged: {charged:?}"
@@ -411,11 +409,7 @@ async fn a_message_that_keeps_killing_the_connection_dies_alone_and_costs_the_ot
     shutdown.cancel();
     task.await.unwrap().unwrap();
 
-    let charged: Vec<_> = attempts_of_delivered(&db.pool)
-        .await
-        .into_iter()
-        .filter(|(_, a)| *a > 0)
-        .collect();
+    let charged = charged_deliveries(&db.pool).await;
     assert!(
         charged.is_empty(),
         "innocent messages charged attempts: {charged:?}"
@@ -575,16 +569,8 @@ async fn a_message_that_closes_its_channel_dies_alone_and_costs_its_window_nothi
         .with_key("bad")
         .unwrap();
     let mut all = vec![bad.clone()];
-    all.extend((0..300).map(|i| {
-        Message::new(&q, vec![1])
-            .unwrap()
-            .with_key(format!("k{}", i % 100))
-            .unwrap()
-    }));
-    Outbox::default()
-        .enqueue_batch(&db.pool, &all)
-        .await
-        .unwrap();
+    all.extend(keyed_messages(&q, 0..300, 100));
+    enqueue_all(&db, &all).await;
 
     let mut s = settings(&db);
     s.retention.delivered = Duration::from_secs(3600);
@@ -603,11 +589,7 @@ async fn a_message_that_closes_its_channel_dies_alone_and_costs_its_window_nothi
     assert!(err.contains("NOT_FOUND"), "{err}");
     consumer.wait_for_distinct(300, WAIT).await;
     relay.stop().await;
-    let charged: Vec<_> = attempts_of_delivered(&db.pool)
-        .await
-        .into_iter()
-        .filter(|(_, a)| *a > 0)
-        .collect();
+    let charged = charged_deliveries(&db.pool).await;
     assert!(
         charged.is_empty(),
         "messages that shared a window with it were charged attempts: {charged:?}"

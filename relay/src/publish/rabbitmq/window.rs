@@ -79,6 +79,12 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>
             }
             jobs
         };
+        // A caller that gave up (the shutdown grace period ran out) left its row pending:
+        // sending it now would only make a duplicate.
+        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if jobs.is_empty() {
+            continue;
+        }
         let open = match channel.take().filter(|c| c.status().connected()) {
             Some(c) => Ok(c),
             None => open_channel(&shared).await,
