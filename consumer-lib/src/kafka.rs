@@ -517,3 +517,58 @@ pub fn incoming(m: &OwnedMessage) -> Incoming {
     }
     incoming
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+
+    use super::*;
+
+    fn message(offset: i64, bytes: usize) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(vec![0; bytes]),
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn an_overflow_keeps_offset_order_and_counts_its_payload_bytes() {
+        let mut waiting = Waiting::default();
+        for offset in 0..3 {
+            waiting.push(message(offset, 100));
+        }
+        assert_eq!(waiting.bytes, 300);
+        assert_eq!(waiting.pop().map(|m| m.offset()), Some(0));
+        assert_eq!(waiting.bytes, 200);
+        let rest = waiting.take();
+        assert_eq!((waiting.messages.len(), waiting.bytes), (0, 0));
+        let offsets: Vec<i64> = rest.messages.iter().map(|m| m.offset()).collect();
+        assert_eq!((offsets, rest.bytes), (vec![1, 2], 200));
+    }
+
+    #[test]
+    fn an_overflow_is_over_its_limit_by_messages_or_by_bytes() {
+        let mut by_count = Waiting::default();
+        for offset in 0..OVERFLOW_MESSAGES as i64 - 1 {
+            by_count.push(message(offset, 1));
+        }
+        assert!(!by_count.over_limit());
+        by_count.push(message(OVERFLOW_MESSAGES as i64, 1));
+        assert!(by_count.over_limit());
+
+        let mut by_bytes = Waiting::default();
+        by_bytes.push(message(0, OVERFLOW_BYTES - 1));
+        assert!(!by_bytes.over_limit());
+        by_bytes.push(message(1, 1));
+        assert!(
+            by_bytes.over_limit(),
+            "two messages, {} bytes",
+            by_bytes.bytes
+        );
+    }
+}

@@ -717,7 +717,7 @@ async fn run() -> anyhow::Result<bool> {
     );
     println!(
         "| {:<36} | {:>30} |",
-        "consumers restarted (effects stalled)", group_nudges
+        "consumer restarts (effects stalled)", group_nudges
     );
     println!(
         "| {:<36} | {:>30} |",
