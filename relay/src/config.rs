@@ -272,7 +272,8 @@ pub struct RabbitMqSettings {
     pub routing_key: String,
     /// Per-topic exchange and routing key, overriding the two above.
     pub routes: BTreeMap<String, RouteSettings>,
-    /// How long to wait for the broker's confirm of one message.
+    /// How long to wait for an answer from RabbitMQ: a window's confirms, the connection
+    /// handshake, opening a channel.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
     /// Largest payload sent, in bytes; larger messages are dead at once without being sent.

@@ -185,3 +185,42 @@ async fn kafka_broker_restart_mid_stream_loses_nothing() {
         consumer.received().len()
     );
 }
+
+/// A server that takes TCP connections and never answers (a broker hung mid-handshake, or a
+/// connection closed under a request whose reply never comes): the publisher gives up within
+/// `rabbitmq.confirm_timeout` and reports RabbitMQ unavailable, instead of waiting forever
+/// with the relay behind it.
+#[tokio::test]
+async fn a_broker_that_never_answers_is_reported_unavailable_within_the_timeout() {
+    use outbox_relay::publish::{rabbitmq::RabbitMqPublisher, PublishError, Publisher};
+
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let db = TestDb::new().await;
+    let mut s = settings(&db);
+    s.rabbitmq.url = Some(format!("amqp://guest:guest@127.0.0.1:{port}/%2f").into());
+    s.rabbitmq.confirm_timeout = Duration::from_secs(1);
+    let publisher = RabbitMqPublisher::new(&s.rabbitmq).unwrap();
+    let started = std::time::Instant::now();
+    let ready = tokio::time::timeout(Duration::from_secs(10), publisher.ready())
+        .await
+        .expect("connecting to a silent broker must end within rabbitmq.confirm_timeout");
+    match ready {
+        Err(PublishError::Unavailable(why)) => {
+            assert!(why.contains("no answer within 1s"), "{why}")
+        }
+        other => panic!("a silent broker came out as {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    held.abort();
+}

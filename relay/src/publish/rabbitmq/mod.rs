@@ -119,16 +119,23 @@ impl RabbitMqPublisher {
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio)
             .with_connection_name("outbox-relay".into());
-        let connection = Connection::connect_with_config(
+        // Bounded: a broker that closes the connection during the handshake (or never
+        // answers) must not leave the relay waiting forever.
+        let connecting = Connection::connect_with_config(
             self.url.expose_secret(),
             properties,
             self.tls.config(),
-        )
-        .await
-        .map_err(|e| {
-            let e = self.connect_error(e);
+        );
+        let connected = match tokio::time::timeout(self.confirm_timeout, connecting).await {
+            Ok(result) => result.map_err(|e| self.connect_error(e)),
+            Err(_) => Err(PublishError::Unavailable(format!(
+                "cannot connect to RabbitMQ at {}: no answer within {}",
+                self.shown_url,
+                humantime::format_duration(self.confirm_timeout)
+            ))),
+        };
+        let connection = connected.inspect_err(|e| {
             *self.last_error.lock().expect("lock poisoned") = Some(e.to_string());
-            e
         })?;
         tracing::info!(url = %self.shown_url, "connected to RabbitMQ");
         let generation = self

@@ -106,24 +106,39 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>
     }
 }
 
+/// Opens a confirm-mode channel. Every wait on the connection is bounded by
+/// `confirm_timeout`, so that a connection closing under a request (whose reply then never
+/// comes) cannot hold a window, and the relay behind it, forever.
 async fn open_channel(shared: &Shared) -> Result<Channel, PublishError> {
-    let unavailable = |what: &str, e: lapin::Error| {
-        (shared.reset)();
-        PublishError::Unavailable(format!(
-            "cannot {what} on RabbitMQ at {}: {e}",
-            shared.shown_url
-        ))
-    };
-    let channel = shared
-        .connection
-        .create_channel()
-        .await
-        .map_err(|e| unavailable("open a channel", e))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| unavailable("enable confirms", e))?;
+    let channel = bounded(shared, "open a channel", shared.connection.create_channel()).await?;
+    bounded(
+        shared,
+        "enable confirms",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
     Ok(channel)
+}
+
+/// `op` within `confirm_timeout`; a failure or no answer drops the connection.
+async fn bounded<T>(
+    shared: &Shared,
+    what: &str,
+    op: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, PublishError> {
+    let why = match tokio::time::timeout(shared.confirm_timeout, op).await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "no answer within {}",
+            humantime::format_duration(shared.confirm_timeout)
+        ),
+    };
+    (shared.reset)();
+    Err(PublishError::Unavailable(format!(
+        "cannot {what} on RabbitMQ at {}: {why}",
+        shared.shown_url
+    )))
 }
 
 /// Publishes `jobs` on `channel`, waits for every confirm, and says what became of each.
@@ -137,6 +152,8 @@ async fn publish_window(
         immediate: false,
     };
     // Polled in order, so the delivery tags follow `jobs`; all frames are queued at once.
+    // Handing the frames over is bounded like the confirms: a publish whose connection
+    // closed under it may never hear back.
     let sent = join_all(jobs.iter().map(|job| {
         channel.basic_publish(
             &job.exchange,
@@ -145,8 +162,15 @@ async fn publish_window(
             &job.payload,
             job.properties.clone(),
         )
-    }))
-    .await;
+    }));
+    let Ok(sent) = tokio::time::timeout(shared.confirm_timeout, sent).await else {
+        (shared.reset)();
+        let e = PublishError::Unavailable(format!(
+            "RabbitMQ did not take the messages within {}",
+            humantime::format_duration(shared.confirm_timeout)
+        ));
+        return jobs.iter().map(|_| Err(e.clone())).collect();
+    };
     let mut waits = Vec::with_capacity(jobs.len());
     let mut errors: Vec<Option<lapin::Error>> = Vec::with_capacity(jobs.len());
     for result in sent {
