@@ -958,3 +958,93 @@ fn the_readme_shows_the_compiled_consumer_example() {
         "README.md's consumer example differs from consumer-lib/examples/mark_paid.rs"
     );
 }
+
+/// Kafka: a partition revoked and assigned back to the same consumer while messages wait
+/// behind its full lane (fewer than the reader holds before pausing, so the partition is
+/// still fetched). The waiting messages belong to the old lane, which drops them when it
+/// closes; the re-assigned partition's messages must start a new lane, not join them, or
+/// they are dropped too and later offsets are committed over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_partition_assigned_back_while_its_lane_is_full_loses_nothing() {
+    use rdkafka::{
+        message::{Header, OwnedHeaders},
+        producer::{FutureProducer, FutureRecord},
+        ClientConfig,
+    };
+    const N: usize = 1000;
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "reassigned").await;
+    let t = topic("reassigned");
+    let other = topic("reassigned-other");
+    let declaring = Broker::Kafka.consumer().await;
+    declaring.declare(&t).await;
+    declaring.declare(&other).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut sent = Vec::new();
+    for seq in 0..N {
+        let (id, seq) = (Uuid::new_v4().to_string(), seq.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "outbox-id",
+                value: Some(&id),
+            })
+            .insert(Header {
+                key: "outbox-key",
+                value: Some("p0"),
+            })
+            .insert(Header {
+                key: "outbox-seq",
+                value: Some(&seq),
+            });
+        let record = FutureRecord::to(&t)
+            .partition(0)
+            .key("p0")
+            .payload("order")
+            .headers(headers);
+        sent.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for delivery in sent {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+
+    // The first message is held, so the lane fills and the rest wait in the reader.
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = Arc::new(Gate {
+        open: open.clone(),
+        stuck_key: "p0",
+        inner: Recorder::default(),
+    });
+    let group = format!("reassigned-{t}");
+    let shutdown = CancellationToken::new();
+    let source = kafka_source(&group, &t);
+    let running = tokio::spawn({
+        let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
+        async move { source.run(dedup, handler, shutdown).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A member of the same group reading another topic: the group rebalances, and the first
+    // consumer, the only one reading `t`, gets partition 0 back while its old lane still
+    // holds the gated message.
+    let (stop_other, other_member) =
+        spawn_kafka_consumer(kafka_source(&group, &other), &dedup, "o");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    open.store(true, Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(60),
+        "every message of the re-assigned partition handled",
+        || {
+            let pool = db.pool.clone();
+            async move { effect_count(&pool).await >= N as i64 }
+        },
+    )
+    .await;
+    stop_other.cancel();
+    other_member.await.unwrap().unwrap();
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_one_effect_each_in_key_order(&db.pool, N).await;
+}
