@@ -229,7 +229,6 @@ impl RabbitMqPublisher {
                 routing_key,
                 payload: env.payload.clone(),
                 properties: properties(env),
-                id: env.id.to_string(),
                 reply,
             })
             .map_err(|_| not_connected())?;

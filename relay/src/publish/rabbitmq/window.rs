@@ -34,9 +34,8 @@ pub(super) struct Job {
     pub exchange: String,
     pub routing_key: String,
     pub payload: Vec<u8>,
+    /// Carries the outbox id as `message-id`: what a return is matched by.
     pub properties: BasicProperties,
-    /// The outbox id, also the AMQP `message-id`: what a return is matched by.
-    pub id: String,
     pub reply: oneshot::Sender<Result<(), PublishError>>,
 }
 
@@ -151,47 +150,23 @@ async fn publish_window(
         mandatory: true,
         immediate: false,
     };
-    // Polled in order, so the delivery tags follow `jobs`; all frames are queued at once.
-    // Handing the frames over is bounded like the confirms: a publish whose connection
-    // closed under it may never hear back.
-    let sent = join_all(jobs.iter().map(|job| {
-        channel.basic_publish(
-            &job.exchange,
-            &job.routing_key,
-            options,
-            &job.payload,
-            job.properties.clone(),
-        )
-    }));
-    let Ok(sent) = tokio::time::timeout(shared.confirm_timeout, sent).await else {
-        (shared.reset)();
-        let e = PublishError::Unavailable(format!(
-            "RabbitMQ did not take the messages within {}",
-            humantime::format_duration(shared.confirm_timeout)
-        ));
-        return jobs.iter().map(|_| Err(e.clone())).collect();
+    // One deadline for the window: handing the frames over (a publish whose connection
+    // closed under it may never hear back) and every confirm. The publishes are polled in
+    // order, so the delivery tags follow `jobs`; all frames are queued at once.
+    let window = async {
+        let sent = join_all(jobs.iter().map(|job| {
+            channel.basic_publish(
+                &job.exchange,
+                &job.routing_key,
+                options,
+                &job.payload,
+                job.properties.clone(),
+            )
+        }))
+        .await;
+        join_all(sent.into_iter().map(|sent| async move { sent?.await })).await
     };
-    let mut waits = Vec::with_capacity(jobs.len());
-    let mut errors: Vec<Option<lapin::Error>> = Vec::with_capacity(jobs.len());
-    for result in sent {
-        match result {
-            Ok(confirm) => {
-                waits.push(Some(confirm));
-                errors.push(None);
-            }
-            Err(e) => {
-                waits.push(None);
-                errors.push(Some(e));
-            }
-        }
-    }
-    let confirms = join_all(waits.into_iter().map(|w| async move {
-        match w {
-            Some(confirm) => Some(confirm.await),
-            None => None,
-        }
-    }));
-    let Ok(confirms) = tokio::time::timeout(shared.confirm_timeout, confirms).await else {
+    let Ok(confirms) = tokio::time::timeout(shared.confirm_timeout, window).await else {
         (shared.reset)();
         let e = PublishError::Unavailable(format!(
             "no confirm from RabbitMQ within {}",
@@ -202,7 +177,7 @@ async fn publish_window(
 
     // Every return of the window, by the message id it carries.
     let mut returned: HashMap<String, String> = HashMap::new();
-    for confirmation in confirms.iter().flatten().flatten() {
+    for confirmation in confirms.iter().flatten() {
         if let Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) = confirmation {
             match r.properties.message_id() {
                 Some(id) => {
@@ -221,33 +196,31 @@ async fn publish_window(
     }
     let in_flight = jobs.len();
     jobs.iter()
-        .zip(errors)
         .zip(confirms)
-        .map(|((job, error), confirm)| {
-            let error = error.or_else(|| confirm.as_ref().and_then(|c| c.as_ref().err().cloned()));
-            if let Some(e) = error {
-                return Err(classify(shared, e, &job.exchange, in_flight));
-            }
-            let confirmation = confirm.and_then(Result::ok);
+        .map(|(job, confirm)| {
             let route = || {
                 format!(
                     "(exchange {:?}, routing key {:?})",
                     job.exchange, job.routing_key
                 )
             };
-            match confirmation {
-                Some(Confirmation::Ack(_)) => match returned.get(&job.id) {
-                    None => Ok(()),
-                    Some(why) => Err(PublishError::Rejected(format!(
-                        "returned as unroutable: {why} {}",
-                        route()
-                    ))),
-                },
-                Some(Confirmation::Nack(_)) => Err(PublishError::Rejected(format!(
+            match confirm {
+                Err(e) => Err(classify(shared, e, &job.exchange, in_flight)),
+                Ok(Confirmation::Ack(_)) => {
+                    let id = job.properties.message_id().as_ref().map(|id| id.as_str());
+                    match id.and_then(|id| returned.get(id)) {
+                        None => Ok(()),
+                        Some(why) => Err(PublishError::Rejected(format!(
+                            "returned as unroutable: {why} {}",
+                            route()
+                        ))),
+                    }
+                }
+                Ok(Confirmation::Nack(_)) => Err(PublishError::Rejected(format!(
                     "negatively acknowledged (basic.nack) by RabbitMQ {}",
                     route()
                 ))),
-                Some(Confirmation::NotRequested) | None => {
+                Ok(Confirmation::NotRequested) => {
                     (shared.reset)();
                     Err(PublishError::Unavailable(
                         "channel was not in confirm mode".into(),
