@@ -104,6 +104,11 @@ pub(crate) async fn run(
     let mut stopping = false;
     let mut aborted = false;
     let mut idle = false;
+    // The last read found nothing to do: the worker waits the poll interval unless woken.
+    // Only then is it idle; a busy worker looks again within `BUSY_POLL` anyway, and
+    // registering for wake-ups would make every producer's commit send a NOTIFY (which
+    // serializes those commits) for nothing.
+    let mut quiet = false;
     // When the oldest outcome waiting to be settled arrived.
     let mut pending_since: Option<Instant> = None;
     // The partitions of the read under way, and the busy partitions last told the relay
@@ -235,7 +240,8 @@ pub(crate) async fn run(
             }));
         }
 
-        let now_idle = lanes.is_empty()
+        let now_idle = quiet
+            && lanes.is_empty()
             && pending.is_empty()
             && reading.is_none()
             && settling.is_none()
@@ -340,6 +346,7 @@ pub(crate) async fn run(
                     }
                     Read::Broker(e) => {
                         lanes.read_failed();
+                        quiet = false;
                         let wait = broker_backoff.next_delay();
                         tracing::warn!(worker, error = %e, retry_in = ?wait, "broker unavailable");
                         read_at = Instant::now() + wait;
@@ -366,12 +373,13 @@ pub(crate) async fn run(
                         }
                         lanes.admit(claim.envelopes);
                         let now = Instant::now();
-                        read_at = if more {
-                            now
-                        } else if rows > 0 || !lanes.is_empty() {
-                            now + BUSY_POLL
-                        } else {
+                        quiet = !more && rows == 0 && lanes.is_empty();
+                        read_at = if quiet {
                             now + settings.poll_interval
+                        } else if more {
+                            now
+                        } else {
+                            now + BUSY_POLL
                         };
                     }
                 }

@@ -21,7 +21,7 @@
 //! Runs against the stack of `scripts/stack.sh` (`DATABASE_URL`, `AMQP_URL`,
 //! `KAFKA_BROKERS`); `scripts/bench.sh` builds in release mode and runs it.
 //!
-//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim|consumer]`
+//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim|consumer|latency]`
 
 use std::{
     collections::HashMap,
@@ -100,12 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let json = args.iter().any(|a| a == "--json");
-    // `--only rabbitmq|kafka|claim|consumer`: that broker's ceiling and drains, or the claim
-    // costs, or the consumer library, nothing else (for tuning).
+    // `--only rabbitmq|kafka|claim|consumer|latency`: that broker's ceiling and drains, or the
+    // claim costs, the consumer library or the latencies, nothing else (for tuning).
     let only = match args.iter().position(|a| a == "--only") {
         Some(i) => Some(
             args.get(i + 1)
-                .context("--only needs rabbitmq, kafka, claim or consumer")?
+                .context("--only needs rabbitmq, kafka, claim, consumer or latency")?
                 .clone(),
         ),
         None => None,
@@ -244,7 +244,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let rates: &[(u32, u64)] = if only.is_some() {
+    let rates: &[(u32, u64)] = if only.as_deref() == Some("latency") {
+        &[(50, 10), (2_000, 10)]
+    } else if only.is_some() {
         &[]
     } else if quick {
         &[(50, 2)]
