@@ -235,10 +235,14 @@ async fn main() -> anyhow::Result<()> {
                 d.rate,
                 "msg/s",
                 format!(
-                    "{:.2}× ceiling{same_outstanding}; CPU {:.2} s/10k; peak RSS {:.1} MiB",
+                    "{:.2}× ceiling{same_outstanding}; CPU {:.2} s/10k; peak RSS {:.1} MiB; \
+                     PostgreSQL {:.2} s/10k, broker {:.2} s/10k, machine {:.0}% busy",
                     d.rate / ceiling,
                     d.cpu_per_10k,
-                    d.peak_rss_mib
+                    d.peak_rss_mib,
+                    d.pg_per_10k,
+                    d.broker_per_10k,
+                    d.busy * 100.0
                 ),
             );
         }
@@ -677,6 +681,75 @@ struct Drain {
     rate: f64,
     cpu_per_10k: f64,
     peak_rss_mib: f64,
+    /// CPU seconds per 10,000 messages of the outbox's PostgreSQL server, and of the broker
+    /// (with, for Kafka, the PostgreSQL server that stores the broker's data).
+    pg_per_10k: f64,
+    broker_per_10k: f64,
+    /// Share of the machine's CPU time that was busy during the drain.
+    busy: f64,
+}
+
+/// CPU seconds (user + system) used so far by the outbox's PostgreSQL server (the processes
+/// of `postmaster`), and by the broker: `beam.smp` for RabbitMQ, `tansu` and the PostgreSQL
+/// server that stores its data for Kafka. From /proc.
+fn servers_cpu(postmaster: u32) -> (f64, f64) {
+    let (mut pg, mut broker) = (0.0, 0.0);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (0.0, 0.0);
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        // From `state` on: state, ppid, …, utime (14th field of stat), stime (15th).
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let secs = (field(11) + field(12)) / 100.0;
+        match comm {
+            "postgres" if pid == postmaster || field(1) as u32 == postmaster => pg += secs,
+            "postgres" | "beam.smp" | "tansu" => broker += secs,
+            _ => {}
+        }
+    }
+    (pg, broker)
+}
+
+/// The process id of the PostgreSQL server behind `pool`.
+async fn postmaster_of(pool: &PgPool) -> anyhow::Result<u32> {
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(pool)
+        .await?;
+    let stat = std::fs::read_to_string(format!("/proc/{backend}/stat"))?;
+    let after = &stat[stat.rfind(')').context("stat")? + 2..];
+    Ok(after.split_whitespace().nth(1).context("ppid")?.parse()?)
+}
+
+/// Busy and total CPU ticks of the whole machine, from /proc/stat.
+fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let t: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: f64 = t.iter().sum();
+    let idle = t.get(3).copied().unwrap_or(0.0) + t.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
 }
 
 /// CPU seconds (user + system) and peak RSS in MiB of a running process, from /proc.
@@ -758,6 +831,9 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu_before = proc_usage(pid)?.0;
+    let postmaster = postmaster_of(&pool).await?;
+    let servers_before = servers_cpu(postmaster);
+    let machine_before = machine_ticks();
     let start = Instant::now();
     sqlx::query("UPDATE outbox.messages SET available_at = now()")
         .execute(&pool)
@@ -787,6 +863,8 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = start.elapsed();
+    let servers = servers_cpu(postmaster);
+    let machine = machine_ticks();
     stop(child).await?;
     if broker == "rabbitmq" {
         ch.queue_delete(&topic, QueueDeleteOptions::default())
@@ -798,6 +876,9 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
         rate: n as f64 / elapsed.as_secs_f64(),
         cpu_per_10k: (usage.0 - cpu_before) / n as f64 * 10_000.0,
         peak_rss_mib: usage.1,
+        pg_per_10k: (servers.0 - servers_before.0) / n as f64 * 10_000.0,
+        broker_per_10k: (servers.1 - servers_before.1) / n as f64 * 10_000.0,
+        busy: (machine.0 - machine_before.0) / (machine.1 - machine_before.1).max(1.0),
     })
 }
 
