@@ -94,6 +94,107 @@ async fn a_busy_keys_messages_are_pipelined_and_arrive_in_order() {
     assert_eq!(db.count("pending").await, 0);
 }
 
+/// The relay's Kafka publisher, whose confirms the test holds back until it opens a gate.
+struct Gated {
+    kafka: KafkaPublisher,
+    sent: Arc<AtomicU32>,
+    gate: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Publisher for Gated {
+    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
+        self.kafka.ready()
+    }
+
+    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
+        match self.send(envelope) {
+            Ok(confirm) => confirm,
+            Err(e) => async move { Err(e) }.boxed(),
+        }
+    }
+
+    fn key_depth(&self) -> u32 {
+        self.kafka.key_depth()
+    }
+
+    fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
+        let confirm = self.kafka.send(envelope)?;
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        let mut gate = self.gate.clone();
+        Ok(async move {
+            let result = confirm.await;
+            let _ = gate.wait_for(|open| *open).await;
+            result
+        }
+        .boxed())
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+        self.kafka.health()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        self.kafka.close()
+    }
+}
+
+/// Messages go to the Kafka producer in rounds: rows read while a round is unconfirmed wait
+/// in the relay (librdkafka would only queue them behind the partition's one produce
+/// request, spinning meanwhile), and go out once the round is confirmed, or once it has
+/// been out half a second, so a partition that stops answering does not hold up the rest.
+#[tokio::test]
+async fn messages_go_to_the_producer_in_rounds() {
+    const ROUND_WAIT: Duration = Duration::from_millis(500);
+    let db = TestDb::new().await;
+    let t = topic("rounds");
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&t).await;
+    let s = Broker::Kafka.settings(&db);
+    let sent = Arc::new(AtomicU32::new(0));
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let publisher = Gated {
+        kafka: KafkaPublisher::new(&s.kafka).unwrap(),
+        sent: sent.clone(),
+        gate,
+    };
+    let sent_reaches = |n: u32, within: Duration| {
+        let sent = sent.clone();
+        async move {
+            let start = tokio::time::Instant::now();
+            while sent.load(Ordering::SeqCst) < n {
+                assert!(
+                    start.elapsed() < within,
+                    "{} of {n} messages handed to the producer after {within:?}",
+                    sent.load(Ordering::SeqCst)
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    enqueue_all(&db, &keyed_messages(&t, 0..10, 10)).await;
+    let relay = run_relay(relay_with(&s, Arc::new(publisher)).await);
+    sent_reaches(10, Duration::from_secs(20)).await;
+    let first_round = tokio::time::Instant::now();
+
+    // Read within milliseconds, but held while the first round is unconfirmed.
+    enqueue_all(&db, &keyed_messages(&t, 10..20, 10)).await;
+    tokio::time::sleep_until(first_round + ROUND_WAIT * 3 / 5).await;
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        10,
+        "a new round went to the producer while the last one was unconfirmed"
+    );
+    // The first round never confirms (its gate is shut): the second goes anyway.
+    sent_reaches(20, Duration::from_secs(10)).await;
+
+    open.send(true).unwrap();
+    let got = consumer.wait_for(20, Duration::from_secs(30)).await;
+    relay.stop().await;
+    assert_eq!(got.len(), 20);
+    assert_per_key_order(&got);
+    assert_eq!(db.count("pending").await, 0);
+}
+
 #[tokio::test]
 async fn each_key_lives_in_one_partition_in_seq_order() {
     let db = TestDb::new().await;

@@ -5,7 +5,8 @@
 //!   (`relay.window`) and in payload bytes (`relay.window_bytes`).
 //! - **Publish** starts a key's next message as soon as the broker confirmed its previous
 //!   one, with every key that has a message waiting in flight at once; with a publisher
-//!   that keeps a key's order itself (Kafka), a key's messages go without waiting.
+//!   that keeps a key's order itself (Kafka), a key's messages go without waiting, in
+//!   rounds (see [`ROUND_WAIT`]).
 //! - **Settle** ([`settle`]) commits the outcomes that arrived while the previous settle ran
 //!   in one round trip: a group commit, so settles never wait for each other and never hold
 //!   up a publish.
@@ -41,6 +42,14 @@ const BUSY_POLL: Duration = Duration::from_millis(5);
 const SETTLE_LINGER: Duration = Duration::from_millis(3);
 /// Outcomes that are settled at once without waiting for more.
 const SETTLE_BATCH: usize = 500;
+/// With a publisher that pipelines a key's messages (Kafka), messages are handed over in
+/// rounds: the next round once every message of the last one is confirmed, or once the last
+/// round has been out this long (so a partition that stops answering holds up the others
+/// by at most this much per round). librdkafka's idempotent producer keeps one produce
+/// request in flight per partition, and while it waits its broker thread spins on the
+/// messages queued behind that request; held here instead, they cost no CPU, and they go
+/// out in the next request all the same.
+const ROUND_WAIT: Duration = Duration::from_millis(500);
 
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -91,6 +100,9 @@ pub(crate) async fn run(
     woken.as_mut().enable();
     // When the next read is due.
     let mut read_at = Instant::now();
+    // With a pipelining publisher: when the next round may start though the last one is
+    // not all confirmed.
+    let mut next_round_at: Option<Instant> = None;
     // No read or publish before this (backing off from PostgreSQL or the broker).
     let mut pause_until: Option<Instant> = None;
     let mut db_backoff = Backoff::new(settings.reconnect_max_delay);
@@ -145,9 +157,12 @@ pub(crate) async fn run(
 
         // Publish: every lane whose previous message is confirmed, or, with a publisher
         // that keeps a key's order itself, every queued message, handed over here in order.
-        if may_start && broker_ok {
+        let round_due =
+            !pipelined || publishing.is_empty() || next_round_at.is_none_or(|t| t <= now);
+        if may_start && broker_ok && round_due {
             while let Some(env) = lanes.next() {
                 if pipelined {
+                    next_round_at = Some(now + ROUND_WAIT);
                     let started = Instant::now();
                     match relay.publisher.send(&env) {
                         Ok(confirm) => publishing.push(Box::pin(async move {
@@ -396,6 +411,8 @@ pub(crate) async fn run(
                 }
             }
             _ = tokio::time::sleep_until(read_at.into()), if can_read => {}
+            _ = tokio::time::sleep_until(next_round_at.unwrap_or(now).into()),
+                if next_round_at.is_some_and(|t| t > now) && !publishing.is_empty() => {}
             _ = tokio::time::sleep_until(pause_until.unwrap_or(read_at).into()), if pause_until.is_some() => {}
             _ = tokio::time::sleep_until((pending_since.unwrap_or(now) + SETTLE_LINGER).into()),
                 if pending_since.is_some() && settling.is_none() => {}
