@@ -2,7 +2,10 @@
 //!
 //! Each assigned partition gets a lane that handles its messages one at a time (retrying in
 //! place), so partition order — and with the relay's keying, per-key order — holds while
-//! partitions run concurrently. An offset is stored only after the message's transaction
+//! partitions run concurrently. With [`KafkaSource::with_concurrency`], a partition's lane
+//! deals its messages out to that many key lanes instead: per-key order holds, a slow key
+//! holds back only itself, and the partition's offset moves past a message only once every
+//! message before it is settled. An offset is stored only after the message's transaction
 //! committed (or it was a duplicate or dead-lettered), and librdkafka commits stored offsets
 //! periodically and when partitions are revoked.
 //!
@@ -54,6 +57,10 @@ const LANE_CAPACITY: usize = 256;
 /// is paused.
 const OVERFLOW_MESSAGES: usize = 4096;
 const OVERFLOW_BYTES: usize = 8 * 1024 * 1024;
+/// With key lanes ([`KafkaSource::with_concurrency`]): messages (or payload bytes) of one
+/// partition dealt out behind its oldest unsettled message before the partition waits.
+const UNSETTLED_MESSAGES: usize = 4096;
+const UNSETTLED_BYTES: usize = 8 * 1024 * 1024;
 
 /// Properties [`KafkaSource::with_property`] refuses: setting them would acknowledge
 /// messages before their effects committed.
@@ -64,6 +71,7 @@ const GUARDED: &[&str] = &["enable.auto.offset.store"];
 pub struct KafkaSource {
     config: ClientConfig,
     topics: Vec<String>,
+    concurrency: usize,
 }
 
 impl KafkaSource {
@@ -80,7 +88,18 @@ impl KafkaSource {
         Self {
             config,
             topics: topics.iter().map(|t| t.to_string()).collect(),
+            concurrency: 1,
         }
+    }
+
+    /// Messages of one partition handled at once, each key in one lane of the partition
+    /// (by the `outbox-key` header, else the Kafka key; a message with neither goes to
+    /// any lane). Default 1: a partition's messages one at a time, in offset order. With
+    /// more, order holds per key, not across the keys of a partition, and the partition's
+    /// offset advances past a message only once every message before it is settled.
+    pub fn with_concurrency(mut self, lanes: usize) -> Self {
+        self.concurrency = lanes.max(1);
+        self
     }
 
     /// Sets a librdkafka consumer property (e.g. `session.timeout.ms`,
@@ -204,6 +223,7 @@ impl KafkaSource {
                     consumer.clone(),
                     dedup.clone(),
                     handler.clone(),
+                    self.concurrency,
                 ));
             });
             if let Some(overflow) = overflowing.get_mut(&partition) {
@@ -473,29 +493,167 @@ impl ConsumerContext for LaneContext {
     }
 }
 
-/// Handles one partition's messages in offset order until revoked or shut down; an offset
-/// is stored once its message is settled.
+/// Handles one partition's messages until revoked or shut down: in offset order, or with
+/// `concurrency` above 1 in that many key lanes. An offset is stored once its message and
+/// every message before it are settled.
 async fn lane<H: Handler + 'static>(
     rx: mpsc::Receiver<OwnedMessage>,
     stop: CancellationToken,
     consumer: Arc<ClosingOffThread>,
     dedup: Deduplicator,
     handler: Arc<H>,
+    concurrency: usize,
 ) {
-    crate::lane::run(rx, stop, dedup, handler, incoming, |m| {
-        // The stored offset is the next one to read. (`rd_kafka_offset_store` adds one by
-        // itself; `rd_kafka_offsets_store` stores a list as given, which leaves no doubt.)
-        // A revoked partition's offset is refused; its new owner skips the duplicate.
-        let mut next = TopicPartitionList::new();
-        let stored = next
-            .add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))
-            .and_then(|()| consumer.store_offsets(&next));
-        if let Err(e) = stored {
-            tracing::debug!(error = %e, partition = m.partition(), "offset not stored");
+    if concurrency <= 1 {
+        crate::lane::run(rx, stop, dedup, handler, incoming, |m| {
+            store_next(&consumer, m.topic(), m.partition(), m.offset());
+            std::future::ready(())
+        })
+        .await;
+        return;
+    }
+    key_lanes(rx, stop, consumer, dedup, handler, concurrency).await;
+}
+
+/// Stores `offset + 1`, the next offset to read. (`rd_kafka_offset_store` adds one by
+/// itself; `rd_kafka_offsets_store` stores a list as given, which leaves no doubt.) A
+/// revoked partition's offset is refused; its new owner skips the duplicate.
+fn store_next(consumer: &ClosingOffThread, topic: &str, partition: i32, offset: i64) {
+    let mut next = TopicPartitionList::new();
+    let stored = next
+        .add_partition_offset(topic, partition, Offset::Offset(offset + 1))
+        .and_then(|()| consumer.store_offsets(&next));
+    if let Err(e) = stored {
+        tracing::debug!(error = %e, partition, "offset not stored");
+    }
+}
+
+/// One partition's messages over `n` lanes by key. The partition's messages are dealt out in
+/// offset order; each lane handles its own in that order, so a slow or failing key holds
+/// back only itself, until 4,096 messages (or 8 MiB of payloads) of the partition wait
+/// behind its oldest unsettled one. When the lanes stop (revoked or shut down), each
+/// finishes the message in hand and drops the rest; the offset stored is the one before the
+/// first message not settled, so the partition's next owner reads every unsettled message
+/// again (and skips, as duplicates, those after it that were settled).
+async fn key_lanes<H: Handler + 'static>(
+    mut rx: mpsc::Receiver<OwnedMessage>,
+    stop: CancellationToken,
+    consumer: Arc<ClosingOffThread>,
+    dedup: Deduplicator,
+    handler: Arc<H>,
+    n: usize,
+) {
+    let settled = Arc::new(Mutex::new(Settled::default()));
+    let room = Arc::new(tokio::sync::Notify::new());
+    let mut lanes = Vec::with_capacity(n);
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        // As long as the partition's bound: a send never waits for one lane while another
+        // could go on. (The channel allocates as it fills.)
+        let (tx, lane_rx) = mpsc::channel::<OwnedMessage>(UNSETTLED_MESSAGES);
+        lanes.push(tx);
+        let (consumer, settled, room) = (consumer.clone(), settled.clone(), room.clone());
+        running.spawn(crate::lane::run(
+            lane_rx,
+            stop.clone(),
+            dedup.clone(),
+            handler.clone(),
+            incoming,
+            move |m: OwnedMessage| {
+                // Under the lock, so that a later store never lands before an earlier one.
+                let mut settled = settled.lock().expect("settled lock");
+                if let Some(upto) = settled.settle(m.offset()) {
+                    store_next(&consumer, m.topic(), m.partition(), upto);
+                    room.notify_one();
+                }
+                std::future::ready(())
+            },
+        ));
+    }
+    'deal: loop {
+        let message = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        loop {
+            let freed = room.notified();
+            if !settled.lock().expect("settled lock").full() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break 'deal,
+                _ = freed => {}
+            }
         }
-        std::future::ready(())
-    })
-    .await
+        settled
+            .lock()
+            .expect("settled lock")
+            .dealt(message.offset(), message.payload().map_or(0, <[u8]>::len));
+        let lane = key_lane(&message, n);
+        if lanes[lane].try_send(message).is_err() {
+            break; // the lane stopped
+        }
+    }
+    drop(lanes);
+    while running.join_next().await.is_some() {}
+}
+
+/// The lane of a message: by its `outbox-key` header, else its Kafka key, else its offset.
+fn key_lane(m: &OwnedMessage, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let header = m.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == "outbox-key")
+            .and_then(|h| h.value.map(<[u8]>::to_vec))
+    });
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    header
+        .or_else(|| m.key().map(<[u8]>::to_vec))
+        .unwrap_or_else(|| m.offset().to_be_bytes().to_vec())
+        .hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// A partition's offsets dealt out to its key lanes, in order, and which of them are
+/// settled: the partition may move past an offset only once every one before it is.
+#[derive(Default)]
+struct Settled {
+    /// Dealt and not yet passed, in offset order, with whether each is settled and its
+    /// payload's size.
+    offsets: VecDeque<(i64, bool, usize)>,
+    bytes: usize,
+}
+
+impl Settled {
+    fn dealt(&mut self, offset: i64, bytes: usize) {
+        self.offsets.push_back((offset, false, bytes));
+        self.bytes += bytes;
+    }
+
+    /// Marks `offset` settled; returns the highest offset now settled with every one before
+    /// it, if that moved.
+    fn settle(&mut self, offset: i64) -> Option<i64> {
+        if let Ok(i) = self.offsets.binary_search_by_key(&offset, |e| e.0) {
+            self.offsets[i].1 = true;
+        }
+        let mut upto = None;
+        while let Some(&(o, true, bytes)) = self.offsets.front() {
+            upto = Some(o);
+            self.bytes -= bytes;
+            self.offsets.pop_front();
+        }
+        upto
+    }
+
+    /// As much of the partition as may wait behind its oldest unsettled message.
+    fn full(&self) -> bool {
+        self.offsets.len() >= UNSETTLED_MESSAGES || self.bytes >= UNSETTLED_BYTES
+    }
 }
 
 /// The message as the handling step sees it: headers as strings (lossy UTF-8), the id from
@@ -520,6 +678,8 @@ pub fn incoming(m: &OwnedMessage) -> Incoming {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use rdkafka::Timestamp;
 
     use super::*;
@@ -534,6 +694,63 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    #[test]
+    fn a_partition_moves_past_an_offset_only_once_every_earlier_one_is_settled() {
+        let mut settled = Settled::default();
+        for offset in 10..15 {
+            settled.dealt(offset, 100);
+        }
+        assert_eq!(settled.settle(12), None, "10 and 11 are not settled");
+        assert_eq!(settled.settle(11), None, "10 is not settled");
+        assert_eq!(settled.bytes, 500, "nothing passed yet");
+        assert_eq!(settled.settle(10), Some(12));
+        assert_eq!(settled.bytes, 200);
+        assert_eq!(settled.settle(14), None, "13 is not settled");
+        assert_eq!(settled.settle(13), Some(14));
+        assert!(settled.offsets.is_empty());
+        assert_eq!(settled.bytes, 0);
+    }
+
+    #[test]
+    fn a_partition_waits_once_enough_is_dealt_behind_its_oldest_unsettled_message() {
+        let mut by_count = Settled::default();
+        for offset in 0..UNSETTLED_MESSAGES as i64 - 1 {
+            by_count.dealt(offset, 1);
+        }
+        assert!(!by_count.full());
+        by_count.dealt(UNSETTLED_MESSAGES as i64, 1);
+        assert!(by_count.full());
+        by_count.settle(0);
+        assert!(!by_count.full(), "the oldest settled: one passed");
+
+        let mut by_bytes = Settled::default();
+        by_bytes.dealt(0, UNSETTLED_BYTES - 1);
+        assert!(!by_bytes.full());
+        by_bytes.dealt(1, 1);
+        assert!(by_bytes.full());
+    }
+
+    #[test]
+    fn a_key_always_goes_to_the_same_lane() {
+        let keyed = |key: &str, offset: i64| {
+            OwnedMessage::new(
+                None,
+                Some(key.as_bytes().to_vec()),
+                "t".into(),
+                Timestamp::NotAvailable,
+                0,
+                offset,
+                None,
+            )
+        };
+        let lanes: HashSet<usize> = (0..50).map(|o| key_lane(&keyed("k-7", o), 8)).collect();
+        assert_eq!(lanes.len(), 1);
+        let spread: HashSet<usize> = (0..200)
+            .map(|k| key_lane(&keyed(&format!("k-{k}"), 0), 8))
+            .collect();
+        assert_eq!(spread.len(), 8, "200 keys use every lane");
     }
 
     #[test]

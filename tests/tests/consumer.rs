@@ -660,6 +660,17 @@ async fn effects_by(pool: &PgPool, name: &str) -> i64 {
 /// the work (so the partitions really moved).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_rebalance_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    rebalance_mid_stream(1).await;
+}
+
+/// The same with four key lanes per partition: a partition moves with messages of several
+/// keys in hand and settled out of offset order; its offset never passes one not settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_rebalance_mid_stream_with_key_lanes_loses_nothing_and_applies_nothing_twice() {
+    rebalance_mid_stream(4).await;
+}
+
+async fn rebalance_mid_stream(concurrency: usize) {
     const N: usize = 1200;
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
@@ -674,7 +685,8 @@ async fn kafka_rebalance_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let relay = start_relay(&Broker::Kafka.settings(&db)).await;
     let group = format!("rebalance-{t}");
 
-    let (stop_a, a) = spawn_kafka_consumer(kafka_source(&group, &t), &dedup, "a");
+    let source = || kafka_source(&group, &t).with_concurrency(concurrency);
+    let (stop_a, a) = spawn_kafka_consumer(source(), &dedup, "a");
     wait_until(
         Duration::from_secs(60),
         "consumer a handles a quarter",
@@ -685,7 +697,7 @@ async fn kafka_rebalance_mid_stream_loses_nothing_and_applies_nothing_twice() {
     )
     .await;
 
-    let (stop_b, b) = spawn_kafka_consumer(kafka_source(&group, &t), &dedup, "b");
+    let (stop_b, b) = spawn_kafka_consumer(source(), &dedup, "b");
     wait_until(
         Duration::from_secs(60),
         "consumer b gets partitions and handles messages",
@@ -853,6 +865,141 @@ async fn kafka_a_stuck_partition_holds_back_only_itself() {
     shutdown.cancel();
     running.await.unwrap().unwrap();
     assert_one_effect_each_in_key_order(&db.pool, 3 * PER_PARTITION).await;
+}
+
+/// Fails every message of `failing_key` (retryably) until `open` is set; records the rest.
+struct FailKey {
+    open: Arc<std::sync::atomic::AtomicBool>,
+    failing_key: &'static str,
+    inner: Recorder,
+}
+
+impl Handler for FailKey {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        m: &'a Incoming,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if m.key.as_deref() == Some(self.failing_key) && !self.open.load(Ordering::SeqCst) {
+                return Err(HandlerError::retryable("downstream refuses this key"));
+            }
+            self.inner.handle(tx, m).await
+        })
+    }
+}
+
+/// Kafka with key lanes: in one partition, a key whose handler keeps failing holds back only
+/// itself; the other keys' messages, behind it in the partition, are all handled. The
+/// partition's offset stays at the failing key's first message, so a consumer that stops
+/// meanwhile leaves it to the group's next consumer, which applies the held key's messages
+/// and skips the rest as duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_with_key_lanes_a_failing_key_holds_back_only_itself() {
+    use rdkafka::{
+        message::{Header, OwnedHeaders},
+        producer::{FutureProducer, FutureRecord},
+        ClientConfig,
+    };
+    const PER_KEY: usize = 150;
+    const KEYS: [&str; 4] = ["held", "k1", "k2", "k3"];
+    let db = TestDb::new().await;
+    // Retries without end: the held key is never dead-lettered while the test runs.
+    let dedup = setup(&db, "keylanes").await.with_retry(RetryPolicy {
+        initial_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(100),
+        max_attempts: u32::MAX,
+        ..Default::default()
+    });
+    let t = topic("keylanes");
+    Broker::Kafka.consumer().await.declare(&t).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    // All in partition 0, the keys interleaved, the held key's first message first.
+    let mut sent = Vec::new();
+    for seq in 0..PER_KEY {
+        for key in KEYS {
+            let (id, seq) = (Uuid::new_v4().to_string(), seq.to_string());
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "outbox-id",
+                    value: Some(&id),
+                })
+                .insert(Header {
+                    key: "outbox-key",
+                    value: Some(key),
+                })
+                .insert(Header {
+                    key: "outbox-seq",
+                    value: Some(&seq),
+                });
+            let record = FutureRecord::to(&t)
+                .partition(0)
+                .key(key)
+                .payload("order")
+                .headers(headers);
+            sent.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+    }
+    for delivery in sent {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    let effects_of = |key: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM effects WHERE key = $1")
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    let group = format!("keylanes-{t}");
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(FailKey {
+        open: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        failing_key: "held",
+        inner: Recorder {
+            name: "a",
+            ..Default::default()
+        },
+    });
+    let running = tokio::spawn({
+        let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
+        let source = kafka_source(&group, &t).with_concurrency(4);
+        async move { source.run(dedup, handler, shutdown).await }
+    });
+    wait_until(
+        Duration::from_secs(60),
+        "the other keys of the partition handled while one key fails",
+        || async {
+            effects_of("k1").await + effects_of("k2").await + effects_of("k3").await
+                == 3 * PER_KEY as i64
+        },
+    )
+    .await;
+    assert_eq!(effects_of("held").await, 0);
+    // Long enough for the periodic offset commit (200 ms here) to have run several times.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let (stop_b, b) = spawn_kafka_consumer(kafka_source(&group, &t), &dedup, "b");
+    wait_until(
+        Duration::from_secs(60),
+        "the next consumer handles the held key from its first message",
+        || async { effects_of("held").await == PER_KEY as i64 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_b.cancel();
+    b.await.unwrap().unwrap();
+    assert_one_effect_each_in_key_order(&db.pool, KEYS.len() * PER_KEY).await;
+    assert_eq!(effects_by(&db.pool, "b").await, PER_KEY as i64);
 }
 
 /// Kafka: a consumer that dies after its transaction committed but before its offset was

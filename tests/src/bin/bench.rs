@@ -319,10 +319,15 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     format!("up to {batch} waiting messages per transaction")
                 };
+                let lanes = if broker == "kafka" {
+                    format!("{KAFKA_KEY_LANES} key lanes × 3 partitions")
+                } else {
+                    "8 key lanes".to_owned()
+                };
                 report.add(
                     "consumer",
                     format!(
-                        "consumer library ← {broker}, {n_consumer} msgs, one-row handler, {how}"
+                        "consumer library ← {broker}, {n_consumer} msgs, {lanes}, one-row handler, {how}"
                     ),
                     rate,
                     "msg/s",
@@ -1187,6 +1192,11 @@ async fn kafka_consume_ceiling(env: &Env, topic: &str, n: usize) -> anyhow::Resu
 /// source for `broker` handles them through dedup with a one-row handler, up to `batch`
 /// waiting messages per transaction. Messages/s from
 /// the first effect to the last (a Kafka group's join is not counted).
+/// Key lanes per partition of the Kafka consumer: with the topic's 3 partitions, about as
+/// many transactions at once as the RabbitMQ consumer's 8 lanes and the ceiling's 8
+/// connections.
+const KAFKA_KEY_LANES: usize = 3;
+
 async fn consumer_rate(
     env: &Env,
     broker: &str,
@@ -1246,7 +1256,8 @@ async fn consumer_rate(
         tokio::spawn(async move { source.run(dedup, Arc::new(OneRow), stop_source).await })
     } else {
         let group = format!("bench-{topic}");
-        let source = outbox_consumer::kafka::KafkaSource::new(&env.kafka, &group, &[&topic]);
+        let source = outbox_consumer::kafka::KafkaSource::new(&env.kafka, &group, &[&topic])
+            .with_concurrency(KAFKA_KEY_LANES);
         tokio::spawn(async move { source.run(dedup, Arc::new(OneRow), stop_source).await })
     };
     let count = || async {
