@@ -267,7 +267,18 @@ async fn main() -> anyhow::Result<()> {
             ),
             l.p50,
             "ms p50",
-            format!("p95 {:.1}  p99 {:.1}  max {:.1} ms", l.p95, l.p99, l.max),
+            format!(
+                "p95 {:.1}  p99 {:.1}  max {:.1} ms; {} of the commits sent a wake-up; \
+                 cores: PostgreSQL {:.2}, RabbitMQ {:.2}, relay {:.2}, machine {:.0}% busy",
+                l.p95,
+                l.p99,
+                l.max,
+                l.notified,
+                l.cores.postgres,
+                l.cores.broker,
+                l.cores.relay,
+                l.cores.busy * 100.0
+            ),
         );
     }
 
@@ -887,8 +898,19 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
     })
 }
 
+/// Cores in use while the producers ran, and how busy the machine was.
+struct Cores {
+    relay: f64,
+    postgres: f64,
+    broker: f64,
+    busy: f64,
+}
+
 struct Latency {
     achieved: f64,
+    /// Producer commits that sent a wake-up NOTIFY (the relay was registered as idle).
+    notified: usize,
+    cores: Cores,
     p50: f64,
     p95: f64,
     p99: f64,
@@ -930,12 +952,28 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
     let db_url = db_url_of(&pool, &env.db_url)?;
     let relay = spawn_relay(env, &db_url, "rabbitmq")?;
     tokio::time::sleep(Duration::from_secs(2)).await; // partitions taken, idle, waiting
-                                                      // Several producers (one connection each), as one commit waits for the disk flush: a
-                                                      // single connection stops near 1 / fsync latency. Each owns its keys.
+    let mut listener = sqlx::postgres::PgListener::connect(&db_url).await?;
+    listener.listen("outbox_wakeup_outbox").await?;
+    let notified = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counting = notified.clone();
+    let notifies = tokio::spawn(async move {
+        while listener.recv().await.is_ok() {
+            counting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    // Several producers (one connection each), as one commit waits for the disk flush: a
+    // single connection stops near 1 / fsync latency. Each owns its keys.
     let producers = (rate / 250).clamp(1, 8);
     let per_producer = rate as u64 * secs / producers as u64;
     let total = per_producer * producers as u64;
     let interval = Duration::from_secs_f64(producers as f64 / rate as f64);
+    let relay_pid = relay.id().context("relay pid")?;
+    let postmaster = postmaster_of(&pool).await?;
+    let cpu_before = (
+        proc_usage(relay_pid)?.0,
+        servers_cpu(postmaster),
+        machine_ticks(),
+    );
     let start = Instant::now();
     let tasks: Vec<_> = (0..producers)
         .map(|p| {
@@ -944,7 +982,10 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
                 let outbox = outbox::Outbox::default();
                 let mut committed = Vec::with_capacity(per_producer as usize);
                 for i in 0..per_producer {
-                    tokio::time::sleep_until((start + interval * i as u32).into()).await;
+                    // Staggered: together the producers commit at an even pace, not in
+                    // bursts of one commit each.
+                    let at = interval * i as u32 + interval * p / producers;
+                    tokio::time::sleep_until((start + at).into()).await;
                     let m = outbox::Message::new(&topic, vec![b'x'; PAYLOAD])?
                         .with_key(format!("p{p}-k{}", i % 25))?;
                     let mut tx = pool.begin().await?;
@@ -961,6 +1002,20 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
         committed.extend(t.await??);
     }
     let achieved = total as f64 / start.elapsed().as_secs_f64();
+    let (relay_cpu, servers, machine) = (
+        proc_usage(relay_pid)?.0,
+        servers_cpu(postmaster),
+        machine_ticks(),
+    );
+    let secs = start.elapsed().as_secs_f64();
+    let cores = Cores {
+        relay: (relay_cpu - cpu_before.0) / secs,
+        postgres: (servers.0 - cpu_before.1 .0) / secs,
+        broker: (servers.1 - cpu_before.1 .1) / secs,
+        busy: (machine.0 - cpu_before.2 .0) / (machine.1 - cpu_before.2 .1).max(1.0),
+    };
+    notifies.abort();
+    let notified = notified.load(std::sync::atomic::Ordering::Relaxed);
     let wait = Instant::now();
     while arrived.lock().unwrap().len() < committed.len() {
         anyhow::ensure!(
@@ -980,6 +1035,8 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
     let _ = ch.queue_delete(&topic, QueueDeleteOptions::default()).await;
     Ok(Latency {
         achieved,
+        notified,
+        cores,
         p50: percentile(&ms, 0.50),
         p95: percentile(&ms, 0.95),
         p99: percentile(&ms, 0.99),
