@@ -21,7 +21,7 @@
 //! Runs against the stack of `scripts/stack.sh` (`DATABASE_URL`, `AMQP_URL`,
 //! `KAFKA_BROKERS`); `scripts/bench.sh` builds in release mode and runs it.
 //!
-//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim|consumer|latency]`
+//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim|consumer|latency|producer]`
 
 use std::{
     collections::HashMap,
@@ -100,12 +100,13 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let json = args.iter().any(|a| a == "--json");
-    // `--only rabbitmq|kafka|claim|consumer|latency`: that broker's ceiling and drains, or the
-    // claim costs, the consumer library or the latencies, nothing else (for tuning).
+    // `--only rabbitmq|kafka|claim|consumer|latency|producer`: that broker's ceiling and
+    // drains, or the claim costs, the consumer library, the latencies or the producers'
+    // commits, nothing else (for tuning).
     let only = match args.iter().position(|a| a == "--only") {
         Some(i) => Some(
             args.get(i + 1)
-                .context("--only needs rabbitmq, kafka, claim, consumer or latency")?
+                .context("--only needs rabbitmq, kafka, claim, consumer, latency or producer")?
                 .clone(),
         ),
         None => None,
@@ -282,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    if only.is_none() {
+    if runs("producer") {
         let n_commits = if quick { 800 } else { 8_000 };
         for wake in [Wake::NoTrigger, Wake::NobodyWaiting, Wake::RelayWaiting] {
             for batch in [1, 100] {
