@@ -22,7 +22,8 @@
 //! (`RabbitMqSource`; the relay publishes to a fanout exchange that also feeds the arrivals
 //! reader's queue). They are restarted `--consumer-restarts` times mid-stream, every other
 //! time killed (the task aborted wherever it is) instead of stopped, so work moves between
-//! them while messages are being handled.
+//! them while messages are being handled. `--consumer-lanes N` gives each Kafka consumer N
+//! key lanes per partition (`KafkaSource::with_concurrency`; default 1).
 //!
 //! Prints a summary table and exits 1 on any loss, phantom, double effect or order violation.
 
@@ -64,6 +65,8 @@ struct Options {
     kafka: bool,
     consumers: usize,
     consumer_restarts: usize,
+    /// Kafka: key lanes per partition in each consumer (`KafkaSource::with_concurrency`).
+    consumer_lanes: usize,
 }
 
 impl Options {
@@ -88,6 +91,7 @@ impl Options {
             kafka: false,
             consumers: 2,
             consumer_restarts: 4,
+            consumer_lanes: 1,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -109,6 +113,7 @@ impl Options {
                 "--db-restarts" => o.db_restarts = n()?,
                 "--consumers" => o.consumers = n()?,
                 "--consumer-restarts" => o.consumer_restarts = n()?,
+                "--consumer-lanes" => o.consumer_lanes = n()?,
                 "--rate" => o.rate = value.parse().context("--rate")?,
                 "--seed" => o.seed = value.parse().context("--seed")?,
                 "--broker" => {
@@ -120,8 +125,8 @@ impl Options {
                 }
                 other => bail!(
                     "unknown option {other}; use --messages --keys --producers --relays --kills \
-                     --broker-restarts --db-restarts --consumers --consumer-restarts --rate \
-                     --seed --broker"
+                     --broker-restarts --db-restarts --consumers --consumer-restarts \
+                     --consumer-lanes --rate --seed --broker"
                 ),
             }
         }
@@ -780,7 +785,7 @@ impl Member {
         effects_queue: &str,
         dedup: &outbox_consumer::Deduplicator,
     ) -> impl Fn() -> Member {
-        let kafka = o.kafka;
+        let (kafka, lanes) = (o.kafka, o.consumer_lanes);
         let group = format!("chaos-effects-{topic}");
         let (brokers, amqp_url, topic, effects_queue, dedup) = (
             brokers.to_owned(),
@@ -799,7 +804,8 @@ impl Member {
                     // waits for a killed member until it runs out (see the README).
                     .with_property("max.poll.interval.ms", "15000")
                     .with_property("heartbeat.interval.ms", "500")
-                    .with_property("auto.commit.interval.ms", "500");
+                    .with_property("auto.commit.interval.ms", "500")
+                    .with_concurrency(lanes);
                 tokio::spawn(async move { source.run(dedup, Arc::new(EffectWriter), stop).await })
             } else {
                 let source = outbox_consumer::rabbitmq::RabbitMqSource::new(
