@@ -798,9 +798,23 @@ fn spawn_relay(env: &Env, db_url: &str, broker: &str) -> anyhow::Result<tokio::p
         .env("OUTBOX__KAFKA__BROKERS", &env.kafka)
         .env("OUTBOX__HTTP__LISTEN", "127.0.0.1:0")
         .env("OUTBOX__LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
+    // `OUTBOX_BENCH_RELAY_LOG=FILE` keeps the relays' log (at `info`, appended), to see why
+    // a figure is off.
+    match std::env::var_os("OUTBOX_BENCH_RELAY_LOG") {
+        Some(path) => {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("OUTBOX_BENCH_RELAY_LOG {}", path.to_string_lossy()))?;
+            cmd.stdout(log).env("OUTBOX__LOG__LEVEL", "info");
+        }
+        None => {
+            cmd.stdout(std::process::Stdio::null());
+        }
+    }
     Ok(cmd.spawn()?)
 }
 
