@@ -609,13 +609,13 @@ fn key_lane(m: &OwnedMessage, lanes: usize) -> usize {
     let header = m.headers().and_then(|h| {
         h.iter()
             .find(|h| h.key == "outbox-key")
-            .and_then(|h| h.value.map(<[u8]>::to_vec))
+            .and_then(|h| h.value)
     });
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    header
-        .or_else(|| m.key().map(<[u8]>::to_vec))
-        .unwrap_or_else(|| m.offset().to_be_bytes().to_vec())
-        .hash(&mut h);
+    match header.or_else(|| m.key()) {
+        Some(key) => key.hash(&mut h),
+        None => m.offset().hash(&mut h),
+    }
     (h.finish() % lanes as u64) as usize
 }
 

@@ -752,6 +752,59 @@ async fn rebalance_mid_stream(concurrency: usize) {
     );
 }
 
+/// Writes `(partition, key, seq)` records to Kafka topic `t` as the relay would (the key
+/// as the Kafka key; `outbox-id`, `outbox-key` and `outbox-seq` headers), each to the
+/// partition given, and waits until Kafka has them all.
+async fn produce_outbox_records<'a>(
+    t: &str,
+    records: impl IntoIterator<Item = (i32, &'a str, usize)>,
+) {
+    use rdkafka::{
+        message::{Header, OwnedHeaders},
+        producer::{FutureProducer, FutureRecord},
+        ClientConfig,
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut sent = Vec::new();
+    for (partition, key, seq) in records {
+        let (id, seq) = (Uuid::new_v4().to_string(), seq.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "outbox-id",
+                value: Some(&id),
+            })
+            .insert(Header {
+                key: "outbox-key",
+                value: Some(key),
+            })
+            .insert(Header {
+                key: "outbox-seq",
+                value: Some(&seq),
+            });
+        let record = FutureRecord::to(t)
+            .partition(partition)
+            .key(key)
+            .payload("order")
+            .headers(headers);
+        sent.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for delivery in sent {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+async fn effects_of_key(pool: &PgPool, key: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM effects WHERE key = $1")
+        .bind(key)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// Records like [`Recorder`], but holds every message of `stuck_key` until `open` is set.
 struct Gate {
     open: Arc<std::sync::atomic::AtomicBool>,
@@ -780,50 +833,17 @@ impl Handler for Gate {
 /// that waited was dropped or applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_a_stuck_partition_holds_back_only_itself() {
-    use rdkafka::{
-        message::{Header, OwnedHeaders},
-        producer::{FutureProducer, FutureRecord},
-        ClientConfig,
-    };
     const PER_PARTITION: usize = 1500;
     let db = TestDb::new().await;
     let dedup = setup(&db, "stuck").await;
     let t = topic("stuck");
     Broker::Kafka.consumer().await.declare(&t).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut sent = Vec::new();
-    for partition in 0..3 {
-        let key = format!("p{partition}");
-        for seq in 0..PER_PARTITION {
-            let (id, seq) = (Uuid::new_v4().to_string(), seq.to_string());
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "outbox-id",
-                    value: Some(&id),
-                })
-                .insert(Header {
-                    key: "outbox-key",
-                    value: Some(&key),
-                })
-                .insert(Header {
-                    key: "outbox-seq",
-                    value: Some(&seq),
-                });
-            let record = FutureRecord::to(&t)
-                .partition(partition)
-                .key(&key)
-                .payload("order")
-                .headers(headers);
-            sent.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        }
-    }
-    for delivery in sent {
-        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+    let keys = ["p0", "p1", "p2"];
+    produce_outbox_records(
+        &t,
+        (0..3).flat_map(|p| (0..PER_PARTITION).map(move |seq| (p, keys[p as usize], seq))),
+    )
+    .await;
 
     let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handler = Arc::new(Gate {
@@ -837,16 +857,7 @@ async fn kafka_a_stuck_partition_holds_back_only_itself() {
         let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
         async move { source.run(dedup, handler, shutdown).await }
     });
-    let effects_of = |key: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM effects WHERE key = $1")
-                .bind(key)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
+    let effects_of = |key: &'static str| effects_of_key(&db.pool, key);
     wait_until(
         Duration::from_secs(120),
         "partitions 1 and 2 handled to the end while partition 0 is stuck",
@@ -867,9 +878,8 @@ async fn kafka_a_stuck_partition_holds_back_only_itself() {
     assert_one_effect_each_in_key_order(&db.pool, 3 * PER_PARTITION).await;
 }
 
-/// Fails every message of `failing_key` (retryably) until `open` is set; records the rest.
+/// Fails every message of `failing_key` (retryably); records the rest.
 struct FailKey {
-    open: Arc<std::sync::atomic::AtomicBool>,
     failing_key: &'static str,
     inner: Recorder,
 }
@@ -881,7 +891,7 @@ impl Handler for FailKey {
         m: &'a Incoming,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            if m.key.as_deref() == Some(self.failing_key) && !self.open.load(Ordering::SeqCst) {
+            if m.key.as_deref() == Some(self.failing_key) {
                 return Err(HandlerError::retryable("downstream refuses this key"));
             }
             self.inner.handle(tx, m).await
@@ -896,11 +906,6 @@ impl Handler for FailKey {
 /// and skips the rest as duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_with_key_lanes_a_failing_key_holds_back_only_itself() {
-    use rdkafka::{
-        message::{Header, OwnedHeaders},
-        producer::{FutureProducer, FutureRecord},
-        ClientConfig,
-    };
     const PER_KEY: usize = 150;
     const KEYS: [&str; 4] = ["held", "k1", "k2", "k3"];
     let db = TestDb::new().await;
@@ -913,55 +918,17 @@ async fn kafka_with_key_lanes_a_failing_key_holds_back_only_itself() {
     });
     let t = topic("keylanes");
     Broker::Kafka.consumer().await.declare(&t).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
     // All in partition 0, the keys interleaved, the held key's first message first.
-    let mut sent = Vec::new();
-    for seq in 0..PER_KEY {
-        for key in KEYS {
-            let (id, seq) = (Uuid::new_v4().to_string(), seq.to_string());
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "outbox-id",
-                    value: Some(&id),
-                })
-                .insert(Header {
-                    key: "outbox-key",
-                    value: Some(key),
-                })
-                .insert(Header {
-                    key: "outbox-seq",
-                    value: Some(&seq),
-                });
-            let record = FutureRecord::to(&t)
-                .partition(0)
-                .key(key)
-                .payload("order")
-                .headers(headers);
-            sent.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        }
-    }
-    for delivery in sent {
-        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
-    let effects_of = |key: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM effects WHERE key = $1")
-                .bind(key)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
+    produce_outbox_records(
+        &t,
+        (0..PER_KEY).flat_map(|seq| KEYS.map(|key| (0, key, seq))),
+    )
+    .await;
+    let effects_of = |key: &'static str| effects_of_key(&db.pool, key);
 
     let group = format!("keylanes-{t}");
     let shutdown = CancellationToken::new();
     let handler = Arc::new(FailKey {
-        open: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         failing_key: "held",
         inner: Recorder {
             name: "a",
@@ -1113,11 +1080,6 @@ fn the_readme_shows_the_compiled_consumer_example() {
 /// they are dropped too and later offsets are committed over them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_a_partition_assigned_back_while_its_lane_is_full_loses_nothing() {
-    use rdkafka::{
-        message::{Header, OwnedHeaders},
-        producer::{FutureProducer, FutureRecord},
-        ClientConfig,
-    };
     const N: usize = 1000;
     let db = TestDb::new().await;
     let dedup = setup(&db, "reassigned").await;
@@ -1126,37 +1088,7 @@ async fn kafka_a_partition_assigned_back_while_its_lane_is_full_loses_nothing() 
     let declaring = Broker::Kafka.consumer().await;
     declaring.declare(&t).await;
     declaring.declare(&other).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut sent = Vec::new();
-    for seq in 0..N {
-        let (id, seq) = (Uuid::new_v4().to_string(), seq.to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "outbox-id",
-                value: Some(&id),
-            })
-            .insert(Header {
-                key: "outbox-key",
-                value: Some("p0"),
-            })
-            .insert(Header {
-                key: "outbox-seq",
-                value: Some(&seq),
-            });
-        let record = FutureRecord::to(&t)
-            .partition(0)
-            .key("p0")
-            .payload("order")
-            .headers(headers);
-        sent.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-    }
-    for delivery in sent {
-        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+    produce_outbox_records(&t, (0..N).map(|seq| (0, "p0", seq))).await;
 
     // The first message is held, so the lane fills and the rest wait in the reader.
     let open = Arc::new(std::sync::atomic::AtomicBool::new(false));

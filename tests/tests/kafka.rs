@@ -21,14 +21,35 @@ use outbox_tests::{
     Broker, TestDb,
 };
 
-/// The relay's Kafka publisher, counting the messages it has out at once.
-struct Counting {
+/// The relay's Kafka publisher, counting the messages handed to it and the most it had out
+/// at once; a message's confirm is held back until the gate is open.
+struct Watched {
     kafka: KafkaPublisher,
+    sent: Arc<AtomicU32>,
     out: Arc<AtomicU32>,
     most: Arc<AtomicU32>,
+    gate: tokio::sync::watch::Receiver<bool>,
 }
 
-impl Publisher for Counting {
+impl Watched {
+    /// With its gate open, or shut until `true` is sent on the returned sender.
+    fn new(
+        s: &outbox_relay::config::Settings,
+        open: bool,
+    ) -> (Self, tokio::sync::watch::Sender<bool>) {
+        let (opener, gate) = tokio::sync::watch::channel(open);
+        let watched = Self {
+            kafka: KafkaPublisher::new(&s.kafka).unwrap(),
+            sent: Arc::default(),
+            out: Arc::default(),
+            most: Arc::default(),
+            gate,
+        };
+        (watched, opener)
+    }
+}
+
+impl Publisher for Watched {
     fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
         self.kafka.ready()
     }
@@ -46,11 +67,13 @@ impl Publisher for Counting {
 
     fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
         let confirm = self.kafka.send(envelope)?;
+        self.sent.fetch_add(1, Ordering::SeqCst);
         let now = self.out.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
-        let out = self.out.clone();
+        let (out, mut gate) = (self.out.clone(), self.gate.clone());
         Ok(async move {
             let result = confirm.await;
+            let _ = gate.wait_for(|open| *open).await;
             out.fetch_sub(1, Ordering::SeqCst);
             result
         }
@@ -76,12 +99,8 @@ async fn a_busy_keys_messages_are_pipelined_and_arrive_in_order() {
     consumer.queue(&t).await;
     enqueue_all(&db, &keyed_messages(&t, 0..3000, 1)).await;
     let s = Broker::Kafka.settings(&db);
-    let most = Arc::new(AtomicU32::new(0));
-    let publisher = Counting {
-        kafka: KafkaPublisher::new(&s.kafka).unwrap(),
-        out: Arc::new(AtomicU32::new(0)),
-        most: most.clone(),
-    };
+    let (publisher, _open) = Watched::new(&s, true);
+    let most = publisher.most.clone();
     let relay = run_relay(relay_with(&s, Arc::new(publisher)).await);
     let got = consumer.wait_for(3000, Duration::from_secs(60)).await;
     relay.stop().await;
@@ -92,50 +111,6 @@ async fn a_busy_keys_messages_are_pipelined_and_arrive_in_order() {
         "one key had at most {most} messages at the broker at once"
     );
     assert_eq!(db.count("pending").await, 0);
-}
-
-/// The relay's Kafka publisher, whose confirms the test holds back until it opens a gate.
-struct Gated {
-    kafka: KafkaPublisher,
-    sent: Arc<AtomicU32>,
-    gate: tokio::sync::watch::Receiver<bool>,
-}
-
-impl Publisher for Gated {
-    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
-        self.kafka.ready()
-    }
-
-    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
-        match self.send(envelope) {
-            Ok(confirm) => confirm,
-            Err(e) => async move { Err(e) }.boxed(),
-        }
-    }
-
-    fn key_depth(&self) -> u32 {
-        self.kafka.key_depth()
-    }
-
-    fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
-        let confirm = self.kafka.send(envelope)?;
-        self.sent.fetch_add(1, Ordering::SeqCst);
-        let mut gate = self.gate.clone();
-        Ok(async move {
-            let result = confirm.await;
-            let _ = gate.wait_for(|open| *open).await;
-            result
-        }
-        .boxed())
-    }
-
-    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
-        self.kafka.health()
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        self.kafka.close()
-    }
 }
 
 /// Messages go to the Kafka producer in rounds: rows read while a round is unconfirmed wait
@@ -150,13 +125,8 @@ async fn messages_go_to_the_producer_in_rounds() {
     let consumer = Broker::Kafka.consumer().await;
     consumer.queue(&t).await;
     let s = Broker::Kafka.settings(&db);
-    let sent = Arc::new(AtomicU32::new(0));
-    let (open, gate) = tokio::sync::watch::channel(false);
-    let publisher = Gated {
-        kafka: KafkaPublisher::new(&s.kafka).unwrap(),
-        sent: sent.clone(),
-        gate,
-    };
+    let (publisher, open) = Watched::new(&s, false);
+    let sent = publisher.sent.clone();
     let sent_reaches = |n: u32, within: Duration| {
         let sent = sent.clone();
         async move {
