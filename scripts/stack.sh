@@ -452,6 +452,22 @@ down_quiet() {
   rm -rf "$STACK_DIR"
 }
 
+# The servers' own logs, the notable lines last: what a failed test run leaves to read.
+logs() {
+  local f
+  [ -d "$STACK_DIR" ] || return 0
+  for f in "$STACK_DIR"/rabbitmq/log/*.log; do
+    [ -f "$f" ] || continue
+    echo "--- RabbitMQ: $f (warnings and errors, last 40)"
+    grep -E '\[(warning|error|critical)\]|TLS' "$f" | tail -40 || true
+  done
+  for f in "$STACK_DIR/pg/server.log" "$STACK_DIR/kafka/pg/server.log" "$STACK_DIR/kafka/broker.log"; do
+    [ -f "$f" ] || continue
+    echo "--- $f (last 30 lines)"
+    tail -30 "$f"
+  done
+}
+
 if [ "${2:-}" = "--no-kafka" ] && { [ "${1:-}" = install ] || [ "${1:-}" = up ]; }; then
   KAFKA=0
 fi
@@ -460,8 +476,9 @@ case "${1:-}" in
   install) install ;;
   up) up ;;
   down) down_quiet; log "stopped" ;;
+  logs) logs ;;
   env) cat "$ENV_FILE" ;;
   restart) restart "${2:-}" ;;
   reset) reset "${2:-}" ;;
-  *) echo "usage: $0 install|up [--no-kafka]|down|env|restart rabbitmq|kafka|postgres|reset kafka" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up [--no-kafka]|down|env|logs|restart rabbitmq|kafka|postgres|reset kafka" >&2; exit 2 ;;
 esac

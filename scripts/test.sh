@@ -67,6 +67,10 @@ passed=$(count passed)
 failed=$(count failed)
 passed=$((passed + 3 - chaos_failed - bench_failed))
 failed=$((failed + chaos_failed + bench_failed))
+if [ "$failed" != 0 ]; then
+  echo "== the servers' logs (for the failures above)"
+  scripts/stack.sh logs || true
+fi
 echo
 echo "total: $passed passed, $failed failed"
 [ "$tests_rc" = 0 ] && [ "$chaos_failed" = 0 ] && [ "$bench_failed" = 0 ]
