@@ -123,6 +123,11 @@ impl Lanes {
         self.held_bytes
     }
 
+    /// Rows of `partition` held.
+    pub(crate) fn held_in(&self, partition: i16) -> usize {
+        self.per_partition.get(&partition).copied().unwrap_or(0)
+    }
+
     /// True when nothing is held.
     pub(crate) fn is_empty(&self) -> bool {
         self.held.is_empty()

@@ -84,8 +84,10 @@ pub(crate) async fn run(
             .collect()
     };
     let mut partitions = mine(&owned.borrow_and_update());
-    // Partitions that had more rows than the last read took.
+    // Partitions that had more rows than the last read of them took.
     let mut hot: HashSet<i16> = HashSet::new();
+    // The partitions the read under way reads from.
+    let mut read_limits: Vec<i16> = Vec::new();
 
     let mut lanes = Lanes::with_depth(relay.publisher.key_depth());
     let pipelined = relay.publisher.key_depth() > 1;
@@ -234,7 +236,14 @@ pub(crate) async fn run(
             let asked = settings.batch_size.min(room as u32).max(1);
             let held = lanes.start_read();
             let bytes = (settings.window_bytes as usize).saturating_sub(lanes.held_bytes()) as u64;
-            let limits = share(&partitions, &hot, asked);
+            let limits = share(
+                &partitions,
+                &hot,
+                |p| lanes.held_in(p),
+                settings.window,
+                asked,
+            );
+            read_limits = limits.iter().map(|l| l.0).collect();
             reading_from.clone_from(&partitions);
             tell_busy(&lanes, &reading_from, true, &mut told_busy);
             reading = Some(Box::pin(async move {
@@ -378,7 +387,9 @@ pub(crate) async fn run(
                         let rows = claim.len();
                         crate::metrics::claim(rows, took);
                         let more = !claim.full.is_empty();
-                        hot = claim.full.iter().copied().collect();
+                        // Partitions left out of this read keep what the last one said.
+                        hot.retain(|p| !read_limits.contains(p));
+                        hot.extend(claim.full.iter().copied());
                         for m in &claim.malformed {
                             let id = LaneId::new(m.seq, m.key.as_deref());
                             if lanes.admit_unpublishable(m.seq, m.partition, &id) {
@@ -428,22 +439,50 @@ pub(crate) async fn run(
     }
 }
 
-/// How many rows to read from each partition: `room` shared evenly, except that once some
-/// partitions are known to have more rows than the last read took (`hot`), the others get a
-/// few rows each and the hot ones share the rest. One key with a long backlog is read in
-/// long runs instead of `room / 64` rows at a time.
-fn share(partitions: &[i16], hot: &HashSet<i16>, room: u32) -> Vec<(i16, u32)> {
+/// How many rows to read from each partition: each is topped up toward its share of the
+/// window (`window` rows in all), counting the rows it has in hand (`held`), and the whole
+/// read is cut to `asked` rows. The shares are even, except that once some partitions are
+/// known to have more rows than the last read took (`hot`), the others' share is a few rows
+/// and the hot ones share the rest: one key with a long backlog is read in long runs. A
+/// partition whose keys drain slowly (one key, one message at the broker at a time) thus
+/// does not fill the window while partitions of many keys go without.
+fn share(
+    partitions: &[i16],
+    hot: &HashSet<i16>,
+    held: impl Fn(i16) -> usize,
+    window: u32,
+    asked: u32,
+) -> Vec<(i16, u32)> {
     const COLD: u32 = 4;
     let n = partitions.len().max(1) as u32;
     let hot_n = partitions.iter().filter(|p| hot.contains(p)).count() as u32;
-    if hot_n == 0 || hot_n == n {
-        let each = room.div_ceil(n).max(1);
-        return partitions.iter().map(|&p| (p, each)).collect();
+    let even = window.div_ceil(n).max(1);
+    let target = |p: &i16| -> u32 {
+        if hot_n == 0 || hot_n == n {
+            return even;
+        }
+        let cold = even.min(COLD);
+        if hot.contains(p) {
+            (window.saturating_sub(cold * (n - hot_n)) / hot_n).max(cold)
+        } else {
+            cold
+        }
+    };
+    let mut limits: Vec<(i16, u32)> = partitions
+        .iter()
+        .map(|p| {
+            let in_hand = u32::try_from(held(*p)).unwrap_or(u32::MAX);
+            (*p, target(p).saturating_sub(in_hand))
+        })
+        .filter(|l| l.1 > 0)
+        .collect();
+    let total: u64 = limits.iter().map(|l| u64::from(l.1)).sum();
+    if total > u64::from(asked) {
+        for l in &mut limits {
+            l.1 = (u64::from(l.1) * u64::from(asked)).div_ceil(total).max(1) as u32;
+        }
     }
-    let cold_each = room.div_ceil(n).clamp(1, COLD);
-    let hot_each = (room.saturating_sub(cold_each * (n - hot_n)) / hot_n).max(cold_each);
-    let limit = |p: &i16| if hot.contains(p) { hot_each } else { cold_each };
-    partitions.iter().map(|p| (*p, limit(p))).collect()
+    limits
 }
 
 /// Awaits the future in `slot`, or never when there is none.
@@ -461,14 +500,33 @@ mod tests {
     #[test]
     fn a_hot_partition_gets_most_of_the_room() {
         let parts: Vec<i16> = (0..64).collect();
-        let even = share(&parts, &HashSet::new(), 500);
-        assert!(even.iter().all(|&(_, n)| n == 8), "{even:?}");
+        let none = |_: i16| 0;
+        let even = share(&parts, &HashSet::new(), none, 2048, 2048);
+        assert!(even.iter().all(|&(_, n)| n == 32), "{even:?}");
         let hot: HashSet<i16> = [5].into();
-        let skewed = share(&parts, &hot, 500);
+        let skewed = share(&parts, &hot, none, 2048, 2048);
         let hot_limit = skewed.iter().find(|l| l.0 == 5).unwrap().1;
-        assert_eq!(hot_limit, 500 - 63 * 4);
+        assert_eq!(hot_limit, 2048 - 63 * 4);
         assert!(skewed.iter().filter(|l| l.0 != 5).all(|l| l.1 == 4));
         let all: HashSet<i16> = parts.iter().copied().collect();
-        assert_eq!(share(&parts, &all, 500), even);
+        assert_eq!(share(&parts, &all, none, 2048, 2048), even);
+    }
+
+    #[test]
+    fn partitions_are_topped_up_to_their_share_and_the_read_is_cut_to_what_was_asked() {
+        let parts: Vec<i16> = (0..4).collect();
+        // Partition 0 has its whole share in hand, 1 half of it: 0 is not read at all.
+        let held = |p: i16| match p {
+            0 => 100,
+            1 => 50,
+            _ => 0,
+        };
+        let limits = share(&parts, &HashSet::new(), held, 400, 400);
+        assert_eq!(limits, vec![(1, 50), (2, 100), (3, 100)]);
+        // Asked for less: every partition's part shrinks in proportion, none to nothing.
+        let cut = share(&parts, &HashSet::new(), held, 400, 50);
+        assert_eq!(cut, vec![(1, 10), (2, 20), (3, 20)]);
+        let total: u32 = cut.iter().map(|l| l.1).sum();
+        assert!(total <= 50, "{cut:?}");
     }
 }
