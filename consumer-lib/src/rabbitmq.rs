@@ -37,6 +37,7 @@ pub struct RabbitMqSource {
     prefetch: u16,
     concurrency: usize,
     tls: Tls,
+    connect_timeout: Duration,
 }
 
 /// TLS material for `amqps://` URLs: extra trusted CAs and a client identity. The system's
@@ -93,7 +94,17 @@ impl RabbitMqSource {
             prefetch: 100,
             concurrency: 4,
             tls: Tls::default(),
+            connect_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// How long connecting may take (the TCP and TLS handshakes, AMQP's, opening the
+    /// channel, `basic.qos` and `basic.consume`) before the attempt counts as failed and is
+    /// retried with backoff. Default 30 s. A broker that accepts the connection and then
+    /// says nothing would otherwise hold the consumer for good.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
     }
 
     /// TLS settings for an `amqps://` URL (a private CA, a client certificate).
@@ -167,30 +178,46 @@ impl RabbitMqSource {
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumerError> {
         let broker = |e: lapin::Error| ConsumerError::Broker(e.to_string());
-        let connection = Connection::connect_with_config(
-            &self.url,
-            ConnectionProperties::default()
-                .with_executor(tokio_executor_trait::Tokio::current())
-                .with_reactor(tokio_reactor_trait::Tokio)
-                .with_connection_name("outbox-consumer".into()),
-            self.tls.config(),
-        )
-        .await
-        .map_err(broker)?;
-        let channel = connection.create_channel().await.map_err(broker)?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(broker)?;
-        let mut deliveries = channel
-            .basic_consume(
-                &self.queue,
-                "",
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
+        let setup = async {
+            let connection = Connection::connect_with_config(
+                &self.url,
+                ConnectionProperties::default()
+                    .with_executor(tokio_executor_trait::Tokio::current())
+                    .with_reactor(tokio_reactor_trait::Tokio)
+                    .with_connection_name("outbox-consumer".into()),
+                self.tls.config(),
             )
             .await
             .map_err(broker)?;
+            let channel = connection.create_channel().await.map_err(broker)?;
+            channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(broker)?;
+            let deliveries = channel
+                .basic_consume(
+                    &self.queue,
+                    "",
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(broker)?;
+            Ok::<_, ConsumerError>((connection, deliveries))
+        };
+        // Neither a broker that never answers nor one asked to stop mid-connect holds it.
+        let (connection, mut deliveries) = tokio::select! {
+            set_up = tokio::time::timeout(self.connect_timeout, setup) => match set_up {
+                Ok(set_up) => set_up?,
+                Err(_) => {
+                    return Err(ConsumerError::Broker(format!(
+                        "RabbitMQ did not finish connecting and starting to consume {:?} within {:?}",
+                        self.queue, self.connect_timeout
+                    )))
+                }
+            },
+            _ = shutdown.cancelled() => return Ok(()),
+        };
 
         // Lanes stop after the delivery in hand when the session ends (shutdown or a lost
         // connection); what they had not started is unacked, and RabbitMQ redelivers it.

@@ -410,6 +410,62 @@ async fn purge_removes_only_dedup_rows_past_the_window() {
 
 /// A consumer that dies after its commit but before its ack: the broker redelivers, the
 /// next consumer skips it and acks.
+/// A broker that accepts the connection and then says nothing (a node wedged mid-start, a
+/// proxy whose upstream is gone): the consumer gives up on the attempt after its connect
+/// timeout and tries again, and it stops when asked even while an attempt hangs. An
+/// in-process listener stands in for that broker, since a real one cannot be made to hang
+/// like that.
+#[tokio::test]
+async fn rabbitmq_consumer_retries_a_broker_that_never_answers_and_still_stops_when_asked() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "silent").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let held = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                open.push(socket);
+            }
+        }
+    });
+    let shutdown = CancellationToken::new();
+    let source = outbox_consumer::rabbitmq::RabbitMqSource::new(
+        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        "never",
+    )
+    .with_connect_timeout(Duration::from_millis(300));
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            source
+                .run(dedup, Arc::new(Recorder::default()), shutdown)
+                .await
+        }
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "a second connection attempt",
+        || {
+            let accepted = accepted.clone();
+            async move { accepted.load(Ordering::SeqCst) >= 2 }
+        },
+    )
+    .await;
+    // Asked to stop while an attempt hangs (or while it waits to retry).
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), running).await;
+    held.abort();
+    assert!(
+        stopped.is_ok(),
+        "the consumer did not stop within 5 s of being asked, connecting to a silent broker"
+    );
+}
+
 #[tokio::test]
 async fn rabbitmq_crash_between_commit_and_ack_is_skipped_on_redelivery() {
     use lapin::options::BasicGetOptions;
