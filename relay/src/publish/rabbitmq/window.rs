@@ -15,6 +15,11 @@
 //! and was handed to a confirm of the same window (nothing else was in flight on the
 //! channel); the returns then name their messages by `message-id`, which is the outbox id.
 //! A message is confirmed only if it was acked and no return of its window names it.
+//!
+//! If a message of a window loses its confirm (the channel or the connection closed under
+//! it), an acknowledgement of a later message of the window is not taken for a delivery
+//! either: lapin may have handed that message's return to the lost confirm. It is published
+//! again under the relay's suspect rule, a duplicate at worst.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -175,58 +180,128 @@ async fn publish_window(
         return jobs.iter().map(|_| Err(e.clone())).collect();
     };
 
-    // Every return of the window, by the message id it carries.
-    let mut returned: HashMap<String, String> = HashMap::new();
-    for confirmation in confirms.iter().flatten() {
-        if let Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) = confirmation {
-            match r.properties.message_id() {
-                Some(id) => {
-                    returned.insert(
-                        id.as_str().to_owned(),
-                        format!("{} {}", r.reply_code, r.reply_text),
-                    );
-                }
-                None => tracing::warn!(
-                    exchange = r.exchange.as_str(),
-                    routing_key = r.routing_key.as_str(),
-                    "RabbitMQ returned a message without a message-id; ignoring it"
-                ),
-            }
-        }
-    }
+    let came: Vec<Came> = confirms.into_iter().map(Came::from).collect();
+    let ids: Vec<Option<&str>> = jobs
+        .iter()
+        .map(|j| j.properties.message_id().as_ref().map(|id| id.as_str()))
+        .collect();
     let in_flight = jobs.len();
     jobs.iter()
-        .zip(confirms)
-        .map(|(job, confirm)| {
+        .zip(judge(&ids, came))
+        .map(|(job, verdict)| {
             let route = || {
                 format!(
                     "(exchange {:?}, routing key {:?})",
                     job.exchange, job.routing_key
                 )
             };
-            match confirm {
-                Err(e) => Err(classify(shared, e, &job.exchange, in_flight)),
-                Ok(Confirmation::Ack(_)) => {
-                    let id = job.properties.message_id().as_ref().map(|id| id.as_str());
-                    match id.and_then(|id| returned.get(id)) {
-                        None => Ok(()),
-                        Some(why) => Err(PublishError::Rejected(format!(
-                            "returned as unroutable: {why} {}",
-                            route()
-                        ))),
-                    }
-                }
-                Ok(Confirmation::Nack(_)) => Err(PublishError::Rejected(format!(
+            match verdict {
+                Verdict::Delivered => Ok(()),
+                Verdict::Returned(why) => Err(PublishError::Rejected(format!(
+                    "returned as unroutable: {why} {}",
+                    route()
+                ))),
+                Verdict::Nacked => Err(PublishError::Rejected(format!(
                     "negatively acknowledged (basic.nack) by RabbitMQ {}",
                     route()
                 ))),
-                Ok(Confirmation::NotRequested) => {
+                Verdict::Failed(e) => Err(classify(shared, e, &job.exchange, in_flight)),
+                Verdict::Unsure => Err(PublishError::Disconnected(format!(
+                    "acknowledged by RabbitMQ, but an earlier message of its window lost its \
+                     confirm, which may have carried this one's return {}",
+                    route()
+                ))),
+                Verdict::NotRequested => {
                     (shared.reset)();
                     Err(PublishError::Unavailable(
                         "channel was not in confirm mode".into(),
                     ))
                 }
             }
+        })
+        .collect()
+}
+
+/// How one message of a window came back from lapin.
+enum Came {
+    Acked(Option<Returned>),
+    Nacked(Option<Returned>),
+    NotRequested,
+    Failed(lapin::Error),
+}
+
+/// A `basic.return` that lapin handed to a confirm: the `message-id` it carries (not
+/// necessarily that confirm's message) and why.
+struct Returned {
+    message_id: Option<String>,
+    why: String,
+}
+
+impl From<Result<Confirmation, lapin::Error>> for Came {
+    fn from(confirm: Result<Confirmation, lapin::Error>) -> Self {
+        let carried = |r: Option<Box<lapin::message::BasicReturnMessage>>| {
+            r.map(|r| Returned {
+                message_id: r.properties.message_id().as_ref().map(|id| id.to_string()),
+                why: format!("{} {}", r.reply_code, r.reply_text),
+            })
+        };
+        match confirm {
+            Ok(Confirmation::Ack(r)) => Came::Acked(carried(r)),
+            Ok(Confirmation::Nack(r)) => Came::Nacked(carried(r)),
+            Ok(Confirmation::NotRequested) => Came::NotRequested,
+            Err(e) => Came::Failed(e),
+        }
+    }
+}
+
+/// What became of one message of a window.
+#[derive(Debug)]
+enum Verdict {
+    Delivered,
+    Returned(String),
+    Nacked,
+    Failed(lapin::Error),
+    /// Acknowledged after an earlier message of the window lost its confirm (the channel or
+    /// connection closed under it): lapin hands a waiting return to whichever confirm it
+    /// completes next, so this message's return may have gone to that lost confirm.
+    Unsure,
+    NotRequested,
+}
+
+/// Judges a whole window: `ids` are its messages' ids in publish order, `came` how each came
+/// back. Every confirm of the window is in, so every return of the window has arrived and
+/// was handed to one of them; a message acknowledged is delivered unless a return names it,
+/// or an earlier message lost its confirm (whose return-carrying it cannot be checked).
+fn judge(ids: &[Option<&str>], came: Vec<Came>) -> Vec<Verdict> {
+    let mut returned: HashMap<String, String> = HashMap::new();
+    for c in &came {
+        if let Came::Acked(Some(r)) | Came::Nacked(Some(r)) = c {
+            match &r.message_id {
+                Some(id) => {
+                    returned.insert(id.clone(), r.why.clone());
+                }
+                None => tracing::warn!(
+                    reason = r.why,
+                    "RabbitMQ returned a message without a message-id; ignoring it"
+                ),
+            }
+        }
+    }
+    let mut lost_before = false;
+    ids.iter()
+        .zip(came)
+        .map(|(id, c)| match c {
+            Came::Failed(e) => {
+                lost_before = true;
+                Verdict::Failed(e)
+            }
+            Came::Acked(_) => match id.and_then(|id| returned.get(id)) {
+                Some(why) => Verdict::Returned(why.clone()),
+                None if lost_before => Verdict::Unsure,
+                None => Verdict::Delivered,
+            },
+            Came::Nacked(_) => Verdict::Nacked,
+            Came::NotRequested => Verdict::NotRequested,
         })
         .collect()
 }
@@ -262,5 +337,61 @@ fn classify(shared: &Shared, e: lapin::Error, exchange: &str, in_flight: usize) 
             (shared.reset)();
             PublishError::Disconnected(format!("RabbitMQ at {}: {e}", shared.shown_url))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn returned(id: &str) -> Option<Returned> {
+        Some(Returned {
+            message_id: Some(id.into()),
+            why: "312 NO_ROUTE".into(),
+        })
+    }
+
+    fn lost() -> Came {
+        Came::Failed(lapin::Error::InvalidChannelState(
+            lapin::ChannelState::Closed,
+        ))
+    }
+
+    #[test]
+    fn a_return_counts_against_the_message_it_names_whichever_confirm_carried_it() {
+        // One ack for both: lapin gave "b"'s return to "a"'s confirm.
+        let v = judge(
+            &[Some("a"), Some("b"), Some("c")],
+            vec![
+                Came::Acked(returned("b")),
+                Came::Acked(None),
+                Came::Acked(None),
+            ],
+        );
+        assert!(matches!(v[0], Verdict::Delivered), "{v:?}");
+        assert!(
+            matches!(&v[1], Verdict::Returned(why) if why == "312 NO_ROUTE"),
+            "{v:?}"
+        );
+        assert!(matches!(v[2], Verdict::Delivered), "{v:?}");
+    }
+
+    #[test]
+    fn an_ack_after_a_lost_confirm_is_not_taken_for_a_delivery() {
+        // "b"'s confirm never came (the channel closed); "c" was acknowledged, but its return
+        // may have been handed to "b"'s lost confirm. "a", before the loss, is delivered.
+        let v = judge(
+            &[Some("a"), Some("b"), Some("c"), Some("d")],
+            vec![
+                Came::Acked(None),
+                lost(),
+                Came::Acked(None),
+                Came::Nacked(None),
+            ],
+        );
+        assert!(matches!(v[0], Verdict::Delivered), "{v:?}");
+        assert!(matches!(v[1], Verdict::Failed(_)), "{v:?}");
+        assert!(matches!(v[2], Verdict::Unsure), "{v:?}");
+        assert!(matches!(v[3], Verdict::Nacked), "{v:?}");
     }
 }
