@@ -378,7 +378,12 @@ async fn run() -> anyhow::Result<bool> {
             match fault {
                 Fault::KillRelay(i) => {
                     relays[i].start_kill().ok();
-                    let _ = relays[i].wait().await;
+                    let _ = bounded(
+                        &format!("relay {i}, killed with SIGKILL, exiting"),
+                        Duration::from_secs(30),
+                        relays[i].wait(),
+                    )
+                    .await?;
                     kills += 1;
                     tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
                     relays[i] = spawn_relay(&relay_bin, &relay_env, &log_dir, i, kills)?;
@@ -388,7 +393,12 @@ async fn run() -> anyhow::Result<bool> {
                     );
                 }
                 Fault::RestartBroker => {
-                    stack(&root, if o.kafka { "kafka" } else { "rabbitmq" }).await?;
+                    bounded(
+                        &format!("restarting {broker_name}"),
+                        Duration::from_secs(180),
+                        stack(&root, if o.kafka { "kafka" } else { "rabbitmq" }),
+                    )
+                    .await??;
                     broker_restarts += 1;
                     println!(
                         "[{:>6.1}s] restarted {broker_name}",
@@ -397,11 +407,15 @@ async fn run() -> anyhow::Result<bool> {
                 }
                 Fault::RestartConsumer { member: i, kill } => {
                     let old = std::mem::replace(&mut members[i], member());
+                    let what = format!(
+                        "consumer {i}, {}, ending",
+                        if kill { "killed" } else { "asked to stop" }
+                    );
                     if kill {
-                        old.kill().await;
+                        bounded(&what, Duration::from_secs(60), old.kill()).await?;
                         consumers_killed += 1;
                     } else {
-                        old.stop().await;
+                        bounded(&what, Duration::from_secs(60), old.stop()).await?;
                         consumers_stopped += 1;
                     }
                     println!(
@@ -415,7 +429,12 @@ async fn run() -> anyhow::Result<bool> {
                     );
                 }
                 Fault::RestartDb => {
-                    stack(&root, "postgres").await?;
+                    bounded(
+                        "restarting PostgreSQL",
+                        Duration::from_secs(180),
+                        stack(&root, "postgres"),
+                    )
+                    .await??;
                     db_restarts += 1;
                     println!(
                         "[{:>6.1}s] restarted PostgreSQL",
@@ -447,8 +466,13 @@ async fn run() -> anyhow::Result<bool> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for p in producers {
-        p.await??;
+    for (i, p) in producers.into_iter().enumerate() {
+        bounded(
+            &format!("producer {i} finishing"),
+            Duration::from_secs(120),
+            p,
+        )
+        .await???;
     }
 
     // Ground truth: which messages committed.
@@ -520,7 +544,12 @@ async fn run() -> anyhow::Result<bool> {
         if o.kafka && stalled > Duration::from_secs(10) && group_nudges < 3 {
             let i = group_nudges % members.len();
             let old = std::mem::replace(&mut members[i], member());
-            old.stop().await;
+            bounded(
+                &format!("consumer {i}, asked to stop, ending"),
+                Duration::from_secs(60),
+                old.stop(),
+            )
+            .await?;
             group_nudges += 1;
             last_nudge = Instant::now();
             println!(
@@ -863,6 +892,22 @@ fn spawn_relay(
         cmd.env(k, v);
     }
     Ok(cmd.spawn()?)
+}
+
+/// `fut`, or an error naming `what` once `limit` passed: a step of the run that hangs fails
+/// it, saying which step, instead of holding it (and the test suite) for good.
+async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => Ok(v),
+        Err(_) => bail!(
+            "{what} took over {} s; giving up on the run",
+            limit.as_secs()
+        ),
+    }
 }
 
 async fn stack(root: &std::path::Path, server: &str) -> anyhow::Result<()> {
