@@ -86,8 +86,9 @@ pub(crate) async fn run(
     let mut partitions = mine(&owned.borrow_and_update());
     // Partitions that had more rows than the last read of them took.
     let mut hot: HashSet<i16> = HashSet::new();
-    // The partitions the read under way reads from.
+    // The partitions the read under way reads from, and how many reads there were.
     let mut read_limits: Vec<i16> = Vec::new();
+    let mut reads: usize = 0;
 
     let mut lanes = Lanes::with_depth(relay.publisher.key_depth());
     let pipelined = relay.publisher.key_depth() > 1;
@@ -242,7 +243,9 @@ pub(crate) async fn run(
                 |p| lanes.held_in(p),
                 settings.window,
                 asked,
+                reads,
             );
+            reads = reads.wrapping_add(1);
             read_limits = limits.iter().map(|l| l.0).collect();
             reading_from.clone_from(&partitions);
             tell_busy(&lanes, &reading_from, true, &mut told_busy);
@@ -445,13 +448,16 @@ pub(crate) async fn run(
 /// known to have more rows than the last read took (`hot`), the others' share is a few rows
 /// and the hot ones share the rest: one key with a long backlog is read in long runs. A
 /// partition whose keys drain slowly (one key, one message at the broker at a time) thus
-/// does not fill the window while partitions of many keys go without.
+/// does not fill the window while partitions of many keys go without. `turn` counts the
+/// reads: it decides who goes first among partitions equally in need when there are more
+/// of them than rows asked.
 fn share(
     partitions: &[i16],
     hot: &HashSet<i16>,
     held: impl Fn(i16) -> usize,
     window: u32,
     asked: u32,
+    turn: usize,
 ) -> Vec<(i16, u32)> {
     const COLD: u32 = 4;
     let n = partitions.len().max(1) as u32;
@@ -468,21 +474,45 @@ fn share(
             cold
         }
     };
-    let mut limits: Vec<(i16, u32)> = partitions
+    // (partition, rows it may take, rows it holds)
+    let mut limits: Vec<(i16, u32, usize)> = partitions
         .iter()
         .map(|p| {
-            let in_hand = u32::try_from(held(*p)).unwrap_or(u32::MAX);
-            (*p, target(p).saturating_sub(in_hand))
+            let in_hand = held(*p);
+            let wanted = target(p).saturating_sub(u32::try_from(in_hand).unwrap_or(u32::MAX));
+            (*p, wanted, in_hand)
         })
         .filter(|l| l.1 > 0)
         .collect();
     let total: u64 = limits.iter().map(|l| u64::from(l.1)).sum();
     if total > u64::from(asked) {
+        // In proportion, rounded down; the rows left over go one each to the partitions
+        // holding the fewest (among equals, starting at a partition that moves on with
+        // every read, so that none is passed over for good), so that the read never takes
+        // more than was asked.
+        let wanted: Vec<u32> = limits.iter().map(|l| l.1).collect();
         for l in &mut limits {
-            l.1 = (u64::from(l.1) * u64::from(asked)).div_ceil(total).max(1) as u32;
+            l.1 = (u64::from(l.1) * u64::from(asked) / total) as u32;
+        }
+        let mut left = asked - limits.iter().map(|l| l.1).sum::<u32>();
+        let mut order: Vec<usize> = (0..limits.len()).collect();
+        let n = limits.len();
+        order.sort_by_key(|&i| (limits[i].2, (i + n - turn % n) % n));
+        for i in order {
+            if left == 0 {
+                break;
+            }
+            if limits[i].1 < wanted[i] {
+                limits[i].1 += 1;
+                left -= 1;
+            }
         }
     }
     limits
+        .into_iter()
+        .filter(|l| l.1 > 0)
+        .map(|(p, n, _)| (p, n))
+        .collect()
 }
 
 /// Awaits the future in `slot`, or never when there is none.
@@ -501,15 +531,15 @@ mod tests {
     fn a_hot_partition_gets_most_of_the_room() {
         let parts: Vec<i16> = (0..64).collect();
         let none = |_: i16| 0;
-        let even = share(&parts, &HashSet::new(), none, 2048, 2048);
+        let even = share(&parts, &HashSet::new(), none, 2048, 2048, 0);
         assert!(even.iter().all(|&(_, n)| n == 32), "{even:?}");
         let hot: HashSet<i16> = [5].into();
-        let skewed = share(&parts, &hot, none, 2048, 2048);
+        let skewed = share(&parts, &hot, none, 2048, 2048, 0);
         let hot_limit = skewed.iter().find(|l| l.0 == 5).unwrap().1;
         assert_eq!(hot_limit, 2048 - 63 * 4);
         assert!(skewed.iter().filter(|l| l.0 != 5).all(|l| l.1 == 4));
         let all: HashSet<i16> = parts.iter().copied().collect();
-        assert_eq!(share(&parts, &all, none, 2048, 2048), even);
+        assert_eq!(share(&parts, &all, none, 2048, 2048, 0), even);
     }
 
     #[test]
@@ -521,12 +551,45 @@ mod tests {
             1 => 50,
             _ => 0,
         };
-        let limits = share(&parts, &HashSet::new(), held, 400, 400);
+        let limits = share(&parts, &HashSet::new(), held, 400, 400, 0);
         assert_eq!(limits, vec![(1, 50), (2, 100), (3, 100)]);
         // Asked for less: every partition's part shrinks in proportion, none to nothing.
-        let cut = share(&parts, &HashSet::new(), held, 400, 50);
+        let cut = share(&parts, &HashSet::new(), held, 400, 50, 0);
         assert_eq!(cut, vec![(1, 10), (2, 20), (3, 20)]);
         let total: u32 = cut.iter().map(|l| l.1).sum();
         assert!(total <= 50, "{cut:?}");
+    }
+
+    #[test]
+    fn a_read_never_takes_more_rows_than_asked_and_the_starving_partitions_come_first() {
+        // A window of one row over 64 partitions: one row, from a partition holding none.
+        let parts: Vec<i16> = (0..64).collect();
+        let held = |p: i16| usize::from(p < 10);
+        let one = share(&parts, &HashSet::new(), held, 1, 1, 0);
+        assert_eq!(one.len(), 1, "{one:?}");
+        assert_eq!(one[0].1, 1);
+        assert!(one[0].0 >= 10, "{one:?}");
+        // Read after read, every partition equally in need gets its turn.
+        let mut read: HashSet<i16> = HashSet::new();
+        for turn in 0..64 {
+            read.extend(
+                share(&parts, &HashSet::new(), |_| 0, 1, 1, turn)
+                    .iter()
+                    .map(|l| l.0),
+            );
+        }
+        assert_eq!(read.len(), 64, "{read:?}");
+        // Whatever is held and asked, the read stays within what was asked.
+        for asked in [1, 7, 63, 64, 65, 500, 2000] {
+            for window in [1, 100, 2000] {
+                let hot: HashSet<i16> = [3, 40].into();
+                for h in [&HashSet::new(), &hot] {
+                    let limits = share(&parts, h, |p| (p as usize * 7) % 5, window, asked, 5);
+                    let total: u32 = limits.iter().map(|l| l.1).sum();
+                    assert!(total <= asked, "asked {asked}, window {window}: {limits:?}");
+                    assert!(limits.iter().all(|l| l.1 > 0), "{limits:?}");
+                }
+            }
+        }
     }
 }
