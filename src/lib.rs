@@ -32,6 +32,8 @@
 //!   deduplicate on [`Message::id`] (the `outbox-consumer` crate does this).
 #![deny(missing_docs)]
 
+#[cfg(feature = "rabbitmq")]
+pub mod amqp;
 mod error;
 mod message;
 pub mod migrate;

@@ -22,7 +22,6 @@ use lapin::{
     message::Delivery,
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable},
-    Connection, ConnectionProperties,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -178,17 +177,14 @@ impl RabbitMqSource {
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumerError> {
         let broker = |e: lapin::Error| ConsumerError::Broker(e.to_string());
+        // Given up (timed out, shut down, failed), the attempt shuts its socket, so that
+        // lapin's socket thread does not linger on a broker that never answers.
+        let attempt = outbox::amqp::Attempt::new(self.connect_timeout);
         let setup = async {
-            let connection = Connection::connect_with_config(
-                &self.url,
-                ConnectionProperties::default()
-                    .with_executor(tokio_executor_trait::Tokio::current())
-                    .with_reactor(tokio_reactor_trait::Tokio)
-                    .with_connection_name("outbox-consumer".into()),
-                self.tls.config(),
-            )
-            .await
-            .map_err(broker)?;
+            let connection = attempt
+                .connect(&self.url, "outbox-consumer", self.tls.config())
+                .await
+                .map_err(broker)?;
             let channel = connection.create_channel().await.map_err(broker)?;
             channel
                 .basic_qos(self.prefetch, BasicQosOptions::default())
@@ -218,6 +214,7 @@ impl RabbitMqSource {
             },
             _ = shutdown.cancelled() => return Ok(()),
         };
+        attempt.keep();
 
         // Lanes stop after the delivery in hand when the session ends (shutdown or a lost
         // connection); what they had not started is unacked, and RabbitMQ redelivers it.

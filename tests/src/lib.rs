@@ -774,6 +774,82 @@ async fn create_kafka_topic(topic: &str) {
     }
 }
 
+/// A server that takes TCP connections and never answers (a broker hung before its
+/// handshake, or a proxy in front of a dead one): fault injection a real broker cannot give.
+/// It counts the connections it took and those the client has since closed.
+pub struct SilentServer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl SilentServer {
+    /// Starts listening on a free port of 127.0.0.1.
+    pub async fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local address").port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let (accepted, closed) = (accepted.clone(), closed.clone());
+            async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let closed = closed.clone();
+                    // Reads what the client sends (its protocol header, a TLS hello) and
+                    // answers nothing, until the client closes the connection.
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    });
+                }
+            }
+        });
+        Self {
+            port,
+            accepted,
+            closed,
+            task,
+        }
+    }
+
+    /// Connections taken so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections the client has closed so far.
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits up to `timeout` for the client to have closed every connection it opened;
+    /// returns (accepted, closed) as they stand then.
+    pub async fn wait_all_closed(&self, timeout: Duration) -> (usize, usize) {
+        let start = Instant::now();
+        loop {
+            let (accepted, closed) = (self.accepted(), self.closed());
+            if closed >= accepted || start.elapsed() >= timeout {
+                return (accepted, closed);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

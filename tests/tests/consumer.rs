@@ -417,25 +417,12 @@ async fn purge_removes_only_dedup_rows_past_the_window() {
 /// like that.
 #[tokio::test]
 async fn rabbitmq_consumer_retries_a_broker_that_never_answers_and_still_stops_when_asked() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let db = TestDb::new().await;
     let dedup = setup(&db, "silent").await;
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let held = tokio::spawn({
-        let accepted = accepted.clone();
-        async move {
-            let mut open = Vec::new();
-            while let Ok((socket, _)) = silent.accept().await {
-                accepted.fetch_add(1, Ordering::SeqCst);
-                open.push(socket);
-            }
-        }
-    });
+    let silent = outbox_tests::SilentServer::start().await;
     let shutdown = CancellationToken::new();
     let source = outbox_consumer::rabbitmq::RabbitMqSource::new(
-        format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", silent.port),
         "never",
     )
     .with_connect_timeout(Duration::from_millis(300));
@@ -451,18 +438,33 @@ async fn rabbitmq_consumer_retries_a_broker_that_never_answers_and_still_stops_w
         Duration::from_secs(10),
         "a second connection attempt",
         || {
-            let accepted = accepted.clone();
-            async move { accepted.load(Ordering::SeqCst) >= 2 }
+            let accepted = silent.accepted();
+            async move { accepted >= 2 }
+        },
+    )
+    .await;
+    // An attempt that timed out closed its connection: nothing (no socket, no thread of
+    // lapin's driving it) is left behind per attempt.
+    wait_until(
+        Duration::from_secs(5),
+        "the timed-out attempt's connection closed",
+        || {
+            let closed = silent.closed();
+            async move { closed >= 1 }
         },
     )
     .await;
     // Asked to stop while an attempt hangs (or while it waits to retry).
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(5), running).await;
-    held.abort();
     assert!(
         stopped.is_ok(),
         "the consumer did not stop within 5 s of being asked, connecting to a silent broker"
+    );
+    let (accepted, closed) = silent.wait_all_closed(Duration::from_secs(5)).await;
+    assert_eq!(
+        closed, accepted,
+        "connections to the silent broker left open after the consumer stopped"
     );
 }
 

@@ -189,19 +189,13 @@ async fn kafka_broker_restart_mid_stream_loses_nothing() {
 /// A server that takes TCP connections and never answers (a broker hung mid-handshake, or a
 /// connection closed under a request whose reply never comes): the publisher gives up within
 /// `rabbitmq.confirm_timeout` and reports RabbitMQ unavailable, instead of waiting forever
-/// with the relay behind it.
+/// with the relay behind it, and closes the connection it gave up on.
 #[tokio::test]
 async fn a_broker_that_never_answers_is_reported_unavailable_within_the_timeout() {
     use outbox_relay::publish::{rabbitmq::RabbitMqPublisher, PublishError, Publisher};
 
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = silent.local_addr().unwrap().port();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            open.push(socket);
-        }
-    });
+    let silent = outbox_tests::SilentServer::start().await;
+    let port = silent.port;
     let db = TestDb::new().await;
     let mut s = settings(&db);
     s.rabbitmq.url = Some(format!("amqp://guest:guest@127.0.0.1:{port}/%2f").into());
@@ -222,5 +216,9 @@ async fn a_broker_that_never_answers_is_reported_unavailable_within_the_timeout(
         "{:?}",
         started.elapsed()
     );
-    held.abort();
+    // The attempt given up closed its connection (and with it lapin's thread driving it),
+    // so retrying against such a broker does not pile up sockets and threads.
+    let (accepted, closed) = silent.wait_all_closed(Duration::from_secs(5)).await;
+    assert_eq!(accepted, 1, "one connection attempt");
+    assert_eq!(closed, 1, "the given-up connection was left open");
 }

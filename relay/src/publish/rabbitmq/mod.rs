@@ -23,7 +23,7 @@ use lapin::{
     protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError},
     tcp::{OwnedIdentity, OwnedTLSConfig},
     types::{AMQPValue, FieldTable, LongString, ShortString},
-    BasicProperties, Connection, ConnectionProperties,
+    BasicProperties, Connection,
 };
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, oneshot};
@@ -115,17 +115,12 @@ impl RabbitMqPublisher {
             return Ok(());
         }
         self.reset();
-        let properties = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio)
-            .with_connection_name("outbox-relay".into());
         // Bounded: a broker that closes the connection during the handshake (or never
-        // answers) must not leave the relay waiting forever.
-        let connecting = Connection::connect_with_config(
-            self.url.expose_secret(),
-            properties,
-            self.tls.config(),
-        );
+        // answers) must not leave the relay waiting forever. An attempt given up shuts its
+        // socket, so lapin's socket thread for it ends too.
+        let attempt = outbox::amqp::Attempt::new(self.confirm_timeout);
+        let connecting =
+            attempt.connect(self.url.expose_secret(), "outbox-relay", self.tls.config());
         let connected = match tokio::time::timeout(self.confirm_timeout, connecting).await {
             Ok(result) => result.map_err(|e| self.connect_error(e)),
             Err(_) => Err(PublishError::Unavailable(format!(
@@ -137,6 +132,7 @@ impl RabbitMqPublisher {
         let connection = connected.inspect_err(|e| {
             *self.last_error.lock().expect("lock poisoned") = Some(e.to_string());
         })?;
+        attempt.keep();
         tracing::info!(url = %self.shown_url, "connected to RabbitMQ");
         let generation = self
             .generations

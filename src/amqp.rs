@@ -1,0 +1,138 @@
+//! Connecting to RabbitMQ so that an attempt given up on leaves nothing behind.
+//!
+//! lapin drives each connection's socket from a thread of its own, started as soon as the
+//! TCP (and TLS) stream is open. If the connect future is dropped before the AMQP handshake
+//! ends (a timeout, a shutdown), nothing tells that thread to stop: against a server that
+//! accepts the connection and never answers, every abandoned attempt would keep a thread
+//! and a socket until the server hangs up. An [`Attempt`] opens the stream itself and keeps
+//! a handle on the socket; dropped before [`Attempt::keep`], it shuts the socket down, and
+//! the thread ends with it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lapin::Error> {
+//! use std::time::Duration;
+//! let attempt = outbox::amqp::Attempt::new(Duration::from_secs(30));
+//! let connecting = attempt.connect("amqp://localhost:5672/%2f", "my-service", Default::default());
+//! match tokio::time::timeout(Duration::from_secs(30), connecting).await {
+//!     Ok(connection) => {
+//!         let connection = connection?;
+//!         attempt.keep(); // lapin owns the socket from here on
+//!         # drop(connection);
+//!     }
+//!     Err(_) => {} // `attempt` goes out of scope: its socket is shut down
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::{
+    net::{Shutdown, TcpStream as StdTcpStream},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use lapin::{
+    tcp::{OwnedTLSConfig, TcpStream},
+    uri::{AMQPScheme, AMQPUri},
+    Connection, ConnectionProperties,
+};
+
+/// One connection attempt: shuts its socket down when dropped, unless kept.
+#[derive(Debug)]
+pub struct Attempt {
+    socket: Arc<Mutex<Socket>>,
+    tcp_timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+enum Socket {
+    /// The TCP connection is not open yet.
+    #[default]
+    Opening,
+    /// Open; this handle shuts it down if the attempt is given up.
+    Open(StdTcpStream),
+    /// Given up on (or kept): a socket opened from now on is shut at once.
+    Done,
+}
+
+impl Attempt {
+    /// A new attempt; opening the TCP connection may take up to `tcp_timeout` (unless the
+    /// URL's `connection_timeout` says otherwise).
+    pub fn new(tcp_timeout: Duration) -> Self {
+        Self {
+            socket: Arc::default(),
+            tcp_timeout,
+        }
+    }
+
+    /// Connects to the broker at `url` (`amqp://` or `amqps://`, with `tls` for the latter),
+    /// naming the connection `name`, on the current tokio runtime. Bound it with a timeout:
+    /// the future itself waits as long as the broker does.
+    // The connector's error type is lapin's (`HandshakeResult`), large or not.
+    #[allow(clippy::result_large_err)]
+    pub async fn connect(
+        &self,
+        url: &str,
+        name: &str,
+        tls: OwnedTLSConfig,
+    ) -> Result<Connection, lapin::Error> {
+        let uri: AMQPUri = url
+            .parse()
+            .map_err(|e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let socket = self.socket.clone();
+        let tcp_timeout = uri
+            .query
+            .connection_timeout
+            .map(Duration::from_millis)
+            .unwrap_or(self.tcp_timeout);
+        let properties = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio)
+            .with_connection_name(name.into());
+        Connection::connector(
+            uri,
+            Box::new(move |uri| {
+                let address = (uri.authority.host.as_str(), uri.authority.port);
+                let stream = TcpStream::connect_timeout(address, tcp_timeout)?;
+                let handle = stream.try_clone()?;
+                {
+                    let mut socket = socket.lock().expect("lock poisoned");
+                    if matches!(*socket, Socket::Done) {
+                        let _ = handle.shutdown(Shutdown::Both);
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the connection attempt was given up",
+                        )
+                        .into());
+                    }
+                    *socket = Socket::Open(handle);
+                }
+                let stream = match uri.scheme {
+                    AMQPScheme::AMQP => stream,
+                    AMQPScheme::AMQPS => stream.into_tls(&uri.authority.host, tls.as_ref())?,
+                };
+                stream.set_nonblocking(true)?;
+                Ok(stream)
+            }),
+            properties,
+        )
+        .await
+    }
+
+    /// The attempt succeeded: from now on the connection owns its socket (dropping or
+    /// closing the [`Connection`] ends it).
+    pub fn keep(self) {
+        *self.socket.lock().expect("lock poisoned") = Socket::Done;
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let mut socket = self.socket.lock().expect("lock poisoned");
+        if let Socket::Open(stream) = std::mem::take(&mut *socket) {
+            // Wakes lapin's socket thread (it reads end-of-stream) and any TLS handshake
+            // blocked on a read, so both end.
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        *socket = Socket::Done;
+    }
+}
