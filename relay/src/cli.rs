@@ -18,7 +18,7 @@ use crate::{
     store::Store,
 };
 
-/// Publishes committed outbox rows to RabbitMQ, retrying until the broker confirms.
+/// Publishes committed outbox rows to RabbitMQ or Kafka, retrying until the broker confirms.
 ///
 /// Settings come from built-in defaults, then --config FILE (TOML), then OUTBOX__SECTION__KEY
 /// environment variables (e.g. OUTBOX__DATABASE__URL), then these flags.

@@ -96,7 +96,7 @@ impl Default for RetentionSettings {
 
 /// The broker to publish to.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum BrokerKind {
     /// RabbitMQ, through AMQP 0.9.1 with publisher confirms.
     #[default]
@@ -133,7 +133,7 @@ pub struct DatabaseSettings {
 
 /// libpq's `sslmode`, as PostgreSQL clients spell it.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
+#[serde(try_from = "String")]
 pub enum SslMode {
     /// Never TLS.
     Disable,
@@ -167,7 +167,7 @@ impl Default for DatabaseSettings {
 
 /// What later messages of a key do once an earlier message of that key is dead.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum DeadKeyPolicy {
     /// Wait until an operator retries or discards the dead message (keeps per-key order).
     #[default]
@@ -429,7 +429,7 @@ fn default_routing_key() -> String {
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -454,6 +454,50 @@ impl Default for LogSettings {
             format: LogFormat::Text,
             level: "info".to_owned(),
         }
+    }
+}
+
+/// Settings spelled as one of a few words: a misspelling is reported with the words
+/// allowed, e.g. `unknown value "kafak" (expected rabbitmq or kafka) for key \`broker\``.
+macro_rules! spelled {
+    ($($ty:ident { $($word:literal => $variant:ident),+ $(,)? })+) => {$(
+        impl TryFrom<String> for $ty {
+            type Error = String;
+
+            fn try_from(value: String) -> Result<Self, String> {
+                let word = value.trim().to_ascii_lowercase();
+                $(if word == $word {
+                    return Ok(Self::$variant);
+                })+
+                Err(format!(
+                    "unknown value {value:?} (expected {})",
+                    one_of(&[$($word),+])
+                ))
+            }
+        }
+    )+};
+}
+
+spelled! {
+    BrokerKind { "rabbitmq" => Rabbitmq, "kafka" => Kafka }
+    SslMode {
+        "disable" => Disable,
+        "allow" => Allow,
+        "prefer" => Prefer,
+        "require" => Require,
+        "verify-ca" => VerifyCa,
+        "verify-full" => VerifyFull,
+    }
+    DeadKeyPolicy { "block" => Block, "skip" => Skip }
+    LogFormat { "text" => Text, "json" => Json }
+}
+
+/// `a, b or c`.
+fn one_of(words: &[&str]) -> String {
+    match words {
+        [] => String::new(),
+        [one] => (*one).to_owned(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
     }
 }
 
@@ -909,7 +953,10 @@ fn check_url(raw: &str, schemes: &[&str]) -> Result<(), String> {
 
 /// `config`'s messages name the key; make sure they read as sentences about a setting.
 fn describe(e: config::ConfigError) -> String {
-    let text = e.to_string();
+    let text = e.to_string().replace(
+        "expected a duration",
+        "expected a duration with its unit (e.g. 250ms, 5s, 2m, 1h)",
+    );
     match e {
         config::ConfigError::FileParse { .. } => {
             format!("configuration file could not be parsed: {text}")
@@ -1006,8 +1053,58 @@ mod tests {
     fn unparsable_values_name_the_setting() {
         let err = problems(&[("OUTBOX__RELAY__LEASE", "soon")]);
         assert!(err.contains("relay.lease"), "{err}");
+        let err = problems(&[("OUTBOX__RELAY__POLL_INTERVAL", "5")]);
+        assert!(
+            err.contains("expected a duration with its unit (e.g. 250ms, 5s, 2m, 1h) for key `relay.poll_interval`"),
+            "{err}"
+        );
         let err = problems(&[("OUTBOX__RELAY__DEAD_KEY_POLICY", "maybe")]);
         assert!(err.contains("dead_key_policy"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelled_word_is_reported_with_the_words_allowed() {
+        for (var, value, key, allowed) in [
+            ("OUTBOX__BROKER", "kafak", "broker", "rabbitmq or kafka"),
+            (
+                "OUTBOX__RELAY__DEAD_KEY_POLICY",
+                "blok",
+                "relay.dead_key_policy",
+                "block or skip",
+            ),
+            ("OUTBOX__LOG__FORMAT", "xml", "log.format", "text or json"),
+            (
+                "OUTBOX__DATABASE__SSL_MODE",
+                "strict",
+                "database.ssl_mode",
+                "disable, allow, prefer, require, verify-ca or verify-full",
+            ),
+        ] {
+            let err = problems(&[(var, value)]);
+            assert!(
+                err.contains(&format!(
+                    "unknown value \"{value}\" (expected {allowed}) for key `{key}`"
+                )),
+                "{err}"
+            );
+        }
+        // Words are taken whatever their case, as environment variables often are.
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("OUTBOX__BROKER", "RabbitMQ"),
+                ("OUTBOX__DATABASE__SSL_MODE", "VERIFY-FULL"),
+                ("OUTBOX__RELAY__DEAD_KEY_POLICY", "Skip"),
+                ("OUTBOX__LOG__FORMAT", "JSON"),
+            ]),
+            vec![],
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.broker, BrokerKind::Rabbitmq);
+        assert_eq!(s.database.ssl_mode, Some(SslMode::VerifyFull));
+        assert_eq!(s.relay.dead_key_policy, DeadKeyPolicy::Skip);
+        assert_eq!(s.log.format, LogFormat::Json);
     }
 
     #[test]
