@@ -37,7 +37,7 @@ use lapin::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
         QueueDeclareOptions, QueueDeleteOptions,
     },
-    types::FieldTable,
+    types::{AMQPValue, FieldTable},
     BasicProperties, Connection, ConnectionProperties,
 };
 use outbox::Schema;
@@ -140,6 +140,8 @@ async fn main() -> anyhow::Result<()> {
     // The ceilings with as many messages outstanding as a drain over 1 and 100 keys can
     // have: a key has one message at RabbitMQ at a time (per-key order).
     let (mut rabbit_1, mut rabbit_100) = (0.0, 0.0);
+    // The same ceilings for messages shaped like the relay's.
+    let (mut shaped_100, mut shaped_1000) = (0.0, 0.0);
     if runs("rabbitmq") {
         rabbit_1 = rabbit_ceiling(&env, n_raw / 10, 1).await?;
         report.add(
@@ -165,6 +167,27 @@ async fn main() -> anyhow::Result<()> {
             "msg/s",
             "",
         );
+        // The same with the properties and headers the relay puts on each message: RabbitMQ
+        // parses and stores them too, and they cost it about as much as the 200-byte body.
+        for (outstanding, ceiling) in [(100, &mut shaped_100), (1000, &mut shaped_1000)] {
+            *ceiling =
+                rabbit_ceiling_with(&env, n_raw, outstanding, |i| relay_shaped("bench.raw", i))
+                    .await?;
+            report.add(
+                "ceiling",
+                format!(
+                    "RabbitMQ publish+confirm, {} outstanding, the relay's properties and headers",
+                    if outstanding == 1000 {
+                        "1,000".to_owned()
+                    } else {
+                        outstanding.to_string()
+                    }
+                ),
+                *ceiling,
+                "msg/s",
+                "",
+            );
+        }
         for channels in [100, 500] {
             let rate = rabbit_channels_ceiling(&env, n_raw, channels).await?;
             report.add(
@@ -221,13 +244,20 @@ async fn main() -> anyhow::Result<()> {
             };
             // For RabbitMQ with few keys, also the ratio to the ceiling with as many
             // outstanding as those keys allow.
+            // And, for RabbitMQ, the ratio to the ceiling for messages like the relay's.
             let same_outstanding = match (broker, keys) {
                 ("rabbitmq", Some(1)) => {
                     format!(" ({:.2}× the 1-outstanding ceiling)", d.rate / rabbit_1)
                 }
-                ("rabbitmq", Some(100)) => {
-                    format!(" ({:.2}× the 100-outstanding ceiling)", d.rate / rabbit_100)
-                }
+                ("rabbitmq", Some(100)) => format!(
+                    " ({:.2}× the 100-outstanding ceiling; {:.2}× it with the relay's headers)",
+                    d.rate / rabbit_100,
+                    d.rate / shaped_100
+                ),
+                ("rabbitmq", _) => format!(
+                    " ({:.2}× the ceiling with the relay's headers)",
+                    d.rate / shaped_1000
+                ),
                 _ => String::new(),
             };
             report.add(
@@ -455,15 +485,51 @@ async fn declare_queue(ch: &lapin::Channel, name: &str) -> anyhow::Result<()> {
 /// Publishes `n` persistent 200-byte messages with `mandatory` to a durable queue, keeping
 /// `window` unconfirmed: what the broker allows, without our code.
 async fn rabbit_ceiling(env: &Env, n: usize, window: usize) -> anyhow::Result<f64> {
+    rabbit_ceiling_with(env, n, window, |_| {
+        BasicProperties::default().with_delivery_mode(2)
+    })
+    .await
+}
+
+/// The properties the relay gives a message of the drains' backlog (message id, timestamp,
+/// app id, and the `outbox-id`, `outbox-topic`, `outbox-key` and `outbox-seq` headers), for
+/// message `i` of a queue: the broker parses and stores them with every message.
+fn relay_shaped(topic: &str, i: usize) -> BasicProperties {
+    let id = Uuid::new_v4().to_string();
+    let mut headers = FieldTable::default();
+    for (name, value) in [
+        ("outbox-id", id.clone()),
+        ("outbox-topic", topic.to_owned()),
+        ("outbox-key", format!("k{}", i % 100)),
+        ("outbox-seq", (i + 1).to_string()),
+    ] {
+        headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(id.into())
+        .with_timestamp(1_765_000_000)
+        .with_app_id("outbox-relay".into())
+        .with_headers(headers)
+}
+
+/// [`rabbit_ceiling`] with the properties `props(i)` on message `i`.
+async fn rabbit_ceiling_with(
+    env: &Env,
+    n: usize,
+    window: usize,
+    props: impl Fn(usize) -> BasicProperties,
+) -> anyhow::Result<f64> {
     let conn = amqp(&env.amqp_url).await?;
     let ch = conn.create_channel().await?;
     let q = format!("bench.raw.{}", Uuid::new_v4().simple());
     declare_queue(&ch, &q).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let body = vec![b'x'; PAYLOAD];
+    let props: Vec<BasicProperties> = (0..n).map(props).collect();
     let start = Instant::now();
     let mut pending = FuturesUnordered::new();
-    for _ in 0..n {
+    for props in props {
         if pending.len() >= window {
             pending.next().await.expect("pending")?;
         }
@@ -476,7 +542,7 @@ async fn rabbit_ceiling(env: &Env, n: usize, window: usize) -> anyhow::Result<f6
                     immediate: false,
                 },
                 &body,
-                BasicProperties::default().with_delivery_mode(2),
+                props,
             )
             .await?;
         pending.push(confirm);
