@@ -408,3 +408,111 @@ async fn keys_land_in_the_partition_a_java_producer_would_choose() {
         assert_eq!(r.partition, Some(*partition), "key {key:?}");
     }
 }
+
+/// Settings whose producer finds out quickly that a topic does not exist, and looks again
+/// soon: librdkafka waits `topic.metadata.propagation.max.ms` (30 s by default) before it
+/// calls a topic unknown.
+fn quick_to_call_a_topic_unknown(db: &TestDb) -> outbox_relay::config::Settings {
+    let mut s = Broker::Kafka.settings(db);
+    for (name, value) in [
+        ("topic.metadata.propagation.max.ms", "300"),
+        ("topic.metadata.refresh.interval.ms", "500"),
+    ] {
+        s.kafka.properties.insert(name.into(), value.into());
+    }
+    s
+}
+
+/// The rows of `topic` still in the outbox: (status, attempts, last error).
+async fn rows_of(db: &TestDb, topic: &str) -> Vec<(String, i32, Option<String>)> {
+    sqlx::query_as(
+        "SELECT status::text, attempts, last_error FROM outbox.messages WHERE topic = $1 ORDER BY seq",
+    )
+    .bind(topic)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// A topic that does not exist yet is not a dead end (a service deployed before its topic
+/// was created): each message to it counts a failed attempt naming the unknown topic and is
+/// retried under `retry.*`, so once the topic exists every message arrives, in key order,
+/// and none is dead.
+#[tokio::test]
+async fn messages_to_a_topic_created_late_wait_for_it_and_arrive() {
+    let db = TestDb::new().await;
+    let late = topic("late");
+    let mut s = quick_to_call_a_topic_unknown(&db);
+    s.retry.max_attempts = 1_000;
+    let msgs = keyed_messages(&late, 0..30, 3);
+    enqueue_all(&db, &msgs).await;
+    let relay = start_relay(&s).await;
+
+    let started = std::time::Instant::now();
+    let failed = loop {
+        let rows = rows_of(&db, &late).await;
+        if let Some(row) = rows.iter().find(|r| r.1 >= 2) {
+            break row.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no message to the missing topic was retried within 60 s: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(failed.0, "pending", "{failed:?}");
+    let error = failed.2.unwrap_or_default();
+    assert!(
+        error.contains("UnknownTopic") && error.contains(&late),
+        "the failed attempt should name the unknown topic: {error}"
+    );
+    assert_eq!(db.count("dead").await, 0, "a missing topic killed messages");
+
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&late).await; // creates the topic
+    let got = consumer
+        .wait_for_distinct(msgs.len(), Duration::from_secs(90))
+        .await;
+    relay.stop().await;
+    let ids: std::collections::HashSet<_> = got.iter().map(|r| r.id).collect();
+    assert!(
+        msgs.iter().all(|m| ids.contains(&m.id())),
+        "{} of {} arrived",
+        ids.len(),
+        msgs.len()
+    );
+    assert_per_key_order(&got);
+    assert!(rows_of(&db, &late).await.is_empty(), "rows left behind");
+}
+
+/// A topic that never comes is retried like any other refusal and then parked: dead after
+/// `retry.max_attempts`, with the unknown topic as the reason, for an operator to retry
+/// once it exists.
+#[tokio::test]
+async fn messages_to_a_topic_that_never_exists_are_dead_after_their_attempts() {
+    let db = TestDb::new().await;
+    let nowhere = topic("nowhere");
+    let s = quick_to_call_a_topic_unknown(&db);
+    let msg = Message::new(&nowhere, b"lost?".to_vec()).unwrap();
+    outbox::enqueue(&db.pool, &msg).await.unwrap();
+    let relay = start_relay(&s).await;
+    let started = std::time::Instant::now();
+    let row = loop {
+        let rows = rows_of(&db, &nowhere).await;
+        if rows.first().is_some_and(|r| r.0 == "dead") {
+            break rows[0].clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the message was not dead within 60 s: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    relay.stop().await;
+    assert_eq!(row.1, s.retry.max_attempts as i32, "{row:?}");
+    let error = row.2.unwrap_or_default();
+    assert!(
+        error.contains("UnknownTopic") && error.contains(&nowhere),
+        "{error}"
+    );
+}

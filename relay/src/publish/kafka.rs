@@ -3,10 +3,11 @@
 //! A message is confirmed when its delivery report says it was written (every in-sync
 //! replica has it). The outbox key is the Kafka message key, so a key's messages share a
 //! partition and per-key order becomes partition order. Delivery failures are classified:
-//! a message too large, an unknown topic or a refused authorization is permanent (dead at
-//! once, with the broker's reason); a timeout or a transport failure is "broker
-//! unavailable" (no attempt counted); anything else the broker rejected counts as a failed
-//! attempt and is retried with the relay's policy.
+//! a message too large or an invalid topic name is permanent (dead at once, with the
+//! broker's reason); a timeout or a transport failure is "broker unavailable" (no attempt
+//! counted); idempotent writes refused on the cluster stop the relay; anything else the
+//! broker rejected, an unknown topic or a topic the relay may not write to included, counts
+//! as a failed attempt and is retried with the relay's policy.
 
 use std::time::Duration;
 
@@ -350,12 +351,20 @@ impl Inner {
                 | C::InvalidRecord
                 | C::MessageBatchTooLarge,
             ) => PublishError::Permanent(reason),
-            Some(
-                C::UnknownTopic
-                | C::UnknownTopicOrPartition
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed,
-            ) => PublishError::Permanent(reason),
+            // A topic not created yet, or not yet open to the relay, is an operator's to
+            // fix, and may well be fixed soon (a service deployed before its topic): a
+            // failed attempt, retried under `retry.*` and then parked, as RabbitMQ's
+            // unroutable messages are. Dead at once, each of them would wait for an operator.
+            Some(C::UnknownTopic | C::UnknownTopicOrPartition | C::TopicAuthorizationFailed) => {
+                PublishError::Rejected(reason)
+            }
+            // Idempotent writes refused on the whole cluster: no message can go, so the relay
+            // stops and says why, rather than parking every message in turn.
+            Some(C::ClusterAuthorizationFailed) => PublishError::Fatal(format!(
+                "Kafka at {} refused the relay's idempotent writes: {reason} (grant its \
+                 principal IdempotentWrite on the cluster)",
+                self.brokers
+            )),
             Some(C::InvalidTopic) => PublishError::Permanent(reason),
             Some(C::PurgeQueue | C::PurgeInflight) => PublishError::Unavailable(format!(
                 "{reason}: let go by the producer (the relay is stopping, or the producer was \
