@@ -24,7 +24,7 @@
 //! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim|consumer|latency|producer]`
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -309,6 +309,25 @@ async fn main() -> anyhow::Result<()> {
                 l.cores.broker,
                 l.cores.relay,
                 l.cores.busy * 100.0
+            ),
+        );
+        // The relay's histogram starts at the row's `created_at` (its transaction's start,
+        // before the commit), so these bounds hold for commit → confirm too.
+        let c = &l.confirm;
+        report.add(
+            "latency",
+            format!("commit → confirm at {rate} msg/s (the relay's histogram)"),
+            c.at_most_ms(0.99),
+            "ms p99 at most",
+            format!(
+                "p50 ≤ {} ms; within 5 ms {:.1}%, within 25 ms {:.1}% of {} confirms \
+                 (bucket bounds, timed from the row's created_at: the transaction's start, \
+                 a median {:.1} ms before its commit returned)",
+                c.at_most_ms(0.50),
+                c.share_within(0.005) * 100.0,
+                c.share_within(0.025) * 100.0,
+                c.count,
+                l.tx_p50
             ),
         );
     }
@@ -856,13 +875,23 @@ fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
 }
 
 fn spawn_relay(env: &Env, db_url: &str, broker: &str) -> anyhow::Result<tokio::process::Child> {
+    spawn_relay_serving(env, db_url, broker, "127.0.0.1:0")
+}
+
+/// [`spawn_relay`], serving its metrics on `listen`.
+fn spawn_relay_serving(
+    env: &Env,
+    db_url: &str,
+    broker: &str,
+    listen: &str,
+) -> anyhow::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&env.relay_bin);
     cmd.arg("run")
         .env("OUTBOX__DATABASE__URL", db_url)
         .env("OUTBOX__BROKER", broker)
         .env("OUTBOX__RABBITMQ__URL", &env.amqp_url)
         .env("OUTBOX__KAFKA__BROKERS", &env.kafka)
-        .env("OUTBOX__HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTBOX__HTTP__LISTEN", listen)
         .env("OUTBOX__LOG__LEVEL", "warn")
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
@@ -992,6 +1021,81 @@ struct Latency {
     p95: f64,
     p99: f64,
     max: f64,
+    /// Row `created_at` → broker confirm, from the relay's own histogram.
+    confirm: Histogram,
+    /// Median time from a producer's `BEGIN` to its commit's return: `created_at` is the
+    /// transaction's start, so the histogram includes it.
+    tx_p50: f64,
+}
+
+/// A Prometheus histogram as the relay serves it: (bucket upper bound in seconds, how many
+/// observations were at most that), ascending, and the total count.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: Vec<(f64, u64)>,
+    count: u64,
+}
+
+impl Histogram {
+    /// `name` (summed over its labels) in the text exposition format `text`.
+    fn parse(text: &str, name: &str) -> Self {
+        let mut buckets: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
+        let mut count = 0;
+        for line in text.lines() {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            if series.starts_with(&format!("{name}_bucket{{")) {
+                let le = series
+                    .split("le=\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .and_then(|le| le.parse::<f64>().ok())
+                    .unwrap_or(f64::INFINITY);
+                let entry = buckets.entry(le.to_bits()).or_insert((le, 0));
+                entry.1 += value as u64;
+            } else if series.starts_with(&format!("{name}_count")) {
+                count += value as u64;
+            }
+        }
+        let mut buckets: Vec<(f64, u64)> = buckets.into_values().collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Self { buckets, count }
+    }
+
+    /// The share of observations at most `bound` seconds (a bucket bound).
+    fn share_within(&self, bound: f64) -> f64 {
+        let within = self
+            .buckets
+            .iter()
+            .find(|(le, _)| (*le - bound).abs() < 1e-9)
+            .map_or(0, |b| b.1);
+        within as f64 / self.count.max(1) as f64
+    }
+
+    /// The smallest bucket bound, in ms, that holds at least the quantile `q`.
+    fn at_most_ms(&self, q: f64) -> f64 {
+        let need = (q * self.count as f64).ceil() as u64;
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= need)
+            .map_or(f64::INFINITY, |b| b.0 * 1e3)
+    }
+}
+
+/// The relay's `/metrics` page at `address`.
+async fn scrape(address: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).await?;
+    Ok(page)
 }
 
 /// One producer commits single-message transactions at `rate` for `secs`; a RabbitMQ
@@ -1027,7 +1131,8 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
         }
     });
     let db_url = db_url_of(&pool, &env.db_url)?;
-    let relay = spawn_relay(env, &db_url, "rabbitmq")?;
+    let metrics_at = format!("127.0.0.1:{}", outbox_tests::free_port());
+    let relay = spawn_relay_serving(env, &db_url, "rabbitmq", &metrics_at)?;
     tokio::time::sleep(Duration::from_secs(2)).await; // partitions taken, idle, waiting
     let mut listener = sqlx::postgres::PgListener::connect(&db_url).await?;
     listener.listen("outbox_wakeup_outbox").await?;
@@ -1058,6 +1163,7 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
             tokio::spawn(async move {
                 let outbox = outbox::Outbox::default();
                 let mut committed = Vec::with_capacity(per_producer as usize);
+                let mut took = Vec::with_capacity(per_producer as usize);
                 for i in 0..per_producer {
                     // Staggered: together the producers commit at an even pace, not in
                     // bursts of one commit each.
@@ -1065,19 +1171,26 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
                     tokio::time::sleep_until((start + at).into()).await;
                     let m = outbox::Message::new(&topic, vec![b'x'; PAYLOAD])?
                         .with_key(format!("p{p}-k{}", i % 25))?;
+                    let began = Instant::now();
                     let mut tx = pool.begin().await?;
                     outbox.enqueue(&mut *tx, &m).await?;
                     tx.commit().await?;
-                    committed.push((m.id(), Instant::now()));
+                    let done = Instant::now();
+                    committed.push((m.id(), done));
+                    took.push((done - began).as_secs_f64() * 1e3);
                 }
-                anyhow::Ok(committed)
+                anyhow::Ok((committed, took))
             })
         })
         .collect();
     let mut committed: Vec<(Uuid, Instant)> = Vec::with_capacity(total as usize);
+    let mut tx_ms: Vec<f64> = Vec::with_capacity(total as usize);
     for t in tasks {
-        committed.extend(t.await??);
+        let (c, took) = t.await??;
+        committed.extend(c);
+        tx_ms.extend(took);
     }
+    tx_ms.sort_by(f64::total_cmp);
     let achieved = total as f64 / start.elapsed().as_secs_f64();
     let (relay_cpu, servers, machine) = (
         proc_usage(relay_pid)?.0,
@@ -1101,6 +1214,16 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let confirm = Histogram::parse(
+        &scrape(&metrics_at).await?,
+        "outbox_commit_to_confirm_seconds",
+    );
+    anyhow::ensure!(
+        confirm.count >= committed.len() as u64,
+        "the relay's histogram counts {} confirms of {} messages",
+        confirm.count,
+        committed.len()
+    );
     stop(relay).await?;
     reader.abort();
     let arrived = std::mem::take(&mut *arrived.lock().unwrap());
@@ -1118,6 +1241,8 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
         p95: percentile(&ms, 0.95),
         p99: percentile(&ms, 0.99),
         max: *ms.last().unwrap(),
+        confirm,
+        tx_p50: percentile(&tx_ms, 0.50),
     })
 }
 
