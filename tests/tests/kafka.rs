@@ -516,3 +516,93 @@ async fn messages_to_a_topic_that_never_exists_are_dead_after_their_attempts() {
         "{error}"
     );
 }
+
+/// The relay's Kafka publisher behind a stand-in for a producer that hits a fatal error and
+/// is replaced mid-round (fault injection: a real broker cannot be made to do this on cue).
+/// The first `fail_at - 1` messages go to the "old producer", which holds them; the
+/// `fail_at`-th send fails as the relay's publisher fails it then ("broker unavailable, the
+/// producer was replaced"), and the old producer's messages are purged, unsent. Messages
+/// sent after that go to the broker through the real publisher.
+struct Replaced {
+    kafka: KafkaPublisher,
+    fail_at: u32,
+    sends: AtomicU32,
+    old: std::sync::Mutex<Option<Vec<tokio::sync::oneshot::Sender<()>>>>,
+}
+
+impl Publisher for Replaced {
+    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
+        self.kafka.ready()
+    }
+
+    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
+        match self.send(envelope) {
+            Ok(confirm) => confirm,
+            Err(e) => async move { Err(e) }.boxed(),
+        }
+    }
+
+    fn key_depth(&self) -> u32 {
+        self.kafka.key_depth()
+    }
+
+    fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
+        let n = self.sends.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut old = self.old.lock().unwrap();
+        let Some(held) = old.as_mut() else {
+            return self.kafka.send(envelope); // the new producer
+        };
+        if n == self.fail_at {
+            old.take(); // purges what the old producer held
+            return Err(PublishError::Unavailable(
+                "Kafka producer fatal error (test): the producer was replaced".into(),
+            ));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        held.push(tx);
+        Ok(async move {
+            let _ = rx.await;
+            Err(PublishError::Unavailable(
+                "purged by the replaced producer (test)".into(),
+            ))
+        }
+        .boxed())
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+        self.kafka.health()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        self.kafka.close()
+    }
+}
+
+/// A producer replaced in the middle of handing over a round: a key's later messages must
+/// not go to the new producer while its earlier ones, handed to the old one, are purged
+/// and will be read again. Every message arrives, each key in `seq` order.
+#[tokio::test]
+async fn a_producer_replaced_mid_round_does_not_let_later_messages_overtake() {
+    let db = TestDb::new().await;
+    let t = topic("replaced");
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&t).await;
+    // Three keys, ten messages each: the first round hands over all thirty, key by key.
+    let msgs = keyed_messages(&t, 0..30, 3);
+    enqueue_all(&db, &msgs).await;
+    let s = Broker::Kafka.settings(&db);
+    let publisher = Replaced {
+        kafka: KafkaPublisher::new(&s.kafka).unwrap(),
+        fail_at: 5,
+        sends: AtomicU32::new(0),
+        old: std::sync::Mutex::new(Some(Vec::new())),
+    };
+    let relay = run_relay(relay_with(&s, Arc::new(publisher)).await);
+    let got = consumer
+        .wait_for_distinct(msgs.len(), Duration::from_secs(60))
+        .await;
+    relay.stop().await;
+    assert_eq!(got.len(), msgs.len(), "duplicates or losses: {got:?}");
+    assert_per_key_order(&got);
+    assert_eq!(db.count("pending").await, 0);
+}

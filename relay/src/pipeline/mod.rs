@@ -176,7 +176,22 @@ pub(crate) async fn run(
                             // Refused before it was handed over: nothing later of its key
                             // may go before this outcome is taken in.
                             lanes.stop_key(&env);
+                            let unavailable = matches!(
+                                e,
+                                PublishError::Unavailable(_) | PublishError::Disconnected(_)
+                            );
+                            if unavailable {
+                                broker_trouble.get_or_insert_with(|| e.to_string());
+                            }
+                            let fatal = matches!(e, PublishError::Fatal(_));
                             publishing.push(Box::pin(async move { (env, Err(e)) }));
+                            if unavailable || fatal {
+                                // The producer may just have been replaced: what the old
+                                // one held is lost and will be read again, so nothing more
+                                // is handed over (a key's later message would overtake its
+                                // earlier ones) until all of it has come back.
+                                break;
+                            }
                         }
                     }
                 } else {
