@@ -6,8 +6,10 @@
 //! a message too large or an invalid topic name is permanent (dead at once, with the
 //! broker's reason); a timeout or a transport failure is "broker unavailable" (no attempt
 //! counted); idempotent writes refused on the cluster stop the relay; anything else the
-//! broker rejected, an unknown topic or a topic the relay may not write to included, counts
-//! as a failed attempt and is retried with the relay's policy.
+//! broker rejected, an unknown topic or one the relay may not see included, counts as a
+//! failed attempt and is retried with the relay's policy. A produce request the broker
+//! refuses for good fails the whole producer (librdkafka's gapless guarantee): it is
+//! replaced, and its messages are let go without an attempt.
 
 use std::time::Duration;
 
@@ -257,7 +259,7 @@ impl Inner {
             }),
             Err((e, _)) => {
                 if let Some((code, reason)) = producer.client().fatal_error() {
-                    return Err(self.renew(&producer, code, &reason));
+                    return Err(self.fatal(&producer, code, &reason));
                 }
                 Err(self.classify(&e, &topic))
             }
@@ -286,7 +288,7 @@ impl Inner {
             }
             Ok(Err((e, _))) => {
                 if let Some((code, reason)) = producer.client().fatal_error() {
-                    return Err(self.renew(&producer, code, &reason));
+                    return Err(self.fatal(&producer, code, &reason));
                 }
                 Err(self.classify(&e, &topic))
             }
@@ -316,6 +318,20 @@ impl Inner {
             self.brokers,
             self.delivery_timeout
         );
+    }
+
+    /// A producer in a fatal state. Idempotent writes refused on the cluster (librdkafka
+    /// makes that fatal when it asks for a producer id) would refuse a new producer too: the
+    /// relay stops and names the missing permission. Anything else: [`Inner::renew`].
+    fn fatal(&self, failed: &RelayProducer, code: RDKafkaErrorCode, reason: &str) -> PublishError {
+        if code == RDKafkaErrorCode::ClusterAuthorizationFailed {
+            return PublishError::Fatal(format!(
+                "Kafka at {} refused the relay's idempotent writes: {reason} (grant its \
+                 principal IdempotentWrite on the cluster)",
+                self.brokers
+            ));
+        }
+        self.renew(failed, code, reason)
     }
 
     /// An idempotent producer that hit a fatal error (e.g. the broker lost its producer
