@@ -25,7 +25,7 @@
 //! ```
 
 use std::{
-    net::{Shutdown, TcpStream as StdTcpStream},
+    net::{Shutdown, TcpStream as StdTcpStream, ToSocketAddrs},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -55,8 +55,8 @@ enum Socket {
 }
 
 impl Attempt {
-    /// A new attempt; opening the TCP connection may take up to `tcp_timeout` (unless the
-    /// URL's `connection_timeout` says otherwise).
+    /// A new attempt; opening the TCP connection may take up to `tcp_timeout` for each
+    /// address the host resolves to (unless the URL's `connection_timeout` says otherwise).
     pub fn new(tcp_timeout: Duration) -> Self {
         Self {
             socket: Arc::default(),
@@ -91,18 +91,26 @@ impl Attempt {
         Connection::connector(
             uri,
             Box::new(move |uri| {
-                let address = (uri.authority.host.as_str(), uri.authority.port);
-                let stream = TcpStream::connect_timeout(address, tcp_timeout)?;
+                let given_up = || {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the connection attempt was given up",
+                    )
+                };
+                if matches!(*socket.lock().expect("lock poisoned"), Socket::Done) {
+                    return Err(given_up().into());
+                }
+                let stream = TcpStream::from_std(open_tcp(
+                    &uri.authority.host,
+                    uri.authority.port,
+                    tcp_timeout,
+                )?)?;
                 let handle = stream.try_clone()?;
                 {
                     let mut socket = socket.lock().expect("lock poisoned");
                     if matches!(*socket, Socket::Done) {
                         let _ = handle.shutdown(Shutdown::Both);
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the connection attempt was given up",
-                        )
-                        .into());
+                        return Err(given_up().into());
                     }
                     *socket = Socket::Open(handle);
                 }
@@ -123,6 +131,26 @@ impl Attempt {
     pub fn keep(self) {
         *self.socket.lock().expect("lock poisoned") = Socket::Done;
     }
+}
+
+/// A TCP connection to `host:port`, trying each address it resolves to within `timeout`.
+fn open_tcp(host: &str, port: u16, timeout: Duration) -> std::io::Result<StdTcpStream> {
+    let mut last = None;
+    for address in (host, port).to_socket_addrs()? {
+        match StdTcpStream::connect_timeout(&address, timeout) {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        )
+    }))
 }
 
 impl Drop for Attempt {
