@@ -491,6 +491,21 @@ impl Relay {
         outcomes.into_inner().expect("lock poisoned")
     }
 
+    /// True when `seq` is a suspect (see [`Suspects`]): it is to be published alone.
+    pub(crate) fn is_suspect(&self, seq: i64) -> bool {
+        self.suspects.is_suspect(seq)
+    }
+
+    /// Makes `seq` a suspect (see [`Suspects`]).
+    pub(crate) fn suspect(&self, seq: i64) {
+        self.suspects.suspect(seq);
+    }
+
+    /// `seq` was confirmed: no longer a suspect.
+    pub(crate) fn clear_suspect(&self, seq: i64) {
+        self.suspects.clear(seq);
+    }
+
     /// Publishes one message under the suspect rule (see [`Suspects`]); returns how long
     /// the broker took to confirm it.
     pub(crate) async fn publish_one(&self, env: &Envelope) -> Result<Duration, PublishError> {

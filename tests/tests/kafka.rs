@@ -606,3 +606,107 @@ async fn a_producer_replaced_mid_round_does_not_let_later_messages_overtake() {
     assert_per_key_order(&got);
     assert_eq!(db.count("pending").await, 0);
 }
+
+/// A record the broker refuses for good, among others in one request (here the broker checks
+/// the topic's records against a JSON schema, and one payload is not JSON: `INVALID_RECORD`).
+/// librdkafka's gapless guarantee fails the whole producer over such a refusal, so the relay
+/// cannot tell which message was refused: all of the request's messages become suspects and
+/// go again one at a time. The refused one is then charged its attempts and ends dead with
+/// the reason; none of the others is charged an attempt, and all of them arrive, in key
+/// order.
+#[tokio::test]
+async fn a_record_the_broker_refuses_dies_alone_and_the_others_arrive() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let db = TestDb::new().await;
+    let checked = topic("checked");
+    let schemas = std::env::var("OUTBOX_TEST_KAFKA_SCHEMAS")
+        .expect("OUTBOX_TEST_KAFKA_SCHEMAS: run with scripts/test.sh");
+    std::fs::write(
+        format!("{schemas}/{checked}.json"),
+        r#"{"type": "object", "properties": {"value": {"type": "object"}}}"#,
+    )
+    .unwrap();
+    // One partition: the refused record shares its produce requests with the others.
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", outbox_tests::kafka_brokers())
+        .create()
+        .unwrap();
+    admin
+        .create_topics(
+            &[NewTopic::new(&checked, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let other = topic("unchecked");
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&checked).await;
+    consumer.queue(&other).await;
+    let mut msgs = Vec::new();
+    for i in 0..60 {
+        // Keys of one topic each: across two topics, arrival order says nothing.
+        let (t, key) = if i % 3 == 0 {
+            (&other, format!("o{}", i % 4))
+        } else {
+            (&checked, format!("c{}", i % 4))
+        };
+        msgs.push(
+            Message::new(t, format!("{{\"n\": {i}}}").into_bytes())
+                .unwrap()
+                .with_key(key)
+                .unwrap(),
+        );
+    }
+    let poison = Message::new(&checked, b"not json".to_vec())
+        .unwrap()
+        .with_key("bad")
+        .unwrap();
+    let mut all = msgs.clone();
+    all.insert(5, poison.clone());
+    enqueue_all(&db, &all).await;
+    let mut s = Broker::Kafka.settings(&db);
+    s.retention.delivered = Duration::from_secs(3600); // keeps each delivery's attempts
+    let relay = start_relay(&s).await;
+
+    let started = std::time::Instant::now();
+    let dead = loop {
+        let row: Option<(String, i32, Option<String>)> = sqlx::query_as(
+            "SELECT status::text, attempts, last_error FROM outbox.messages WHERE id = $1",
+        )
+        .bind(poison.id())
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        match row {
+            Some(row) if row.0 == "dead" => break row,
+            Some(row) => assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the refused message was not dead within 60 s: {row:?}"
+            ),
+            None => panic!("the refused message was deleted as if delivered"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let got = consumer
+        .wait_for_distinct(msgs.len(), Duration::from_secs(60))
+        .await;
+    relay.stop().await;
+    assert_eq!(dead.1, s.retry.max_attempts as i32, "{dead:?}");
+    assert!(
+        dead.2.as_deref().unwrap_or("").contains("InvalidRecord"),
+        "{dead:?}"
+    );
+    let ids: std::collections::HashSet<_> = got.iter().map(|r| r.id).collect();
+    assert!(msgs.iter().all(|m| ids.contains(&m.id())));
+    assert!(!ids.contains(&poison.id()), "the refused message arrived");
+    assert_per_key_order(&got);
+    let charged: Vec<(uuid::Uuid, i32)> =
+        sqlx::query_as("SELECT id, attempts FROM outbox.delivered WHERE attempts > 0")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        charged.is_empty(),
+        "messages refused only alongside the bad one were charged attempts: {charged:?}"
+    );
+}

@@ -116,6 +116,11 @@ pub(crate) async fn run(
     // The publisher answered `ready` since the last trouble.
     let mut broker_ok = false;
     let mut fatal: Option<String> = None;
+    // With a pipelining publisher, the suspect rule (see `Relay::publish_one`): a suspect
+    // taken from its lane waits here until nothing else is out, then goes alone; nothing
+    // else starts while it is out.
+    let mut waiting_suspect: Option<Envelope> = None;
+    let mut alone: Option<i64> = None;
     let mut stopping = false;
     let mut aborted = false;
     let mut idle = false;
@@ -162,37 +167,35 @@ pub(crate) async fn run(
         // that keeps a key's order itself, every queued message, handed over here in order.
         let round_due =
             !pipelined || publishing.is_empty() || next_round_at.is_none_or(|t| t <= now);
-        if may_start && broker_ok && round_due {
+        if may_start && broker_ok && alone.is_none() && publishing.is_empty() {
+            if let Some(env) = waiting_suspect.take() {
+                tracing::info!(worker, seq = env.seq, message_id = %env.id, "publishing a suspect message alone");
+                alone = Some(env.seq);
+                hand_over(relay, &mut lanes, &mut publishing, env);
+            }
+        }
+        if may_start && broker_ok && round_due && waiting_suspect.is_none() && alone.is_none() {
             while let Some(env) = lanes.next() {
+                if pipelined && relay.is_suspect(env.seq) {
+                    // It goes alone, once everything out now has come back.
+                    waiting_suspect = Some(env);
+                    break;
+                }
                 if pipelined {
                     next_round_at = Some(now + ROUND_WAIT);
-                    let started = Instant::now();
-                    match relay.publisher.send(&env) {
-                        Ok(confirm) => publishing.push(Box::pin(async move {
-                            let result = confirm.await.map(|()| started.elapsed());
-                            (env, result)
-                        })),
-                        Err(e) => {
-                            // Refused before it was handed over: nothing later of its key
-                            // may go before this outcome is taken in.
-                            lanes.stop_key(&env);
-                            let unavailable = matches!(
-                                e,
-                                PublishError::Unavailable(_) | PublishError::Disconnected(_)
-                            );
-                            if unavailable {
-                                broker_trouble.get_or_insert_with(|| e.to_string());
-                            }
-                            let fatal = matches!(e, PublishError::Fatal(_));
-                            publishing.push(Box::pin(async move { (env, Err(e)) }));
-                            if unavailable || fatal {
-                                // The producer may just have been replaced: what the old
-                                // one held is lost and will be read again, so nothing more
-                                // is handed over (a key's later message would overtake its
-                                // earlier ones) until all of it has come back.
-                                break;
-                            }
+                    match hand_over(relay, &mut lanes, &mut publishing, env) {
+                        Some(
+                            e @ (PublishError::Unavailable(_) | PublishError::Disconnected(_)),
+                        ) => {
+                            broker_trouble.get_or_insert_with(|| e.to_string());
+                            // The producer may just have been replaced: what the old one
+                            // held is lost and will be read again, so nothing more is
+                            // handed over (a key's later message would overtake its earlier
+                            // ones) until all of it has come back.
+                            break;
                         }
+                        Some(PublishError::Fatal(_)) => break,
+                        _ => {}
                     }
                 } else {
                     publishing.push(Box::pin(async move {
@@ -207,6 +210,9 @@ pub(crate) async fn run(
             if publishing.is_empty() {
                 let wait = broker_backoff.next_delay();
                 tracing::warn!(worker, error = %reason, retry_in = ?wait, "broker unavailable");
+                if let Some(env) = waiting_suspect.take() {
+                    lanes.released(&env);
+                }
                 lanes.drop_queued();
                 broker_trouble = None;
                 broker_ok = false;
@@ -315,6 +321,7 @@ pub(crate) async fn run(
                 }
                 // Dropped publishes were never confirmed: their rows stay pending.
                 publishing.clear();
+                alone = None;
                 lanes.drop_queued();
             }
             _ = shutdown.cancelled(), if !stopping => {
@@ -322,10 +329,38 @@ pub(crate) async fn run(
                 relay.publisher.stop_sending();
                 reading = None;
                 lanes.read_failed();
+                if let Some(env) = waiting_suspect.take() {
+                    lanes.released(&env);
+                }
                 lanes.drop_queued();
             }
             Some((env, result)) = publishing.next(), if !publishing.is_empty() => {
                 pending_since.get_or_insert_with(Instant::now);
+                let was_alone = alone == Some(env.seq);
+                if was_alone {
+                    alone = None;
+                }
+                // The suspect rule for a pipelining publisher: a message refused in a
+                // request with others ("disconnected") is let go without an attempt and
+                // becomes a suspect; refused again while alone, the refusal is its own.
+                let result = match result {
+                    Ok(sent) => {
+                        if was_alone {
+                            relay.clear_suspect(env.seq);
+                        }
+                        Ok(sent)
+                    }
+                    Err(PublishError::Disconnected(e)) if pipelined && was_alone => {
+                        Err(PublishError::Rejected(format!(
+                            "refused while it was the only message out: {e}"
+                        )))
+                    }
+                    Err(PublishError::Disconnected(e)) if pipelined => {
+                        relay.suspect(env.seq);
+                        Err(PublishError::Disconnected(e))
+                    }
+                    other => other,
+                };
                 match result {
                     Ok(sent) => {
                         crate::metrics::published(&env.topic, sent, env.age());
@@ -531,6 +566,33 @@ fn share(
 }
 
 /// Awaits the future in `slot`, or never when there is none.
+/// Hands `env` to a pipelining publisher; its outcome joins `publishing`. Returns the
+/// refusal when the publisher would not take it: nothing later of its key may go before
+/// that outcome is taken in, so the key stops.
+fn hand_over<'a>(
+    relay: &'a Relay,
+    lanes: &mut Lanes,
+    publishing: &mut FuturesUnordered<Boxed<'a, (Envelope, Result<Duration, PublishError>)>>,
+    env: Envelope,
+) -> Option<PublishError> {
+    let started = Instant::now();
+    match relay.publisher.send(&env) {
+        Ok(confirm) => {
+            publishing.push(Box::pin(async move {
+                let result = confirm.await.map(|()| started.elapsed());
+                (env, result)
+            }));
+            None
+        }
+        Err(e) => {
+            lanes.stop_key(&env);
+            let refused = e.clone();
+            publishing.push(Box::pin(async move { (env, Err(e)) }));
+            Some(refused)
+        }
+    }
+}
+
 async fn maybe<T>(slot: &mut Option<Boxed<'_, T>>) -> T {
     match slot {
         Some(f) => f.await,

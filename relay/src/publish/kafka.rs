@@ -9,7 +9,8 @@
 //! broker rejected, an unknown topic or one the relay may not see included, counts as a
 //! failed attempt and is retried with the relay's policy. A produce request the broker
 //! refuses for good fails the whole producer (librdkafka's gapless guarantee): it is
-//! replaced, and its messages are let go without an attempt.
+//! replaced, and the request's messages come back as suspects (`Disconnected`), which the
+//! relay publishes again one at a time, so that only the refused one is charged.
 
 use std::time::Duration;
 
@@ -288,7 +289,21 @@ impl Inner {
             }
             Ok(Err((e, _))) => {
                 if let Some((code, reason)) = producer.client().fatal_error() {
-                    return Err(self.fatal(&producer, code, &reason));
+                    let replaced = self.fatal(&producer, code, &reason);
+                    // The broker refused the request that carried this message for good,
+                    // and librdkafka failed the whole producer over it (its gapless
+                    // guarantee). Let go as if the broker were down, the message would
+                    // fail every producer after it, for good (a poison message looking like
+                    // an outage); charged, so would the others the broker refused in the
+                    // same request. So it is a suspect: the relay publishes it again alone,
+                    // and a refusal then is its own.
+                    if refused_for_good(&e) && !matches!(replaced, PublishError::Fatal(_)) {
+                        return Err(PublishError::Disconnected(format!(
+                            "{e} (Kafka topic {topic:?}): the broker refused the request that \
+                             carried it, and the producer failed over it and was replaced"
+                        )));
+                    }
+                    return Err(replaced);
                 }
                 Err(self.classify(&e, &topic))
             }
@@ -407,6 +422,24 @@ impl Inner {
             _ => PublishError::Rejected(reason),
         }
     }
+}
+
+/// The broker refused the request that carried this message, for a reason a retry of the
+/// same request cannot change.
+fn refused_for_good(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::InvalidRecord
+                | C::InvalidMessage
+                | C::InvalidMessageSize
+                | C::MessageSizeTooLarge
+                | C::PolicyViolation
+                | C::TopicAuthorizationFailed
+                | C::InvalidTopic
+        )
+    )
 }
 
 impl Publisher for KafkaPublisher {

@@ -26,10 +26,11 @@ pub enum PublishError {
     /// was never at risk; it is dead at once.
     #[error("cannot be sent: {0}")]
     TooLarge(String),
-    /// The connection closed while this message was in flight. Some brokers answer a
-    /// message they cannot take by closing the whole connection, so this may be the
-    /// message's fault or not; the relay tells them apart by publishing such messages
-    /// alone (see the relay's suspect rule).
+    /// The connection closed while this message was in flight, or (Kafka) the broker
+    /// refused the request that carried it and others and the producer failed over it.
+    /// Some brokers answer a message they cannot take by closing the whole connection, so
+    /// this may be the message's fault or not; the relay tells them apart by publishing
+    /// such messages alone (see the relay's suspect rule).
     #[error("connection lost while publishing: {0}")]
     Disconnected(String),
     /// The broker could not be reached or the connection failed: not this message's fault.
