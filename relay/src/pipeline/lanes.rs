@@ -301,6 +301,17 @@ impl Lanes {
         }
     }
 
+    /// Puts `env`, taken by [`Lanes::next`] and not started, back at the head of its lane
+    /// (so that what happens to the lane next, a failure or a release, happens to it too).
+    pub(crate) fn put_back(&mut self, env: Envelope) {
+        let id = LaneId::of(&env);
+        if let Some(lane) = self.lanes.get_mut(&id) {
+            lane.in_flight = lane.in_flight.saturating_sub(1);
+            lane.queue.push_front(env);
+            self.list(id);
+        }
+    }
+
     /// `env` could not even be handed to the broker's client: its key starts nothing more
     /// until its outcome is taken in (as a failure, or let go).
     pub(crate) fn stop_key(&mut self, env: &Envelope) {
@@ -403,6 +414,21 @@ mod tests {
 
     fn drain(lanes: &mut Lanes) -> Vec<i64> {
         std::iter::from_fn(|| lanes.next()).map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn a_message_put_back_shares_its_lanes_failure() {
+        let mut lanes = Lanes::with_depth(10);
+        lanes.start_read();
+        lanes.admit(vec![env(1, Some("a"), 1), env(2, Some("a"), 1)]);
+        let first = lanes.next().unwrap();
+        let second = lanes.next().unwrap();
+        assert_eq!((first.seq, second.seq), (1, 2));
+        // 2 was taken but not started (set aside); then 1 fails.
+        lanes.put_back(second);
+        assert_eq!(lanes.failed(&first), vec![2]);
+        assert_eq!(drain(&mut lanes), Vec::<i64>::new());
+        assert_eq!(lanes.held(), 2);
     }
 
     #[test]

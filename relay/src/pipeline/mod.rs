@@ -51,6 +51,11 @@ const SETTLE_BATCH: usize = 500;
 /// out in the next request all the same.
 const ROUND_WAIT: Duration = Duration::from_millis(500);
 
+/// The longest a suspect waits to go alone (for everything out to come back) with nothing
+/// else starting; after it, it goes with the rest (costing no attempt if refused again), so
+/// a partition that does not answer does not hold the whole worker.
+const SUSPECT_WAIT: Duration = Duration::from_secs(5);
+
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a read brought.
@@ -119,7 +124,7 @@ pub(crate) async fn run(
     // With a pipelining publisher, the suspect rule (see `Relay::publish_one`): a suspect
     // taken from its lane waits here until nothing else is out, then goes alone; nothing
     // else starts while it is out.
-    let mut waiting_suspect: Option<Envelope> = None;
+    let mut waiting_suspect: Option<(Envelope, Instant)> = None;
     let mut alone: Option<i64> = None;
     let mut stopping = false;
     let mut aborted = false;
@@ -167,18 +172,11 @@ pub(crate) async fn run(
         // that keeps a key's order itself, every queued message, handed over here in order.
         let round_due =
             !pipelined || publishing.is_empty() || next_round_at.is_none_or(|t| t <= now);
-        if may_start && broker_ok && alone.is_none() && publishing.is_empty() {
-            if let Some(env) = waiting_suspect.take() {
-                tracing::info!(worker, seq = env.seq, message_id = %env.id, "publishing a suspect message alone");
-                alone = Some(env.seq);
-                hand_over(relay, &mut lanes, &mut publishing, env);
-            }
-        }
         if may_start && broker_ok && round_due && waiting_suspect.is_none() && alone.is_none() {
             while let Some(env) = lanes.next() {
                 if pipelined && relay.is_suspect(env.seq) {
                     // It goes alone, once everything out now has come back.
-                    waiting_suspect = Some(env);
+                    waiting_suspect = Some((env, now));
                     break;
                 }
                 if pipelined {
@@ -205,12 +203,27 @@ pub(crate) async fn run(
                 }
             }
         }
+        if may_start && broker_ok && alone.is_none() {
+            if let Some((env, since)) = waiting_suspect.take() {
+                if publishing.is_empty() {
+                    tracing::info!(worker, seq = env.seq, message_id = %env.id, "publishing a suspect message alone");
+                    alone = Some(env.seq);
+                    hand_over(relay, &mut lanes, &mut publishing, env);
+                } else if now >= since + SUSPECT_WAIT {
+                    tracing::warn!(worker, seq = env.seq, message_id = %env.id, in_flight = publishing.len(),
+                        "a suspect message waited too long to go alone; publishing it with the others");
+                    hand_over(relay, &mut lanes, &mut publishing, env);
+                } else {
+                    waiting_suspect = Some((env, since));
+                }
+            }
+        }
         // Broker trouble: once nothing is in flight, back off, then reconnect with a read.
         if let Some(reason) = &broker_trouble {
             if publishing.is_empty() {
                 let wait = broker_backoff.next_delay();
                 tracing::warn!(worker, error = %reason, retry_in = ?wait, "broker unavailable");
-                if let Some(env) = waiting_suspect.take() {
+                if let Some((env, _)) = waiting_suspect.take() {
                     lanes.released(&env);
                 }
                 lanes.drop_queued();
@@ -329,7 +342,7 @@ pub(crate) async fn run(
                 relay.publisher.stop_sending();
                 reading = None;
                 lanes.read_failed();
-                if let Some(env) = waiting_suspect.take() {
+                if let Some((env, _)) = waiting_suspect.take() {
                     lanes.released(&env);
                 }
                 lanes.drop_queued();
@@ -361,6 +374,17 @@ pub(crate) async fn run(
                     }
                     other => other,
                 };
+                // A suspect set aside from this message's lane shares what happens to the
+                // lane (a failure stops the key, a release lets its rows go).
+                if result.is_err()
+                    && waiting_suspect
+                        .as_ref()
+                        .is_some_and(|(s, _)| LaneId::of(s) == LaneId::of(&env))
+                {
+                    if let Some((suspect, _)) = waiting_suspect.take() {
+                        lanes.put_back(suspect);
+                    }
+                }
                 match result {
                     Ok(sent) => {
                         crate::metrics::published(&env.topic, sent, env.age());
@@ -478,6 +502,8 @@ pub(crate) async fn run(
             _ = tokio::time::sleep_until(next_round_at.unwrap_or(now).into()),
                 if next_round_at.is_some_and(|t| t > now) && !publishing.is_empty() => {}
             _ = tokio::time::sleep_until(pause_until.unwrap_or(read_at).into()), if pause_until.is_some() => {}
+            _ = tokio::time::sleep_until(waiting_suspect.as_ref().map_or(now, |w| w.1 + SUSPECT_WAIT).into()),
+                if waiting_suspect.is_some() => {}
             _ = tokio::time::sleep_until((pending_since.unwrap_or(now) + SETTLE_LINGER).into()),
                 if pending_since.is_some() && settling.is_none() => {}
         }
