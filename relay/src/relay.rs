@@ -496,14 +496,37 @@ impl Relay {
         self.suspects.is_suspect(seq)
     }
 
-    /// Makes `seq` a suspect (see [`Suspects`]).
-    pub(crate) fn suspect(&self, seq: i64) {
-        self.suspects.suspect(seq);
-    }
-
-    /// `seq` was confirmed: no longer a suspect.
-    pub(crate) fn clear_suspect(&self, seq: i64) {
-        self.suspects.clear(seq);
+    /// What the suspect rule (see [`Suspects`]) makes of `seq`'s outcome. `alone`: it went
+    /// out as a suspect, with nothing else in flight. Lost with others, it becomes a suspect
+    /// (no attempt); lost alone, the loss is its own (a failed attempt); confirmed, or dead
+    /// for a reason of its own, it is a suspect no more.
+    pub(crate) fn under_suspicion<T>(
+        &self,
+        seq: i64,
+        alone: bool,
+        result: Result<T, PublishError>,
+    ) -> Result<T, PublishError> {
+        match result {
+            Ok(done) => {
+                if alone {
+                    self.suspects.clear(seq);
+                }
+                Ok(done)
+            }
+            Err(PublishError::Disconnected(e)) if alone => Err(PublishError::Rejected(format!(
+                "the broker failed this message while it was the only one in flight: {e}"
+            ))),
+            Err(PublishError::Disconnected(e)) => {
+                self.suspects.suspect(seq);
+                Err(PublishError::Disconnected(e))
+            }
+            Err(e) => {
+                if alone && matches!(e, PublishError::Permanent(_) | PublishError::TooLarge(_)) {
+                    self.suspects.clear(seq);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Publishes one message under the suspect rule (see [`Suspects`]); returns how long
@@ -520,28 +543,7 @@ impl Relay {
             let sent = std::time::Instant::now();
             (self.publisher.publish(env).await, sent.elapsed())
         };
-        match result {
-            Ok(()) => {
-                if suspect {
-                    self.suspects.clear(env.seq);
-                }
-                Ok(sent)
-            }
-            Err(PublishError::Disconnected(e)) if suspect => Err(PublishError::Rejected(format!(
-                "the broker closed the connection while this message was the only one in \
-                 flight: {e}"
-            ))),
-            Err(PublishError::Disconnected(e)) => {
-                self.suspects.suspect(env.seq);
-                Err(PublishError::Disconnected(e))
-            }
-            Err(e) => {
-                if suspect && matches!(e, PublishError::Permanent(_) | PublishError::TooLarge(_)) {
-                    self.suspects.clear(env.seq);
-                }
-                Err(e)
-            }
-        }
+        self.under_suspicion(env.seq, suspect, result.map(|()| sent))
     }
 
     /// Settles, retrying while PostgreSQL is unreachable for up to one lease (after which

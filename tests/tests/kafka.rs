@@ -21,6 +21,38 @@ use outbox_tests::{
     Broker, TestDb,
 };
 
+/// The `Publisher` methods a test publisher takes from the relay's Kafka publisher in its
+/// `kafka` field; `publish` goes through the test publisher's own `send`.
+macro_rules! around_kafka {
+    () => {
+        fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
+            self.kafka.ready()
+        }
+
+        fn publish<'a>(
+            &'a self,
+            envelope: &'a Envelope,
+        ) -> BoxFuture<'a, Result<(), PublishError>> {
+            match self.send(envelope) {
+                Ok(confirm) => confirm,
+                Err(e) => async move { Err(e) }.boxed(),
+            }
+        }
+
+        fn key_depth(&self) -> u32 {
+            self.kafka.key_depth()
+        }
+
+        fn health(&self) -> BoxFuture<'_, Result<(), String>> {
+            self.kafka.health()
+        }
+
+        fn close(&self) -> BoxFuture<'_, ()> {
+            self.kafka.close()
+        }
+    };
+}
+
 /// The relay's Kafka publisher, counting the messages handed to it and the most it had out
 /// at once; a message's confirm is held back until the gate is open.
 struct Watched {
@@ -50,20 +82,7 @@ impl Watched {
 }
 
 impl Publisher for Watched {
-    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
-        self.kafka.ready()
-    }
-
-    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
-        match self.send(envelope) {
-            Ok(confirm) => confirm,
-            Err(e) => async move { Err(e) }.boxed(),
-        }
-    }
-
-    fn key_depth(&self) -> u32 {
-        self.kafka.key_depth()
-    }
+    around_kafka!();
 
     fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
         let confirm = self.kafka.send(envelope)?;
@@ -78,14 +97,6 @@ impl Publisher for Watched {
             result
         }
         .boxed())
-    }
-
-    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
-        self.kafka.health()
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        self.kafka.close()
     }
 }
 
@@ -531,20 +542,7 @@ struct Replaced {
 }
 
 impl Publisher for Replaced {
-    fn ready(&self) -> BoxFuture<'_, Result<(), PublishError>> {
-        self.kafka.ready()
-    }
-
-    fn publish<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), PublishError>> {
-        match self.send(envelope) {
-            Ok(confirm) => confirm,
-            Err(e) => async move { Err(e) }.boxed(),
-        }
-    }
-
-    fn key_depth(&self) -> u32 {
-        self.kafka.key_depth()
-    }
+    around_kafka!();
 
     fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
         let n = self.sends.fetch_add(1, Ordering::SeqCst) + 1;
@@ -567,14 +565,6 @@ impl Publisher for Replaced {
             ))
         }
         .boxed())
-    }
-
-    fn health(&self) -> BoxFuture<'_, Result<(), String>> {
-        self.kafka.health()
-    }
-
-    fn close(&self) -> BoxFuture<'_, ()> {
-        self.kafka.close()
     }
 }
 

@@ -121,7 +121,7 @@ pub(crate) async fn run(
     // The publisher answered `ready` since the last trouble.
     let mut broker_ok = false;
     let mut fatal: Option<String> = None;
-    // With a pipelining publisher, the suspect rule (see `Relay::publish_one`): a suspect
+    // With a pipelining publisher, the suspect rule (see `Relay::under_suspicion`): a suspect
     // taken from its lane waits here until nothing else is out, then goes alone; nothing
     // else starts while it is out.
     let mut waiting_suspect: Option<(Envelope, Instant)> = None;
@@ -353,35 +353,18 @@ pub(crate) async fn run(
                 if was_alone {
                     alone = None;
                 }
-                // The suspect rule for a pipelining publisher: a message refused in a
-                // request with others ("disconnected") is let go without an attempt and
-                // becomes a suspect; refused again while alone, the refusal is its own.
-                let result = match result {
-                    Ok(sent) => {
-                        if was_alone {
-                            relay.clear_suspect(env.seq);
-                        }
-                        Ok(sent)
-                    }
-                    Err(PublishError::Disconnected(e)) if pipelined && was_alone => {
-                        Err(PublishError::Rejected(format!(
-                            "refused while it was the only message out: {e}"
-                        )))
-                    }
-                    Err(PublishError::Disconnected(e)) if pipelined => {
-                        relay.suspect(env.seq);
-                        Err(PublishError::Disconnected(e))
-                    }
-                    other => other,
+                // A pipelining publisher's outcomes go through the suspect rule here (the
+                // other kind applies it in `Relay::publish_one`).
+                let result = if pipelined {
+                    relay.under_suspicion(env.seq, was_alone, result)
+                } else {
+                    result
                 };
                 // A suspect set aside from this message's lane shares what happens to the
                 // lane (a failure stops the key, a release lets its rows go).
-                if result.is_err()
-                    && waiting_suspect
-                        .as_ref()
-                        .is_some_and(|(s, _)| LaneId::of(s) == LaneId::of(&env))
-                {
-                    if let Some((suspect, _)) = waiting_suspect.take() {
+                if result.is_err() {
+                    let same_lane = |(s, _): &mut (Envelope, Instant)| LaneId::of(s) == LaneId::of(&env);
+                    if let Some((suspect, _)) = waiting_suspect.take_if(same_lane) {
                         lanes.put_back(suspect);
                     }
                 }
@@ -591,7 +574,6 @@ fn share(
         .collect()
 }
 
-/// Awaits the future in `slot`, or never when there is none.
 /// Hands `env` to a pipelining publisher; its outcome joins `publishing`. Returns the
 /// refusal when the publisher would not take it: nothing later of its key may go before
 /// that outcome is taken in, so the key stops.
@@ -619,6 +601,7 @@ fn hand_over<'a>(
     }
 }
 
+/// Awaits the future in `slot`, or never when there is none.
 async fn maybe<T>(slot: &mut Option<Boxed<'_, T>>) -> T {
     match slot {
         Some(f) => f.await,

@@ -340,13 +340,18 @@ impl Inner {
     /// relay stops and names the missing permission. Anything else: [`Inner::renew`].
     fn fatal(&self, failed: &RelayProducer, code: RDKafkaErrorCode, reason: &str) -> PublishError {
         if code == RDKafkaErrorCode::ClusterAuthorizationFailed {
-            return PublishError::Fatal(format!(
-                "Kafka at {} refused the relay's idempotent writes: {reason} (grant its \
-                 principal IdempotentWrite on the cluster)",
-                self.brokers
-            ));
+            return self.cluster_refused(reason);
         }
         self.renew(failed, code, reason)
+    }
+
+    /// The relay may not write idempotently on this cluster: it stops and says why.
+    fn cluster_refused(&self, reason: &str) -> PublishError {
+        PublishError::Fatal(format!(
+            "Kafka at {} refused the relay's idempotent writes: {reason} (grant its principal \
+             IdempotentWrite on the cluster)",
+            self.brokers
+        ))
     }
 
     /// An idempotent producer that hit a fatal error (e.g. the broker lost its producer
@@ -391,11 +396,7 @@ impl Inner {
             }
             // Idempotent writes refused on the whole cluster: no message can go, so the relay
             // stops and says why, rather than parking every message in turn.
-            Some(C::ClusterAuthorizationFailed) => PublishError::Fatal(format!(
-                "Kafka at {} refused the relay's idempotent writes: {reason} (grant its \
-                 principal IdempotentWrite on the cluster)",
-                self.brokers
-            )),
+            Some(C::ClusterAuthorizationFailed) => self.cluster_refused(&reason),
             Some(C::InvalidTopic) => PublishError::Permanent(reason),
             Some(C::PurgeQueue | C::PurgeInflight) => PublishError::Unavailable(format!(
                 "{reason}: let go by the producer (the relay is stopping, or the producer was \
