@@ -8,6 +8,8 @@ cd "$ROOT"
 export OUTBOX_STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack-test}
 # The suite tests both brokers: the Kafka-protocol broker is always built and started.
 export OUTBOX_STACK_KAFKA=1
+# Its broker checks records against per-topic JSON schemas (a broker that refuses a message).
+export OUTBOX_STACK_KAFKA_SCHEMAS=1
 
 scripts/stack.sh install
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
