@@ -14,6 +14,8 @@
 #   scripts/stack.sh restart rabbitmq|kafka|postgres
 #                              restart one server in place (same port and data); the
 #                              Kafka-protocol broker is killed with SIGKILL, as in a crash
+#   scripts/stack.sh rabbitmqctl ARGS...
+#                              rabbitmqctl against the stack's node (e.g. to raise an alarm)
 #   scripts/stack.sh reset kafka
 #                              stop the Kafka-protocol broker, drop its data, start it afresh
 #                              on the same port (a clean broker for the next suite)
@@ -140,6 +142,8 @@ ssl_cert_file = 'server.crt'
 ssl_key_file = 'server.key'
 unix_socket_directories = '$data'
 max_connections = 300
+# Two-phase commit, for the test of producers under an XA/JTA transaction manager.
+max_prepared_transactions = 10
 fsync = on
 shared_buffers = 256MB
 log_min_messages = warning
@@ -391,6 +395,8 @@ EOF
     echo "export KAFKA_BROKERS=127.0.0.1:$(cat "$STACK_DIR/kafka.port")" >>"$ENV_FILE"
     if [ "${OUTBOX_STACK_KAFKA_SCHEMAS:-0}" = 1 ]; then
       echo "export OUTBOX_TEST_KAFKA_SCHEMAS=$STACK_DIR/kafka/schemas" >>"$ENV_FILE"
+      # The broker's storage, for tests that inject a storage failure (a record it refuses).
+      echo "export OUTBOX_TEST_KAFKA_STORAGE_URL=postgres://postgres@127.0.0.1:$(cat "$STACK_DIR/kafka-pg.port")/postgres?sslmode=disable" >>"$ENV_FILE"
     fi
   fi
 }
@@ -494,5 +500,6 @@ case "${1:-}" in
   env) cat "$ENV_FILE" ;;
   restart) restart "${2:-}" ;;
   reset) reset "${2:-}" ;;
-  *) echo "usage: $0 install|up [--no-kafka]|down|env|logs|restart rabbitmq|kafka|postgres|reset kafka" >&2; exit 2 ;;
+  rabbitmqctl) shift; rabbit_ctl "$@" ;;
+  *) echo "usage: $0 install|up [--no-kafka]|down|env|logs|restart rabbitmq|kafka|postgres|reset kafka|rabbitmqctl ARGS" >&2; exit 2 ;;
 esac

@@ -39,6 +39,13 @@ log=$OUTBOX_STACK_DIR/cargo-test.log
 set +e
 cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 tests_rc=${PIPESTATUS[0]}
+# The tests that stop the shared brokers or raise an alarm on them, one at a time, alone.
+if [ $# = 0 ]; then
+  echo "== serial tests (brokers stopped and alarmed)"
+  cargo test -p outbox-tests --test serial --locked -- --ignored --test-threads=1 2>&1 | tee -a "$log"
+  serial_rc=${PIPESTATUS[0]}
+  [ "$serial_rc" = 0 ] || tests_rc=$serial_rc
+fi
 set -e
 
 # The chaos suite, small, against each broker: relays killed, the broker and PostgreSQL

@@ -38,6 +38,7 @@ mod error;
 mod message;
 pub mod migrate;
 mod schema;
+pub mod wire;
 
 pub use error::{Error, InvalidMessage, InvalidSchema};
 pub use message::{
@@ -161,6 +162,18 @@ impl Outbox {
                 seq: seq_of[id],
             })
             .collect())
+    }
+
+    /// Turns the wake-up off for the rest of the caller's transaction: its commit (or its
+    /// `PREPARE TRANSACTION`) sends no `NOTIFY`, and idle relays find its messages by
+    /// polling, within `relay.poll_interval`. Needed by producers under two-phase commit
+    /// (XA/JTA transaction managers): PostgreSQL refuses to prepare a transaction that ran
+    /// `NOTIFY`. The same as `SET LOCAL outbox.wakeup = 'off'` in plain SQL (schema version 4).
+    pub async fn skip_wakeup<'e, E: PgExecutor<'e>>(&self, executor: E) -> Result<(), Error> {
+        sqlx::query("SELECT set_config('outbox.wakeup', 'off', true)")
+            .execute(executor)
+            .await?;
+        Ok(())
     }
 
     /// Creates the schema and applies pending migrations; returns the versions applied now.

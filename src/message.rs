@@ -108,10 +108,7 @@ impl Message {
                 field: "header name",
             });
         }
-        if name
-            .to_ascii_lowercase()
-            .starts_with(RESERVED_HEADER_PREFIX)
-        {
+        if crate::wire::is_reserved(&name) {
             return Err(InvalidMessage::ReservedHeader { name });
         }
         if value.len() > MAX_HEADER_VALUE_BYTES {

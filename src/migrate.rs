@@ -32,10 +32,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0003_held_back.sql",
         sql: include_str!("../migrations/0003_held_back.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_wakeup_opt_out.sql",
+        sql: include_str!("../migrations/0004_wakeup_opt_out.sql"),
+    },
 ];
 
 /// The newest schema version this library ships.
-pub const LATEST_VERSION: i32 = 3;
+pub const LATEST_VERSION: i32 = 4;
 
 /// Creates `schema` if needed and applies the migrations it has not seen yet, each in its
 /// own transaction, recording them in `schema.schema_migrations`. Safe to call from several

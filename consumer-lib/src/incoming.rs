@@ -30,7 +30,7 @@ impl Incoming {
         let message_id = headers
             .get(crate::MESSAGE_ID_HEADER)
             .and_then(|v| v.parse().ok());
-        let key = headers.get("outbox-key").cloned();
+        let key = headers.get(outbox::wire::HEADER_KEY).cloned();
         Self {
             message_id,
             source: source.into(),

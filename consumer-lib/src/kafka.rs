@@ -608,7 +608,7 @@ fn key_lane(m: &OwnedMessage, lanes: usize) -> usize {
     use std::hash::{Hash, Hasher};
     let header = m.headers().and_then(|h| {
         h.iter()
-            .find(|h| h.key == "outbox-key")
+            .find(|h| h.key == outbox::wire::HEADER_KEY)
             .and_then(|h| h.value)
     });
     let mut h = std::collections::hash_map::DefaultHasher::new();

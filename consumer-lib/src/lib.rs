@@ -64,4 +64,4 @@ pub use letters::{DeadLetter, DeadLetters, LetterFilter};
 pub use replay::{Replay, ReplayOutcome};
 
 /// The header every relayed message carries its id in; deduplicate on it.
-pub const MESSAGE_ID_HEADER: &str = "outbox-id";
+pub const MESSAGE_ID_HEADER: &str = outbox::wire::HEADER_ID;

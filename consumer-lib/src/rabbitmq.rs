@@ -272,7 +272,7 @@ fn lane_of(d: &Delivery, lanes: usize) -> usize {
         _ => None,
     };
     let mut h = DefaultHasher::new();
-    header("outbox-key")
+    header(outbox::wire::HEADER_KEY)
         .or_else(|| header(crate::MESSAGE_ID_HEADER))
         .unwrap_or_else(|| d.delivery_tag.to_be_bytes().to_vec())
         .hash(&mut h);

@@ -550,8 +550,7 @@ fn log_settings(s: &Settings) {
         broker = ?s.broker,
         database = %redact_url(s.database.url.as_ref().map(|u| u.expose_secret()).unwrap_or("")),
         schema = %s.database.schema,
-        rabbitmq = %redact_url(s.rabbitmq.url.as_ref().map(|u| u.expose_secret()).unwrap_or("")),
-        kafka = s.kafka.brokers.as_deref().unwrap_or(""),
+        broker_at = %broker_at(s),
         batch_size = s.relay.batch_size,
         workers = s.relay.workers,
         lease = ?s.relay.lease,
@@ -562,11 +561,44 @@ fn log_settings(s: &Settings) {
     );
 }
 
+/// Where the configured broker is, for the start-up line (the other broker's settings are
+/// not shown: they are not used).
+fn broker_at(s: &Settings) -> String {
+    match s.broker {
+        crate::config::BrokerKind::Rabbitmq => redact_url(
+            s.rabbitmq
+                .url
+                .as_ref()
+                .map(|u| u.expose_secret())
+                .unwrap_or(""),
+        ),
+        crate::config::BrokerKind::Kafka => s.kafka.brokers.clone().unwrap_or_default(),
+    }
+}
+
+/// Checks the TLS files the database URL names (`sslrootcert`, `sslcert`, `sslkey`), so that
+/// a missing one is named with its path rather than reported as a bare "No such file".
+fn url_tls_files(raw: &str, shown: &str) -> anyhow::Result<()> {
+    let Ok(url) = url::Url::parse(raw) else {
+        return Ok(());
+    };
+    for (name, path) in url.query_pairs() {
+        if !matches!(name.as_ref(), "sslrootcert" | "sslcert" | "sslkey") || path == "system" {
+            continue;
+        }
+        if let Err(e) = std::fs::File::open(path.as_ref()) {
+            bail!("database.url ({shown}): {name} file {path} cannot be read: {e}");
+        }
+    }
+    Ok(())
+}
+
 fn pool_options(settings: &Settings) -> anyhow::Result<(PgPoolOptions, PgConnectOptions, String)> {
     let db = &settings.database;
     let url = db.connection_url().map_err(anyhow::Error::msg)?;
     let raw = url.expose_secret();
     let shown = redact_url(raw);
+    url_tls_files(raw, &shown)?;
     let mut connect = PgConnectOptions::from_str(raw)
         .map_err(|e| anyhow::anyhow!("database.url ({shown}) is not a usable PostgreSQL URL: {e}"))?
         .application_name("outbox-relay");

@@ -299,6 +299,17 @@ impl RabbitMqSettings {
     }
 }
 
+impl Settings {
+    /// The PostgreSQL connections the relay may hold at once: 2 per worker (a read and a
+    /// settle under way together), 1 for the partition keeper, 1 held by LISTEN when
+    /// `relay.listen` is on, and 4 for the chores and probes that may run at the same time
+    /// (purge, held-back sweep, backlog gauges, the readiness probe). A pool this size never
+    /// makes the lease keeper wait for a connection, so leases never expire under load.
+    pub fn connections_needed(&self) -> u32 {
+        2 * self.relay.workers + 1 + u32::from(self.relay.listen) + 4
+    }
+}
+
 impl DatabaseSettings {
     /// `url`, with the password from `password_file` when that is set.
     pub fn connection_url(&self) -> Result<SecretString, String> {
@@ -617,12 +628,25 @@ impl Settings {
                 "database.max_connections must be between 1 and 1000 (got {})",
                 self.database.max_connections
             ));
-        } else if self.database.max_connections < 2 * self.relay.workers + 1 {
+        } else if self.database.max_connections < self.connections_needed() {
             p.push(format!(
-                "database.max_connections ({}) must be at least 2 × relay.workers + 1 ({}): \
-                 each worker reads and settles at once",
+                "database.max_connections ({}) must be at least {} with relay.workers = {}{}: \
+                 2 per worker (each reads and settles at once), 1 for the partition keeper{}, \
+                 and 4 for the chores and probes (purge, held-back sweep, backlog gauges, \
+                 readiness), so that renewing the leases never waits for a connection",
                 self.database.max_connections,
-                2 * self.relay.workers + 1
+                self.connections_needed(),
+                self.relay.workers,
+                if self.relay.listen {
+                    " and relay.listen on"
+                } else {
+                    ""
+                },
+                if self.relay.listen {
+                    ", 1 held by LISTEN for wake-ups"
+                } else {
+                    ""
+                },
             ));
         }
         positive(
@@ -879,6 +903,12 @@ pub fn check_kafka_property(name: &str, value: &str) -> Result<(), String> {
         {
             Err("must be 1 to 5 with the idempotent producer".into())
         }
+        "partitioner" if !KEYED_PARTITIONERS.contains(&value) => Err(format!(
+            "must place a message by its key ({}): {value:?} ignores the key, so a key's \
+             messages, sent without waiting for each confirm, would land in different \
+             partitions and could be read out of order",
+            KEYED_PARTITIONERS.join(", ")
+        )),
         "enable.gapless.guarantee" if value != "true" => Err(
             "must stay true: the relay sends a key's messages without waiting for each \
              confirm, and this keeps a failed message from leaving a gap before later ones"
@@ -894,6 +924,17 @@ pub fn check_kafka_property(name: &str, value: &str) -> Result<(), String> {
         _ => Ok(()),
     }
 }
+
+/// librdkafka's partitioners that place a keyed message by a hash of its key (the
+/// `_random` ones spread only unkeyed messages at random).
+const KEYED_PARTITIONERS: &[&str] = &[
+    "murmur2_random",
+    "murmur2",
+    "consistent_random",
+    "consistent",
+    "fnv1a_random",
+    "fnv1a",
+];
 
 /// Checks that a configured file can be read, naming the setting and the file.
 fn readable(p: &mut Vec<String>, name: &str, path: Option<&Path>) {
@@ -1153,6 +1194,13 @@ mod tests {
         // A key's messages are pipelined: no gap may open before them, and none may time out.
         assert!(check_kafka_property("enable.gapless.guarantee", "false").is_err());
         assert!(check_kafka_property("enable.gapless.guarantee", "true").is_ok());
+        for refused in ["random", "RANDOM", "custom"] {
+            let e = check_kafka_property("partitioner", refused).unwrap_err();
+            assert!(e.contains("ignores the key"), "{refused}: {e}");
+        }
+        for kept in KEYED_PARTITIONERS {
+            assert!(check_kafka_property("partitioner", kept).is_ok(), "{kept}");
+        }
         assert!(check_kafka_property("message.timeout.ms", "30000").is_err());
         assert!(check_kafka_property("compression.type", "zstd").is_ok());
     }

@@ -5,14 +5,7 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-/// Wire header carrying the message id (also the AMQP `message-id` property).
-pub const HEADER_ID: &str = "outbox-id";
-/// Wire header carrying the outbox topic.
-pub const HEADER_TOPIC: &str = "outbox-topic";
-/// Wire header carrying the ordering key, when there is one.
-pub const HEADER_KEY: &str = "outbox-key";
-/// Wire header carrying the outbox `seq` (per-key order follows it).
-pub const HEADER_SEQ: &str = "outbox-seq";
+pub use outbox::wire::{HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC};
 
 /// One message as claimed from the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +35,16 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// The user headers that go on the wire: every one but those with a reserved name
+    /// ([`outbox::wire::is_reserved`]), which a plain-SQL writer may have put in the row and
+    /// which the relay sets itself, so that a message carries exactly one of each.
+    pub fn wire_headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers
+            .iter()
+            .filter(|(name, _)| !outbox::wire::is_reserved(name))
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+    }
+
     /// Time since the row was written, by this machine's clock (`None` if that clock is
     /// behind the database's).
     pub fn age(&self) -> Option<std::time::Duration> {

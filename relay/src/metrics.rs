@@ -34,6 +34,9 @@ pub const PARTITIONS_OWNED: &str = "outbox_partitions_owned";
 pub const RELAYS_LIVE: &str = "outbox_relays_live";
 /// 1 while the broker connection is up, 0 otherwise.
 pub const BROKER_UP: &str = "outbox_broker_up";
+/// 1 while the broker holds publishing back (RabbitMQ's `connection.blocked`, sent on a
+/// memory or disk alarm), 0 otherwise: an outage the relay waits out without reconnecting.
+pub const BROKER_BLOCKED: &str = "outbox_broker_blocked";
 /// New broker connections after the first (reconnects), and replaced Kafka producers.
 pub const BROKER_RECONNECTS: &str = "outbox_broker_reconnects_total";
 /// Time from sending a message to the broker's confirm, by `topic`.
@@ -81,6 +84,10 @@ pub fn describe() {
     describe_gauge!(PARTITIONS_OWNED, "Partitions this relay holds a lease on");
     describe_gauge!(RELAYS_LIVE, "Relays that heartbeated within their lease");
     describe_gauge!(BROKER_UP, "1 while the broker connection is up");
+    describe_gauge!(
+        BROKER_BLOCKED,
+        "1 while the broker holds publishing back (RabbitMQ connection.blocked: a memory or disk alarm)"
+    );
     describe_counter!(BROKER_RECONNECTS, "Broker reconnects");
     describe_histogram!(
         PUBLISH_DURATION,
@@ -156,6 +163,11 @@ pub fn partitions_owned(n: usize) {
 /// Whether the broker connection is up.
 pub fn broker_up(up: bool) {
     gauge!(BROKER_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Whether the broker holds publishing back (see [`BROKER_BLOCKED`]).
+pub fn broker_blocked(blocked: bool) {
+    gauge!(BROKER_BLOCKED).set(if blocked { 1.0 } else { 0.0 });
 }
 
 /// A new broker connection after the first one.

@@ -917,13 +917,17 @@ fn panic_message(join: tokio::task::JoinError) -> String {
         .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
-/// An error and its sources on one line.
+/// An error and its sources on one line; a source whose text the line already holds (many
+/// errors repeat their source's message in their own) is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = s.source();
     }
     out
@@ -969,6 +973,27 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("invalid peer certificate: UnknownIssuer")]
+        struct Verdict;
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Repeats(#[source] Verdict);
+        #[derive(Debug, thiserror::Error)]
+        #[error("TLS handshake failed")]
+        struct Context(#[source] Repeats);
+        assert_eq!(
+            error_chain(&Repeats(Verdict)),
+            "invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(
+            error_chain(&Context(Repeats(Verdict))),
+            "TLS handshake failed: invalid peer certificate: UnknownIssuer"
+        );
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_and_resets() {

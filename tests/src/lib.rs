@@ -338,8 +338,10 @@ pub struct Received {
     pub seq: i64,
     /// The `outbox-topic` header.
     pub topic: String,
-    /// Every header, as strings.
+    /// Every header, as strings (of a name that came twice, the last value).
     pub headers: BTreeMap<String, String>,
+    /// Every header name in the order the message carried them, repeats included.
+    pub header_names: Vec<String>,
     /// The `content-type` property.
     pub content_type: Option<String>,
     /// The `delivery-mode` property (2 = persistent).
@@ -520,8 +522,10 @@ impl Consumer {
 
 fn decode(d: &lapin::message::Delivery) -> Received {
     let mut headers = BTreeMap::new();
+    let mut header_names = Vec::new();
     if let Some(table) = d.properties.headers() {
         for (k, v) in table.inner() {
+            header_names.push(k.to_string());
             let value = match v {
                 AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
                 other => format!("{other:?}"),
@@ -547,6 +551,7 @@ fn decode(d: &lapin::message::Delivery) -> Received {
         content_type: d.properties.content_type().as_ref().map(|s| s.to_string()),
         delivery_mode: *d.properties.delivery_mode(),
         headers,
+        header_names,
         payload: d.data.clone(),
         exchange: d.exchange.to_string(),
         routing_key: d.routing_key.to_string(),
@@ -711,8 +716,10 @@ async fn kafka_read(topic: &str, received: Arc<Mutex<Vec<Received>>>) {
                 }
             };
             let mut headers = BTreeMap::new();
+            let mut header_names = Vec::new();
             if let Some(h) = m.headers() {
                 for header in h.iter() {
+                    header_names.push(header.key.to_owned());
                     let value = header
                         .value
                         .map(|v| String::from_utf8_lossy(v).into_owned())
@@ -743,6 +750,7 @@ async fn kafka_read(topic: &str, received: Arc<Mutex<Vec<Received>>>) {
                 routing_key: m.topic().to_owned(),
                 partition: Some(m.partition()),
                 headers,
+                header_names,
             });
         }
     });

@@ -606,8 +606,6 @@ async fn a_producer_replaced_mid_round_does_not_let_later_messages_overtake() {
 /// order.
 #[tokio::test]
 async fn a_record_the_broker_refuses_dies_alone_and_the_others_arrive() {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let db = TestDb::new().await;
     let checked = topic("checked");
     let schemas = std::env::var("OUTBOX_TEST_KAFKA_SCHEMAS")
         .expect("OUTBOX_TEST_KAFKA_SCHEMAS: run with scripts/test.sh");
@@ -616,29 +614,81 @@ async fn a_record_the_broker_refuses_dies_alone_and_the_others_arrive() {
         r#"{"type": "object", "properties": {"value": {"type": "object"}}}"#,
     )
     .unwrap();
-    // One partition: the refused record shares its produce requests with the others.
+    let poison = Message::new(&checked, b"not json".to_vec())
+        .unwrap()
+        .with_key("bad")
+        .unwrap();
+    refused_alone_while_the_others_arrive(&checked, poison, "InvalidRecord").await;
+}
+
+/// A record the broker fails to store, and answers with an unknown error, every time it is
+/// in a produce request (here its storage refuses the record's key; a record with a header
+/// name twice did the same). librdkafka fails the whole producer each time; the relay
+/// replaces it, and the request's messages become suspects: the record goes alone, is charged
+/// each time it fails alone, and ends dead, while the rest of its partition keeps flowing and
+/// no other message is charged.
+#[tokio::test]
+async fn a_record_that_fails_the_producer_every_time_dies_alone_and_its_partition_flows() {
+    let storage = std::env::var("OUTBOX_TEST_KAFKA_STORAGE_URL")
+        .expect("OUTBOX_TEST_KAFKA_STORAGE_URL: run with scripts/test.sh");
+    let broker_db = sqlx::PgPool::connect(&storage).await.unwrap();
+    // Fault injection in the broker's own storage: records keyed `refused-by-storage-…` fail.
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION outbox_test_refuse_record() RETURNS trigger
+             LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.k IS NOT NULL
+                AND position(convert_to('refused-by-storage-', 'UTF8') IN NEW.k) = 1 THEN
+                 RAISE EXCEPTION 'outbox test: this record is refused by the storage';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE OR REPLACE TRIGGER outbox_test_refuse_record BEFORE INSERT ON record
+             FOR EACH ROW EXECUTE FUNCTION outbox_test_refuse_record();",
+    )
+    .execute(&broker_db)
+    .await
+    .unwrap();
+    let checked = topic("stored");
+    let poison = Message::new(&checked, b"{}".to_vec())
+        .unwrap()
+        .with_key(format!(
+            "refused-by-storage-{}",
+            uuid::Uuid::new_v4().simple()
+        ))
+        .unwrap();
+    refused_alone_while_the_others_arrive(&checked, poison, "").await;
+}
+
+/// Writes `poison` among 60 messages (40 of them to `checked`, a topic of one partition, so
+/// that it shares produce requests with them), and checks that it ends dead after
+/// `retry.max_attempts` with `reason` in its error, that every other message arrives in key
+/// order, and that none of them was charged an attempt.
+async fn refused_alone_while_the_others_arrive(checked: &str, poison: Message, reason: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let db = TestDb::new().await;
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", outbox_tests::kafka_brokers())
         .create()
         .unwrap();
     admin
         .create_topics(
-            &[NewTopic::new(&checked, 1, TopicReplication::Fixed(1))],
+            &[NewTopic::new(checked, 1, TopicReplication::Fixed(1))],
             &AdminOptions::new(),
         )
         .await
         .unwrap();
     let other = topic("unchecked");
     let consumer = Broker::Kafka.consumer().await;
-    consumer.queue(&checked).await;
+    consumer.queue(checked).await;
     consumer.queue(&other).await;
     let mut msgs = Vec::new();
     for i in 0..60 {
         // Keys of one topic each: across two topics, arrival order says nothing.
         let (t, key) = if i % 3 == 0 {
-            (&other, format!("o{}", i % 4))
+            (other.as_str(), format!("o{}", i % 4))
         } else {
-            (&checked, format!("c{}", i % 4))
+            (checked, format!("c{}", i % 4))
         };
         msgs.push(
             Message::new(t, format!("{{\"n\": {i}}}").into_bytes())
@@ -647,10 +697,6 @@ async fn a_record_the_broker_refuses_dies_alone_and_the_others_arrive() {
                 .unwrap(),
         );
     }
-    let poison = Message::new(&checked, b"not json".to_vec())
-        .unwrap()
-        .with_key("bad")
-        .unwrap();
     let mut all = msgs.clone();
     all.insert(5, poison.clone());
     enqueue_all(&db, &all).await;
@@ -682,10 +728,7 @@ async fn a_record_the_broker_refuses_dies_alone_and_the_others_arrive() {
         .await;
     relay.stop().await;
     assert_eq!(dead.1, s.retry.max_attempts as i32, "{dead:?}");
-    assert!(
-        dead.2.as_deref().unwrap_or("").contains("InvalidRecord"),
-        "{dead:?}"
-    );
+    assert!(dead.2.as_deref().unwrap_or("").contains(reason), "{dead:?}");
     let ids: std::collections::HashSet<_> = got.iter().map(|r| r.id).collect();
     assert!(msgs.iter().all(|m| ids.contains(&m.id())));
     assert!(!ids.contains(&poison.id()), "the refused message arrived");

@@ -378,6 +378,62 @@ async fn the_documented_plain_sql_insert_is_relayed(b: Broker) {
     assert_eq!(r.content_type.as_deref(), Some("application/json"));
 }
 
+/// A plain-SQL writer can put the relay's own header names in `headers` (the Rust API
+/// refuses them). The wire carries exactly one of each, with the relay's value: a consumer
+/// never deduplicates on a forged id, and Kafka, which keeps duplicate names, gets none.
+async fn reserved_headers_written_in_sql_are_the_relays_on_the_wire(b: Broker) {
+    let db = TestDb::new().await;
+    let t = topic("forged");
+    let consumer = b.consumer().await;
+    consumer.queue(&t).await;
+    let forged = Uuid::new_v4();
+    let id = Uuid::new_v4();
+    let headers = serde_json::json!({
+        "outbox-id": forged.to_string(),
+        "outbox-key": "someone-else",
+        "outbox-topic": "elsewhere",
+        "Outbox-Seq": "1",
+        "content-type": "text/forged",
+        "traceparent": "00-1-2-01",
+    });
+    sqlx::query(&outbox_tests::readme_sql("insert"))
+        .bind(id)
+        .bind(&t)
+        .bind("order-9")
+        .bind(b"x".to_vec())
+        .bind(headers.to_string())
+        .bind("application/json")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let relay = start_relay(&b.settings(&db)).await;
+    let got = consumer.wait_for(1, WAIT).await;
+    relay.stop().await;
+    let r = &got[0];
+    assert_eq!(
+        (r.id, r.key.as_deref(), r.topic.as_str()),
+        (id, Some("order-9"), t.as_str()),
+        "the relay's values, not the row's forged ones"
+    );
+    assert_eq!(r.content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        r.headers.get("traceparent").map(String::as_str),
+        Some("00-1-2-01")
+    );
+    let mut names: Vec<String> = r.header_names.iter().map(|n| n.to_lowercase()).collect();
+    names.sort();
+    let mut once = names.clone();
+    once.dedup();
+    assert_eq!(
+        names, once,
+        "a header name came twice: {:?}",
+        r.header_names
+    );
+    for name in ["outbox-id", "outbox-key", "outbox-topic", "outbox-seq"] {
+        assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
+    }
+}
+
 /// `relay_once` on its own: one batch claimed, published and settled, with a report.
 async fn relay_once_reports_what_it_did(b: Broker) {
     let db = TestDb::new().await;
@@ -624,4 +680,74 @@ for_each_broker!(
     with_skip_policy_a_key_moves_past_its_dead_message,
     the_documented_plain_sql_insert_is_relayed,
     relay_once_reports_what_it_did,
+    reserved_headers_written_in_sql_are_the_relays_on_the_wire,
 );
+
+/// Waits until a relay on `db` has gone idle and registered for wake-ups.
+async fn wait_for_waiter(db: &TestDb) {
+    let start = Instant::now();
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM outbox.relay_waiters WHERE expires_at > now()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "the idle relay never registered as a waiter"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A producer under two-phase commit (an XA/JTA transaction manager) prepares its
+/// transaction while a relay waits for wake-ups: PostgreSQL refuses to PREPARE a transaction
+/// that ran NOTIFY, so the producer turns the wake-up off (`Outbox::skip_wakeup`, or
+/// `SET LOCAL outbox.wakeup = 'off'` in plain SQL), and polling delivers the message once
+/// `COMMIT PREPARED` makes it visible.
+#[tokio::test]
+async fn a_two_phase_commit_producer_can_write_while_a_relay_waits() {
+    let db = TestDb::new().await;
+    let t = topic("xa");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let relay = start_relay(&settings(&db)).await;
+    wait_for_waiter(&db).await;
+
+    let library = Message::new(&t, b"library".to_vec()).unwrap();
+    let plain_sql = Message::new(&t, b"plain".to_vec()).unwrap();
+    for (msg, how) in [(&library, "skip_wakeup"), (&plain_sql, "SET LOCAL")] {
+        let gid = format!("outbox-test-{}", Uuid::new_v4().simple());
+        let mut conn = db.pool.acquire().await.unwrap();
+        sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+        outbox::enqueue(&mut *conn, msg).await.unwrap();
+        if how == "skip_wakeup" {
+            Outbox::default().skip_wakeup(&mut *conn).await.unwrap();
+        } else {
+            sqlx::raw_sql("SET LOCAL outbox.wakeup = 'off'")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+        }
+        sqlx::raw_sql(&format!("PREPARE TRANSACTION '{gid}'"))
+            .execute(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("PREPARE TRANSACTION with the wake-up off ({how}): {e}"));
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            consumer.received().iter().all(|r| r.id != msg.id()),
+            "a prepared, uncommitted message ({how}) was published"
+        );
+        sqlx::raw_sql(&format!("COMMIT PREPARED '{gid}'"))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let got = consumer.wait_for(2, WAIT).await;
+    relay.stop().await;
+    let ids: HashSet<Uuid> = got.iter().map(|r| r.id).collect();
+    assert_eq!(ids, HashSet::from([library.id(), plain_sql.id()]));
+}

@@ -325,6 +325,10 @@ pub(crate) async fn run(
             break;
         }
 
+        let suspect_due = waiting_suspect
+            .as_ref()
+            .map(|w| w.1 + SUSPECT_WAIT)
+            .filter(|due| *due > now);
         tokio::select! {
             biased;
             _ = abort.cancelled(), if !aborted => {
@@ -485,8 +489,9 @@ pub(crate) async fn run(
             _ = tokio::time::sleep_until(next_round_at.unwrap_or(now).into()),
                 if next_round_at.is_some_and(|t| t > now) && !publishing.is_empty() => {}
             _ = tokio::time::sleep_until(pause_until.unwrap_or(read_at).into()), if pause_until.is_some() => {}
-            _ = tokio::time::sleep_until(waiting_suspect.as_ref().map_or(now, |w| w.1 + SUSPECT_WAIT).into()),
-                if waiting_suspect.is_some() => {}
+            // Armed only until the suspect's wait is over: after it, the suspect goes as soon
+            // as starts are allowed again, which something else wakes the loop for.
+            _ = tokio::time::sleep_until(suspect_due.unwrap_or(now).into()), if suspect_due.is_some() => {}
             _ = tokio::time::sleep_until((pending_since.unwrap_or(now) + SETTLE_LINGER).into()),
                 if pending_since.is_some() && settling.is_none() => {}
         }

@@ -29,7 +29,7 @@ use secrecy::ExposeSecret;
 use super::{Confirm, PublishError, Publisher};
 use crate::{
     config::KafkaSettings,
-    envelope::{Envelope, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
+    envelope::{Envelope, HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
     route::Template,
 };
 
@@ -211,11 +211,17 @@ impl Inner {
         }
         let id = env.id.to_string();
         let seq = env.seq.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(env.headers.len() + 4);
-        for (name, value) in &env.headers {
+        let mut headers = OwnedHeaders::new_with_capacity(env.headers.len() + 5);
+        // Kafka keeps duplicate header names (a consumer reading the first would take a
+        // forged one, and some brokers refuse the record), so the relay's own names are left
+        // out of the user's: `content-type` too, when the row sets `content_type`.
+        let ours = |name: &str| {
+            env.content_type.is_some() && name.eq_ignore_ascii_case(HEADER_CONTENT_TYPE)
+        };
+        for (name, value) in env.wire_headers().filter(|(name, _)| !ours(name)) {
             headers = headers.insert(Header {
                 key: name,
-                value: Some(value.as_str()),
+                value: Some(value),
             });
         }
         headers = headers
@@ -239,7 +245,7 @@ impl Inner {
         }
         if let Some(ct) = &env.content_type {
             headers = headers.insert(Header {
-                key: "content-type",
+                key: HEADER_CONTENT_TYPE,
                 value: Some(ct.as_str()),
             });
         }
@@ -297,7 +303,7 @@ impl Inner {
                     // an outage); charged, so would the others the broker refused in the
                     // same request. So it is a suspect: the relay publishes it again alone,
                     // and a refusal then is its own.
-                    if refused_for_good(&e) && !matches!(replaced, PublishError::Fatal(_)) {
+                    if refused_by_broker(&e) && !matches!(replaced, PublishError::Fatal(_)) {
                         return Err(PublishError::Disconnected(format!(
                             "{e} (Kafka topic {topic:?}): the broker refused the request that \
                              carried it, and the producer failed over it and was replaced"
@@ -425,22 +431,31 @@ impl Inner {
     }
 }
 
-/// The broker refused the request that carried this message, for a reason a retry of the
-/// same request cannot change.
-fn refused_for_good(e: &KafkaError) -> bool {
+/// The broker itself refused the request that carried this message (its answer, not a
+/// local failure of the client such as a purge, a timeout or a lost connection), for a reason
+/// that is not the producer's own state. Such a refusal can be the message's fault (an invalid
+/// record, one over a limit of the broker's, a topic it may not write, or a record the broker
+/// fails to store and answers with an unknown error), so the message becomes a suspect.
+/// Refusals over the producer's sequence numbers or epoch are the producer's: a new producer
+/// fixes them, and the message is let go without suspicion.
+fn refused_by_broker(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::InvalidRecord
-                | C::InvalidMessage
-                | C::InvalidMessageSize
-                | C::MessageSizeTooLarge
-                | C::PolicyViolation
-                | C::TopicAuthorizationFailed
-                | C::InvalidTopic
-        )
-    )
+    let Some(code) = e.rdkafka_error_code() else {
+        return false;
+    };
+    // librdkafka's own errors are below -1 (`Unknown`, -1, is the broker's unknown error).
+    let from_broker = code as i32 >= C::Unknown as i32 && code != C::NoError;
+    let producer_state = matches!(
+        code,
+        C::OutOfOrderSequenceNumber
+            | C::DuplicateSequenceNumber
+            | C::UnknownProducerId
+            | C::InvalidProducerEpoch
+            | C::InvalidProducerIdMapping
+            | C::ProducerFenced
+            | C::ClusterAuthorizationFailed
+    );
+    from_broker && !producer_state
 }
 
 impl Publisher for KafkaPublisher {
@@ -498,12 +513,16 @@ impl Publisher for KafkaPublisher {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
+            // Called after the last publish: whatever is still out was given up with the
+            // grace period (its rows stay pending), so the flush is brief and bounded, and a
+            // cluster that stopped answering cannot hold the shutdown.
             let producer = self.inner.producer.read().expect("lock poisoned").clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                producer.flush(Timeout::After(Duration::from_secs(5)))
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || producer.flush(Timeout::After(CLOSE_WAIT)))
+                .await;
         }
         .boxed()
     }
 }
+
+/// The longest [`Publisher::close`] waits for the producer's last deliveries.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);

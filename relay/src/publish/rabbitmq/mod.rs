@@ -106,7 +106,22 @@ impl RabbitMqPublisher {
 
     /// Drops the connection so that the next `ready` opens a new one.
     fn reset(&self) {
-        drop_live(&self.live, None);
+        drop_live(&self.live, None, self.close_wait());
+    }
+
+    /// The longest a close waits for the broker's Close-Ok: a broker that stopped answering
+    /// (its process stopped, its packets dropped) never sends it, and lapin's heartbeats stop
+    /// once closing starts, so an unbounded close would outlive any shutdown grace period.
+    fn close_wait(&self) -> Duration {
+        self.confirm_timeout.min(CLOSE_WAIT)
+    }
+
+    /// Why the broker is not ready, if it blocks the live connection.
+    fn blocked(&self) -> Option<String> {
+        let live = self.live.lock().expect("lock poisoned");
+        live.as_ref()
+            .filter(|l| l.connection.status().blocked())
+            .map(|_| blocked_reason(&self.shown_url))
     }
 
     async fn connect(&self) -> Result<(), PublishError> {
@@ -145,6 +160,8 @@ impl RabbitMqPublisher {
         let frame_max = connection.configuration().frame_max();
         let connection = Arc::new(connection);
         let live = Arc::downgrade(&self.live);
+        let close_wait = self.close_wait();
+        let shown_url = self.shown_url.clone();
         let queue = window::start(
             window::Shared {
                 connection: connection.clone(),
@@ -155,9 +172,18 @@ impl RabbitMqPublisher {
                 // replaced meanwhile.
                 reset: Box::new(move || {
                     if let Some(live) = live.upgrade() {
-                        drop_live(&live, Some(generation));
+                        drop_live(&live, Some(generation), close_wait);
                     }
                 }),
+                blocked: Box::new(move |blocked| {
+                    crate::metrics::broker_blocked(blocked);
+                    if blocked {
+                        tracing::warn!(url = %shown_url, "{}", blocked_reason(&shown_url));
+                    } else {
+                        tracing::info!(url = %shown_url, "RabbitMQ unblocked publishing; resuming");
+                    }
+                }),
+                close_wait,
             },
             self.channels,
         );
@@ -236,9 +262,21 @@ impl RabbitMqPublisher {
     }
 }
 
+/// The upper bound of [`RabbitMqPublisher::close_wait`].
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What a blocked connection means, for the log and the readiness probe.
+fn blocked_reason(shown_url: &str) -> String {
+    format!(
+        "RabbitMQ at {shown_url} blocked publishing (connection.blocked: the broker is low on \
+         memory or disk); waiting for it to clear the alarm, without reconnecting"
+    )
+}
+
 /// Takes the live connection (only generation `only`'s, when given) and closes it in the
-/// background; its channel workers stop once their queue is answered.
-fn drop_live(live: &Mutex<Option<Live>>, only: Option<u64>) {
+/// background, waiting at most `close_wait` for the broker; its channel workers stop once
+/// their queue is answered.
+fn drop_live(live: &Mutex<Option<Live>>, only: Option<u64>, close_wait: Duration) {
     let old = {
         let mut live = live.lock().expect("lock poisoned");
         if only.is_some() && live.as_ref().map(|l| l.generation) != only {
@@ -249,8 +287,10 @@ fn drop_live(live: &Mutex<Option<Live>>, only: Option<u64>) {
     crate::metrics::broker_up(false);
     if let Some(old) = old {
         drop(old.queue);
+        crate::metrics::broker_blocked(false);
         tokio::spawn(async move {
-            let _ = old.connection.close(200, "outbox-relay reconnecting").await;
+            let closing = old.connection.close(200, "outbox-relay reconnecting");
+            let _ = tokio::time::timeout(close_wait, closing).await;
         });
     }
 }
@@ -273,6 +313,9 @@ impl Publisher for RabbitMqPublisher {
 
     fn health(&self) -> BoxFuture<'_, Result<(), String>> {
         async move {
+            if let Some(blocked) = self.blocked() {
+                return Err(blocked);
+            }
             if self.connected() {
                 return Ok(());
             }
@@ -291,10 +334,14 @@ impl Publisher for RabbitMqPublisher {
             let live = self.live.lock().expect("lock poisoned").take();
             if let Some(live) = live {
                 drop(live.queue);
-                let _ = live
-                    .connection
-                    .close(200, "outbox-relay shutting down")
-                    .await;
+                let closing = live.connection.close(200, "outbox-relay shutting down");
+                if tokio::time::timeout(self.close_wait(), closing)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(url = %self.shown_url, wait = ?self.close_wait(),
+                        "RabbitMQ did not answer the connection close; leaving it");
+                }
             }
         }
         .boxed()
@@ -338,7 +385,7 @@ fn check_limits(
     }
     // Each header: name (short string), a type tag, a 4-byte length and the value.
     let mut table = 0usize;
-    for (name, value) in &env.headers {
+    for (name, value) in env.wire_headers() {
         short(&format!("header name {:?}", truncate(name)), name)?;
         table += 1 + name.len() + 1 + 4 + value.len();
     }
@@ -456,8 +503,8 @@ fn properties(env: &Envelope) -> BasicProperties {
             AMQPValue::LongString(LongString::from(value)),
         );
     };
-    for (name, value) in &env.headers {
-        put(name, value.clone());
+    for (name, value) in env.wire_headers() {
+        put(name, value.to_owned());
     }
     put(HEADER_ID, env.id.to_string());
     put(HEADER_TOPIC, env.topic.clone());

@@ -52,6 +52,11 @@ pub(super) struct Shared {
     pub window: usize,
     /// Called when the connection is no longer usable (the next `ready` reconnects).
     pub reset: Box<dyn Fn() + Send + Sync>,
+    /// Called when a window finds the broker blocking the connection (`true`) and when it
+    /// no longer does (`false`).
+    pub blocked: Box<dyn Fn(bool) + Send + Sync>,
+    /// The longest a channel close waits for the broker's answer.
+    pub close_wait: Duration,
 }
 
 /// Starts `channels` workers on one connection, fed by the queue whose sender is returned.
@@ -104,14 +109,14 @@ async fn worker(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Job>>
         }
     }
     if let Some(c) = channel {
-        let _ = c
-            .close(200, "outbox-relay: connection replaced or closing")
-            .await;
+        // A broker that stopped answering never sends Close-Ok.
+        let closing = c.close(200, "outbox-relay: connection replaced or closing");
+        let _ = tokio::time::timeout(shared.close_wait, closing).await;
     }
 }
 
 /// Opens a confirm-mode channel. Every wait on the connection is bounded by
-/// `confirm_timeout`, so that a connection closing under a request (whose reply then never
+/// `confirm_timeout` (while the broker does not block the connection), so that a connection closing under a request (whose reply then never
 /// comes) cannot hold a window, and the relay behind it, forever.
 async fn open_channel(shared: &Shared) -> Result<Channel, PublishError> {
     let channel = bounded(shared, "open a channel", shared.connection.create_channel()).await?;
@@ -130,10 +135,10 @@ async fn bounded<T>(
     what: &str,
     op: impl std::future::Future<Output = Result<T, lapin::Error>>,
 ) -> Result<T, PublishError> {
-    let why = match tokio::time::timeout(shared.confirm_timeout, op).await {
-        Ok(Ok(v)) => return Ok(v),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!(
+    let why = match within_confirm_timeout(shared, op).await {
+        Some(Ok(v)) => return Ok(v),
+        Some(Err(e)) => e.to_string(),
+        None => format!(
             "no answer within {}",
             humantime::format_duration(shared.confirm_timeout)
         ),
@@ -171,7 +176,7 @@ async fn publish_window(
         .await;
         join_all(sent.into_iter().map(|sent| async move { sent?.await })).await
     };
-    let Ok(confirms) = tokio::time::timeout(shared.confirm_timeout, window).await else {
+    let Some(confirms) = within_confirm_timeout(shared, window).await else {
         (shared.reset)();
         let e = PublishError::Unavailable(format!(
             "no confirm from RabbitMQ within {}",
@@ -220,6 +225,49 @@ async fn publish_window(
             }
         })
         .collect()
+}
+
+/// How often a window waiting for its confirms looks whether the broker blocked the
+/// connection.
+const BLOCKED_CHECK: Duration = Duration::from_millis(250);
+
+/// Awaits `window` until `confirm_timeout` has passed **without the broker blocking the
+/// connection**; `None` once it has. RabbitMQ answers a memory or disk alarm with
+/// `connection.blocked` and holds every publishing connection (lapin then writes nothing)
+/// until the alarm clears: an outage, not a lost confirm. Resetting the connection would
+/// only publish what is in flight again and again, so the wait goes on for as long as the
+/// broker says it is blocked, and the clock starts again once it unblocks.
+async fn within_confirm_timeout<T>(
+    shared: &Shared,
+    window: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut window = std::pin::pin!(window);
+    let mut since = tokio::time::Instant::now();
+    let mut was_blocked = false;
+    loop {
+        let step =
+            (since + shared.confirm_timeout).min(tokio::time::Instant::now() + BLOCKED_CHECK);
+        if let Ok(done) = tokio::time::timeout_at(step, &mut window).await {
+            if was_blocked {
+                (shared.blocked)(false);
+            }
+            return Some(done);
+        }
+        let now = tokio::time::Instant::now();
+        if shared.connection.status().blocked() {
+            if !was_blocked {
+                was_blocked = true;
+                (shared.blocked)(true);
+            }
+            since = now;
+        } else if was_blocked {
+            was_blocked = false;
+            (shared.blocked)(false);
+            since = now;
+        } else if now >= since + shared.confirm_timeout {
+            return None;
+        }
+    }
 }
 
 /// How one message of a window came back from lapin.
