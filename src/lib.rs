@@ -34,12 +34,14 @@
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
+mod backoff;
 mod error;
 mod message;
 pub mod migrate;
 mod schema;
 pub mod wire;
 
+pub use backoff::Backoff;
 pub use error::{Error, InvalidMessage, InvalidSchema};
 pub use message::{
     Message, MAX_HEADERS, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_NAME_BYTES,

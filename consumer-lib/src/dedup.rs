@@ -442,15 +442,14 @@ impl Deduplicator {
         handler: &H,
         stop: &CancellationToken,
     ) -> Option<Outcome> {
-        let mut db_backoff = Duration::from_millis(100);
+        let mut db_backoff = outbox::Backoff::new(Duration::from_secs(10));
         loop {
             let wait = match self.handle(message, handler).await {
                 Ok(Outcome::Retry { delay, .. }) => delay,
                 Ok(outcome) => return Some(outcome),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?db_backoff, "handling failed on the database; retrying");
-                    let wait = db_backoff;
-                    db_backoff = (db_backoff * 2).min(Duration::from_secs(10));
+                    let wait = db_backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "handling failed on the database; retrying");
                     wait
                 }
             };

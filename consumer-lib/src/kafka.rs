@@ -160,7 +160,7 @@ impl KafkaSource {
         consumer.subscribe(&topics).map_err(broker)?;
 
         let mut tasks = tokio::task::JoinSet::new();
-        let mut error_backoff = Duration::from_millis(100);
+        let mut error_backoff = outbox::Backoff::new(Duration::from_secs(5));
         // Partitions whose lane is full, with the messages read for them meanwhile (in
         // offset order); a feeder hands these to the lane and says when it is done.
         let mut overflowing: HashMap<(String, i32), Overflow> = HashMap::new();
@@ -202,16 +202,16 @@ impl KafkaSource {
             };
             let message = match message {
                 Ok(m) => {
-                    error_backoff = Duration::from_millis(100);
+                    error_backoff.reset();
                     m.detach()
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?error_backoff, "Kafka consumer error; continuing");
+                    let wait = error_backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "Kafka consumer error; continuing");
                     tokio::select! {
-                        _ = tokio::time::sleep(error_backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };

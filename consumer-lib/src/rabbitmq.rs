@@ -153,17 +153,17 @@ impl RabbitMqSource {
         handler: &Arc<H>,
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumerError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = outbox::Backoff::new(Duration::from_secs(10));
         while !shutdown.is_cancelled() {
             match self.session(dedup, handler, shutdown).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::warn!(queue = %self.queue, error = %e, retry_in = ?backoff, "RabbitMQ consumer lost; reconnecting");
+                    let wait = backoff.next_delay();
+                    tracing::warn!(queue = %self.queue, error = %e, retry_in = ?wait, "RabbitMQ consumer lost; reconnecting");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }

@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode, str::FromStr, sync::Arc};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use outbox::Backoff;
 use secrecy::ExposeSecret;
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions, PgSslMode},
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{redact_url, Overrides, Settings, SslMode},
     publish::Publisher,
-    relay::{error_chain, Backoff, Observe, Relay},
+    relay::{error_chain, Observe, Relay},
     store::Store,
 };
 

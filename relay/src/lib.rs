@@ -8,17 +8,22 @@
 //!
 //! Layout: [`store`] holds every SQL statement (and knows no broker), [`publish`] holds one
 //! folder per broker (and knows no SQL), `pipeline` streams rows from one to the other
-//! (read → publish → settle, all under way at once), and [`relay`] runs the pipelines with
-//! the partition leases, wake-ups and shutdown around them. A single batch step,
-//! [`relay::Relay::relay_once`], is public for embedding and tests.
+//! (read → publish → settle, all under way at once), and [`relay`] runs the pipelines as
+//! tasks beside the partition leases (`leases`), the wake-ups (`wake`) and the chores
+//! (`chores`: purge, held-back sweep, gauges), and drains them on shutdown. The suspect rule
+//! is in `suspects`, what a failed publish comes to in `verdict`, and why a relay stops in
+//! [`error`].
 #![deny(missing_docs)]
 
+mod chores;
 pub mod cli;
 pub mod config;
 pub mod dead;
 pub mod envelope;
+pub mod error;
 pub mod health;
 pub mod http;
+mod leases;
 pub mod metrics;
 mod pipeline;
 pub mod publish;
@@ -28,4 +33,7 @@ pub mod retry;
 pub mod route;
 pub mod status;
 pub mod store;
+mod suspects;
 pub mod telemetry;
+mod verdict;
+mod wake;

@@ -12,7 +12,6 @@ use outbox_tests::{
     assert_per_key_order, first_arrivals_by_key, for_each_broker, settings, start_relay, topic,
     with_policy, Broker, Consumer, TestDb,
 };
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -434,41 +433,6 @@ async fn reserved_headers_written_in_sql_are_the_relays_on_the_wire(b: Broker) {
     }
 }
 
-/// `relay_once` on its own: one batch claimed, published and settled, with a report.
-async fn relay_once_reports_what_it_did(b: Broker) {
-    let db = TestDb::new().await;
-    let t = topic("once");
-    let consumer = b.consumer().await;
-    consumer.queue(&t).await;
-    let msgs: Vec<Message> = (0..5).map(|i| Message::new(&t, vec![i]).unwrap()).collect();
-    Outbox::default()
-        .enqueue_batch(&db.pool, &msgs)
-        .await
-        .unwrap();
-    let mut s = b.settings(&db);
-    s.relay.batch_size = 3;
-    let relay = outbox_tests::relay(&s).await;
-    let never = CancellationToken::new();
-    let nothing = relay.relay_once(&[], &never).await.unwrap();
-    assert_eq!(nothing.claimed, 0, "no partitions, no rows");
-    let all = relay.rebalance().await.unwrap();
-    assert_eq!(all.len(), 64, "a lone relay takes every partition");
-    let first = relay.relay_once(&all, &never).await.unwrap();
-    assert!(
-        first.claimed >= 3 && first.delivered == first.claimed as u64,
-        "{first:?}"
-    );
-    let mut total = first.delivered;
-    while total < 5 {
-        let next = relay.relay_once(&all, &never).await.unwrap();
-        assert!(next.claimed > 0, "rows left behind: {next:?}");
-        total += next.delivered;
-    }
-    let last = relay.relay_once(&all, &never).await.unwrap();
-    assert_eq!((total, last.claimed), (5, 0));
-    consumer.wait_for(5, WAIT).await;
-}
-
 /// Per-topic routes and the default templates decide the exchange and routing key.
 #[tokio::test]
 async fn routes_map_topics_to_exchanges_and_routing_keys() {
@@ -679,7 +643,6 @@ for_each_broker!(
     a_poison_message_dies_with_the_brokers_reason_while_others_flow_and_its_key_waits,
     with_skip_policy_a_key_moves_past_its_dead_message,
     the_documented_plain_sql_insert_is_relayed,
-    relay_once_reports_what_it_did,
     reserved_headers_written_in_sql_are_the_relays_on_the_wire,
 );
 

@@ -25,14 +25,18 @@ use std::{
 };
 
 use futures::{stream::FuturesUnordered, StreamExt};
+use outbox::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use self::{lanes::LaneId, lanes::Lanes, settle::Pending};
 use crate::{
     envelope::Envelope,
+    error::{error_chain, RelayError},
     publish::PublishError,
-    relay::{error_chain, Backoff, Relay, RelayError, Verdict, Wake},
+    relay::Relay,
     store::Claim,
+    verdict::Verdict,
+    wake::Wake,
 };
 
 /// How soon a busy worker reads again after a read that found everything read.

@@ -1,0 +1,100 @@
+//! The suspect rule: a message lost with the connection is published again alone before it
+//! is charged (see [`Suspects`]).
+
+use std::{sync::Mutex, time::Duration};
+
+use crate::{envelope::Envelope, publish::PublishError, relay::Relay};
+
+/// Messages that were in flight when a broker connection closed under them.
+///
+/// The rule: a message in flight at a connection loss becomes a suspect and costs no
+/// attempt. A suspect is published again **alone**, with nothing else of this relay in
+/// flight. If the connection closes while it is alone, the message is the cause: the loss
+/// counts as a failed attempt, so a message that always kills the connection goes dead
+/// after `retry.max_attempts` (its key waiting behind it, per the dead-key policy), while
+/// the messages that were merely in flight with it are never charged. A suspect that is
+/// confirmed is cleared.
+#[derive(Default)]
+pub(crate) struct Suspects {
+    seqs: Mutex<std::collections::HashSet<i64>>,
+    /// Normal publishes hold it shared; a suspect holds it alone.
+    pub(crate) alone: tokio::sync::RwLock<()>,
+}
+
+impl Suspects {
+    /// Bound on remembered suspects (they are only an optimisation of who goes alone).
+    const MAX: usize = 100_000;
+
+    fn is_suspect(&self, seq: i64) -> bool {
+        self.seqs.lock().expect("lock poisoned").contains(&seq)
+    }
+
+    fn suspect(&self, seq: i64) {
+        let mut seqs = self.seqs.lock().expect("lock poisoned");
+        if seqs.len() >= Self::MAX {
+            seqs.clear();
+        }
+        seqs.insert(seq);
+    }
+
+    fn clear(&self, seq: i64) {
+        self.seqs.lock().expect("lock poisoned").remove(&seq);
+    }
+}
+
+impl Relay {
+    /// True when `seq` is a suspect (see [`Suspects`]): it is to be published alone.
+    pub(crate) fn is_suspect(&self, seq: i64) -> bool {
+        self.suspects.is_suspect(seq)
+    }
+
+    /// What the suspect rule (see [`Suspects`]) makes of `seq`'s outcome. `alone`: it went
+    /// out as a suspect, with nothing else in flight. Lost with others, it becomes a suspect
+    /// (no attempt); lost alone, the loss is its own (a failed attempt); confirmed, or dead
+    /// for a reason of its own, it is a suspect no more.
+    pub(crate) fn under_suspicion<T>(
+        &self,
+        seq: i64,
+        alone: bool,
+        result: Result<T, PublishError>,
+    ) -> Result<T, PublishError> {
+        match result {
+            Ok(done) => {
+                if alone {
+                    self.suspects.clear(seq);
+                }
+                Ok(done)
+            }
+            Err(PublishError::Disconnected(e)) if alone => Err(PublishError::Rejected(format!(
+                "the broker failed this message while it was the only one in flight: {e}"
+            ))),
+            Err(PublishError::Disconnected(e)) => {
+                self.suspects.suspect(seq);
+                Err(PublishError::Disconnected(e))
+            }
+            Err(e) => {
+                if alone && matches!(e, PublishError::Permanent(_) | PublishError::TooLarge(_)) {
+                    self.suspects.clear(seq);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes one message under the suspect rule (see [`Suspects`]); returns how long
+    /// the broker took to confirm it.
+    pub(crate) async fn publish_one(&self, env: &Envelope) -> Result<Duration, PublishError> {
+        let suspect = self.suspects.is_suspect(env.seq);
+        let (result, sent) = if suspect {
+            let _alone = self.suspects.alone.write().await;
+            tracing::info!(seq = env.seq, message_id = %env.id, "publishing a suspect message alone");
+            let sent = std::time::Instant::now();
+            (self.publisher.publish(env).await, sent.elapsed())
+        } else {
+            let _shared = self.suspects.alone.read().await;
+            let sent = std::time::Instant::now();
+            (self.publisher.publish(env).await, sent.elapsed())
+        };
+        self.under_suspicion(env.seq, suspect, result.map(|()| sent))
+    }
+}
