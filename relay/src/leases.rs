@@ -1,7 +1,10 @@
 //! The partition leases: renewed every third of a lease, and rebalanced toward a fair share
 //! of the partitions; a partition given up is handed over only once its rows are settled.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use outbox::Backoff;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +24,21 @@ impl Relay {
     /// A partition this relay has to give up while it has rows of it in hand is not read
     /// any more, but handed over only once those rows are settled (a later call), so that
     /// scaling up publishes no duplicates.
+    ///
+    /// No read of this relay starts while partitions change hands (the handover gate):
+    /// otherwise a read could start after the partitions in hand were
+    /// looked at and before the release committed, see the partition as still owned (its
+    /// snapshot predates the commit), and return rows that the next owner reads too. If the
+    /// reads under way do not finish within a third of a lease, this call only renews the
+    /// leases, and hands nothing over.
     pub async fn rebalance(&self) -> Result<Vec<i16>, RelayError> {
+        let Ok(_no_reads) =
+            tokio::time::timeout(self.settings.lease / 3, self.handover.write()).await
+        else {
+            tracing::warn!(relay_id = %self.id, "reads under way for a third of a lease; renewing the leases without rebalancing");
+            self.store.renew(self.id, self.settings.lease).await?;
+            return Ok(self.owned.borrow().clone());
+        };
         let busy: Vec<i16> = {
             let workers = self.busy.lock().expect("busy partitions");
             let mut all: Vec<i16> = workers.iter().flatten().copied().collect();
@@ -30,6 +47,10 @@ impl Relay {
             all
         };
         let draining = self.draining.lock().expect("draining partitions").clone();
+        let delay = Duration::from_millis(self.handover_delay.load(Ordering::Relaxed));
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let share = self
             .store
             .rebalance_keeping(self.id, self.settings.lease, &busy, &draining)
@@ -49,6 +70,14 @@ impl Relay {
         });
         crate::metrics::partitions_owned(owned.len());
         Ok(owned)
+    }
+
+    /// Fault injection for tests: each rebalance waits `delay` between looking at the
+    /// partitions in hand and handing partitions over. Nothing else uses it.
+    #[doc(hidden)]
+    pub fn inject_handover_delay(&self, delay: Duration) {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.handover_delay.store(millis, Ordering::Relaxed);
     }
 
     /// Renews the partition leases every third of a lease, and rebalances; once shutting

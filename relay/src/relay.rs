@@ -43,6 +43,11 @@ pub struct Relay {
     /// Partitions leased but no longer read, waiting for their rows to be settled.
     pub(crate) draining: std::sync::Mutex<Vec<i16>>,
     pub(crate) heartbeats: Heartbeats,
+    /// Reads hold it shared while they run; the partition keeper holds it alone while
+    /// partitions change hands (see [`Relay::rebalance`]).
+    pub(crate) handover: tokio::sync::RwLock<()>,
+    /// See [`Relay::inject_handover_delay`].
+    pub(crate) handover_delay: std::sync::atomic::AtomicU64,
     pub(crate) observe: Observe,
     pub(crate) suspects: Suspects,
 }
@@ -96,6 +101,8 @@ impl Relay {
             busy,
             draining: std::sync::Mutex::new(Vec::new()),
             heartbeats: Heartbeats::new(loops),
+            handover: tokio::sync::RwLock::new(()),
+            handover_delay: std::sync::atomic::AtomicU64::new(0),
             observe: Observe::default(),
             suspects: Suspects::default(),
         }

@@ -293,6 +293,16 @@ pub(crate) async fn run(
                 if let Err(e) = relay.publisher.ready().await {
                     return Read::Broker(e);
                 }
+                // Not while partitions change hands; and none given up since the read was
+                // planned is read (see `Relay::rebalance`).
+                let _handover = relay.handover.read().await;
+                let limits: Vec<(i16, u32)> = {
+                    let owned = relay.owned.borrow();
+                    limits
+                        .into_iter()
+                        .filter(|l| owned.contains(&l.0))
+                        .collect()
+                };
                 let started = Instant::now();
                 let claim = relay
                     .store
