@@ -597,6 +597,159 @@ async fn a_producer_replaced_mid_round_does_not_let_later_messages_overtake() {
     assert_eq!(db.count("pending").await, 0);
 }
 
+/// A Kafka publisher shared by two workers whose producer is "replaced" (fault injection):
+/// the first send of payload `trigger` bumps the generation as a fatal producer error would,
+/// and the first send of `held` goes nowhere: its confirm fails as let go by the old producer
+/// 1.5 s after the replacement. Everything else goes to the real broker.
+struct ReplacedByAnother {
+    kafka: KafkaPublisher,
+    generation: AtomicU32,
+    replaced: tokio::sync::watch::Sender<bool>,
+    seen: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl ReplacedByAnother {
+    fn seen(&self, payload: &[u8]) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.as_slice() == payload)
+            .count()
+    }
+}
+
+impl Publisher for ReplacedByAnother {
+    around_kafka!();
+
+    fn generation(&self) -> u64 {
+        u64::from(self.generation.load(Ordering::SeqCst))
+    }
+
+    fn send_to(&self, envelope: &Envelope, generation: u64) -> Result<Confirm, PublishError> {
+        if generation != self.generation() {
+            return Err(PublishError::Unavailable(
+                "test: the producer was replaced".into(),
+            ));
+        }
+        self.send(envelope)
+    }
+
+    fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
+        let first = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push(envelope.payload.clone());
+            seen.iter().filter(|p| **p == envelope.payload).count() == 1
+        };
+        match (envelope.payload.as_slice(), first) {
+            (b"trigger", true) => {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                self.replaced.send_replace(true);
+                Err(PublishError::Unavailable(
+                    "test: fatal producer error; the producer was replaced".into(),
+                ))
+            }
+            (b"held", true) => {
+                let mut replaced = self.replaced.subscribe();
+                Ok(async move {
+                    let _ = replaced.wait_for(|r| *r).await;
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Err(PublishError::Unavailable(
+                        "test: let go by the replaced producer".into(),
+                    ))
+                }
+                .boxed())
+            }
+            _ => self.kafka.send(envelope),
+        }
+    }
+}
+
+/// With two workers sharing one producer, a replacement seen by one worker stops the
+/// other's hand-overs too, until what the old producer held is back: a key's message n+1
+/// never reaches the new producer while its message n, held by the old one, is still out.
+#[tokio::test]
+async fn a_producer_replaced_by_another_worker_does_not_let_a_key_overtake() {
+    let db = TestDb::new().await;
+    let t = topic("replaced-by-another");
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&t).await;
+    // A key of worker 1 (the held message and the one after it), one of worker 0 (the
+    // message that replaces the producer): worker = partition % 2.
+    let worker_of = |key: String| {
+        let pool = db.pool.clone();
+        async move {
+            let w: i32 = sqlx::query_scalar("SELECT (hashtext($1) & 63) % 2")
+                .bind(&key)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            (key, w)
+        }
+    };
+    let mut keys = [None, None];
+    for i in 0..50 {
+        let (key, w) = worker_of(format!("k{i}")).await;
+        keys[w as usize].get_or_insert(key);
+    }
+    let [Some(other), Some(key)] = keys else {
+        panic!("no keys for both workers")
+    };
+    let one = |payload: &[u8], key: &str| {
+        Message::new(&t, payload.to_vec())
+            .unwrap()
+            .with_key(key)
+            .unwrap()
+    };
+    let mut s = Broker::Kafka.settings(&db);
+    s.relay.workers = 2;
+    s.database.max_connections = 16;
+    let publisher = Arc::new(ReplacedByAnother {
+        kafka: KafkaPublisher::new(&s.kafka).unwrap(),
+        generation: AtomicU32::new(0),
+        replaced: tokio::sync::watch::channel(false).0,
+        seen: std::sync::Mutex::default(),
+    });
+    let relay = run_relay(relay_with(&s, publisher.clone()).await);
+    let wait_seen = |payload: &'static [u8]| {
+        let publisher = publisher.clone();
+        async move {
+            let started = std::time::Instant::now();
+            while publisher.seen(payload) == 0 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "{payload:?} never sent"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let held = one(b"held", &key);
+    enqueue_all(&db, std::slice::from_ref(&held)).await;
+    wait_seen(b"held").await;
+    enqueue_all(&db, &[one(b"trigger", &other)]).await;
+    wait_seen(b"trigger").await;
+    // Written after the replacement: with the old producer's message still out, it must
+    // wait for it, not go to the new producer first.
+    let after = one(b"after", &key);
+    enqueue_all(&db, std::slice::from_ref(&after)).await;
+    let got = consumer.wait_for_distinct(3, Duration::from_secs(60)).await;
+    relay.stop().await;
+    let order: Vec<uuid::Uuid> = got
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(key.as_str()))
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        order.first(),
+        Some(&held.id()),
+        "key {key}: the message after the held one arrived first ({order:?}; held {}, after {})",
+        held.id(),
+        after.id()
+    );
+    assert_per_key_order(&got);
+}
+
 /// A record the broker refuses for good, among others in one request (here the broker checks
 /// the topic's records against a JSON schema, and one payload is not JSON: `INVALID_RECORD`).
 /// librdkafka's gapless guarantee fails the whole producer over such a refusal, so the relay

@@ -129,6 +129,7 @@ pub(crate) async fn run(
     // taken from its lane waits here until nothing else is out, then goes alone; nothing
     // else starts while it is out.
     let mut waiting_suspect: Option<(Envelope, Instant)> = None;
+    let mut handed_to: u64 = relay.publisher.generation();
     let mut alone: Option<i64> = None;
     let mut stopping = false;
     let mut aborted = false;
@@ -171,6 +172,12 @@ pub(crate) async fn run(
             pause_until = None;
         }
         let may_start = !stopping && pause_until.is_none() && broker_trouble.is_none();
+        // With a pipelining publisher: the client everything out now went to. A message
+        // goes only to that one (see `Publisher::send_to`); once nothing is out, to whichever
+        // is current.
+        if pipelined && publishing.is_empty() {
+            handed_to = relay.publisher.generation();
+        }
 
         // Publish: every lane whose previous message is confirmed, or, with a publisher
         // that keeps a key's order itself, every queued message, handed over here in order.
@@ -185,7 +192,7 @@ pub(crate) async fn run(
                 }
                 if pipelined {
                     next_round_at = Some(now + ROUND_WAIT);
-                    match hand_over(relay, &mut lanes, &mut publishing, env) {
+                    match hand_over(relay, &mut lanes, &mut publishing, env, handed_to) {
                         Some(
                             e @ (PublishError::Unavailable(_) | PublishError::Disconnected(_)),
                         ) => {
@@ -212,11 +219,11 @@ pub(crate) async fn run(
                 if publishing.is_empty() {
                     tracing::info!(worker, seq = env.seq, message_id = %env.id, "publishing a suspect message alone");
                     alone = Some(env.seq);
-                    hand_over(relay, &mut lanes, &mut publishing, env);
+                    hand_over(relay, &mut lanes, &mut publishing, env, handed_to);
                 } else if now >= since + SUSPECT_WAIT {
                     tracing::warn!(worker, seq = env.seq, message_id = %env.id, in_flight = publishing.len(),
                         "a suspect message waited too long to go alone; publishing it with the others");
-                    hand_over(relay, &mut lanes, &mut publishing, env);
+                    hand_over(relay, &mut lanes, &mut publishing, env, handed_to);
                 } else {
                     waiting_suspect = Some((env, since));
                 }
@@ -593,7 +600,8 @@ fn share(
         .collect()
 }
 
-/// Hands `env` to a pipelining publisher; its outcome joins `publishing`. Returns the
+/// Hands `env` to a pipelining publisher, if it still hands over to `generation` (another
+/// worker may have seen its client replaced); its outcome joins `publishing`. Returns the
 /// refusal when the publisher would not take it: nothing later of its key may go before
 /// that outcome is taken in, so the key stops.
 fn hand_over<'a>(
@@ -601,9 +609,10 @@ fn hand_over<'a>(
     lanes: &mut Lanes,
     publishing: &mut FuturesUnordered<Boxed<'a, (Envelope, Result<Duration, PublishError>)>>,
     env: Envelope,
+    generation: u64,
 ) -> Option<PublishError> {
     let started = Instant::now();
-    match relay.publisher.send(&env) {
+    match relay.publisher.send_to(&env, generation) {
         Ok(confirm) => {
             publishing.push(Box::pin(async move {
                 let result = confirm.await.map(|()| started.elapsed());

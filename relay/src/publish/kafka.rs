@@ -100,6 +100,9 @@ struct Inner {
     config: ClientConfig,
     errors: ClientErrors,
     producer: std::sync::RwLock<RelayProducer>,
+    /// Producers replaced so far (see [`Publisher::generation`]); changed only under the
+    /// write lock of `producer`.
+    generation: std::sync::atomic::AtomicU64,
     brokers: String,
     max_message_bytes: usize,
     default_topic: Template,
@@ -161,6 +164,7 @@ impl KafkaPublisher {
                 errors,
                 max_message_bytes,
                 producer: std::sync::RwLock::new(producer),
+                generation: std::sync::atomic::AtomicU64::new(0),
                 brokers,
                 default_topic: template(&settings.topic),
                 routes: settings
@@ -191,8 +195,9 @@ impl Inner {
             .render(&env.topic, env.key.as_deref())
     }
 
-    /// Hands `env` to the producer (without waiting for anything).
-    fn start(&self, env: &Envelope) -> Result<Sent, PublishError> {
+    /// Hands `env` to the producer (without waiting for anything); with `expected`, only if
+    /// the producer is still that generation.
+    fn start(&self, env: &Envelope, expected: Option<u64>) -> Result<Sent, PublishError> {
         let topic = self.topic_for(env);
         // librdkafka refuses these too; saying so before sending names the limit.
         let size = env.payload.len()
@@ -256,7 +261,18 @@ impl Inner {
         if let Some(key) = &env.key {
             record = record.key(key.as_str());
         }
-        let producer = self.producer.read().expect("lock poisoned").clone();
+        let producer = {
+            let current = self.producer.read().expect("lock poisoned");
+            let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+            if expected.is_some_and(|g| g != generation) {
+                return Err(PublishError::Unavailable(
+                    "the Kafka producer was replaced while messages handed to the old one were \
+                     still out; nothing more goes until they are back"
+                        .into(),
+                ));
+            }
+            current.clone()
+        };
         match producer.send_result(record) {
             Ok(delivery) => Ok(Sent {
                 producer,
@@ -374,6 +390,8 @@ impl Inner {
                     tracing::warn!(error = %reason, code = ?code, "Kafka producer hit a fatal error; replaced it");
                     crate::metrics::broker_reconnected();
                     *current = fresh;
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 Err(e) => tracing::error!(error = %e, "cannot replace the Kafka producer"),
             }
@@ -477,7 +495,20 @@ impl Publisher for KafkaPublisher {
 
     fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
         let inner = self.inner.clone();
-        let sent = inner.start(envelope)?;
+        let sent = inner.start(envelope, None)?;
+        Ok(async move { inner.finish(sent).await }.boxed())
+    }
+
+    fn generation(&self) -> u64 {
+        let _current = self.inner.producer.read().expect("lock poisoned");
+        self.inner
+            .generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn send_to(&self, envelope: &Envelope, generation: u64) -> Result<Confirm, PublishError> {
+        let inner = self.inner.clone();
+        let sent = inner.start(envelope, Some(generation))?;
         Ok(async move { inner.finish(sent).await }.boxed())
     }
 

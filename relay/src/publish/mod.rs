@@ -79,6 +79,23 @@ pub trait Publisher: Send + Sync + 'static {
         ))
     }
 
+    /// For a publisher with a [`Publisher::key_depth`] above 1: which client it hands
+    /// messages to now. It changes when that client is replaced (Kafka: a new producer after
+    /// a fatal error), which lets go of everything the old one held: those messages come
+    /// back failed, and a key's later message must not reach the new client before they do.
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// [`Publisher::send`], refused as unavailable unless the publisher still hands over to
+    /// `generation` (see [`Publisher::generation`]): the relay passes the generation its
+    /// messages still out went to, so that none of their keys' later messages goes to a
+    /// replacement client while they may still come back failed.
+    fn send_to(&self, envelope: &Envelope, generation: u64) -> Result<Confirm, PublishError> {
+        let _ = generation;
+        self.send(envelope)
+    }
+
     /// The relay is shutting down and starts nothing new: messages handed to the broker's
     /// client but not yet sent may be let go (they fail as unavailable and stay pending),
     /// so that shutdown waits only for what is at the broker. A no-op by default.
