@@ -24,7 +24,7 @@ use crate::{
     publish::Publisher,
     retry::RetryPolicy,
     store::{Retention, Settlement, Store},
-    suspects::Suspects,
+    suspects::{SharedAlone, Suspects},
     wake::Wake,
 };
 
@@ -50,6 +50,8 @@ pub struct Relay {
     pub(crate) handover_delay: std::sync::atomic::AtomicU64,
     pub(crate) observe: Observe,
     pub(crate) suspects: Suspects,
+    /// The suspect rule's "alone" across the workers, for a pipelining publisher.
+    pub(crate) shared_alone: SharedAlone,
 }
 
 /// Health and metrics options of a relay (see [`Relay::with_observe`]).
@@ -105,6 +107,7 @@ impl Relay {
             handover_delay: std::sync::atomic::AtomicU64::new(0),
             observe: Observe::default(),
             suspects: Suspects::default(),
+            shared_alone: SharedAlone::default(),
         }
     }
 

@@ -1,7 +1,15 @@
 //! The suspect rule: a message lost with the connection is published again alone before it
 //! is charged (see [`Suspects`]).
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::sync::Notify;
 
 use crate::{envelope::Envelope, publish::PublishError, relay::Relay};
 
@@ -96,5 +104,66 @@ impl Relay {
             (self.publisher.publish(env).await, sent.elapsed())
         };
         self.under_suspicion(env.seq, suspect, result.map(|()| sent))
+    }
+}
+
+/// The suspect rule's "alone", relay-wide, for a pipelining publisher that the workers share
+/// (Kafka: one producer, whose produce requests mix every worker's messages). A suspect goes
+/// alone only when no worker has anything out; while one waits to, no worker starts more;
+/// while one is out alone, no worker starts anything.
+#[derive(Default)]
+pub(crate) struct SharedAlone {
+    /// Messages handed over by all workers whose outcome is not taken in yet.
+    out: AtomicUsize,
+    /// Workers with a suspect set aside, waiting to go alone.
+    waiting: AtomicUsize,
+    /// A suspect is out alone.
+    alone: AtomicBool,
+    /// Told whenever `out` reaches 0, a wait ends, or an alone suspect comes back.
+    pub(crate) changed: Notify,
+}
+
+impl SharedAlone {
+    /// A message was handed over.
+    pub(crate) fn handed(&self) {
+        self.out.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `n` outcomes were taken in (or given up).
+    pub(crate) fn returned(&self, n: usize) {
+        if n > 0 && self.out.fetch_sub(n, Ordering::SeqCst) == n {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Whether a worker may start its messages now.
+    pub(crate) fn may_start(&self) -> bool {
+        !self.alone.load(Ordering::SeqCst) && self.waiting.load(Ordering::SeqCst) == 0
+    }
+
+    /// A worker set a suspect aside (`true`) or no longer has one (`false`).
+    pub(crate) fn waiting(&self, waits: bool) {
+        if waits {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Takes the relay-wide "alone" for a suspect, if nothing of any worker is out and no
+    /// other suspect is out alone.
+    pub(crate) fn go_alone(&self) -> bool {
+        self.out.load(Ordering::SeqCst) == 0
+            && self
+                .alone
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+    }
+
+    /// The suspect out alone came back (or was given up).
+    pub(crate) fn alone_done(&self) {
+        self.alone.store(false, Ordering::SeqCst);
+        self.changed.notify_waiters();
     }
 }

@@ -750,6 +750,124 @@ async fn a_producer_replaced_by_another_worker_does_not_let_a_key_overtake() {
     assert_per_key_order(&got);
 }
 
+/// The relay's Kafka publisher shared by two workers, counting what is out across them: the
+/// first send of payload `suspect` is lost with the connection (it becomes a suspect);
+/// messages of payload `slow` are confirmed 300 ms late; every send of the suspect after its
+/// first records how many messages were out then.
+struct CountsOut {
+    kafka: KafkaPublisher,
+    out: Arc<AtomicU32>,
+    suspect_sends: std::sync::Mutex<Vec<u32>>,
+}
+
+impl Publisher for CountsOut {
+    around_kafka!();
+
+    fn send(&self, envelope: &Envelope) -> Result<Confirm, PublishError> {
+        if envelope.payload == b"suspect" {
+            let mut sends = self.suspect_sends.lock().unwrap();
+            if sends.is_empty() {
+                sends.push(u32::MAX);
+                return Ok(async {
+                    Err(PublishError::Disconnected("test: connection lost".into()))
+                }
+                .boxed());
+            }
+            sends.push(self.out.load(Ordering::SeqCst));
+        }
+        let confirm = self.kafka.send(envelope)?;
+        let slow = envelope.payload.starts_with(b"slow");
+        let out = self.out.clone();
+        out.fetch_add(1, Ordering::SeqCst);
+        Ok(async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let result = confirm.await;
+            out.fetch_sub(1, Ordering::SeqCst);
+            result
+        }
+        .boxed())
+    }
+}
+
+/// With two workers sharing one producer, a suspect goes alone relay-wide: the other
+/// worker's messages stop starting while it waits, and it goes once none of them is out, so
+/// no other worker's message shares its produce request (and a refusal of that request
+/// cannot charge it an attempt it does not owe).
+#[tokio::test]
+async fn a_suspect_goes_alone_across_all_workers() {
+    let db = TestDb::new().await;
+    let t = topic("alone-across");
+    let consumer = Broker::Kafka.consumer().await;
+    consumer.queue(&t).await;
+    let mut keys: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..200 {
+        let key = format!("k{i}");
+        let w: i32 = sqlx::query_scalar("SELECT (hashtext($1) & 63) % 2")
+            .bind(&key)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        keys[w as usize].push(key);
+    }
+    let one =
+        |payload: Vec<u8>, key: &str| Message::new(&t, payload).unwrap().with_key(key).unwrap();
+    let mut s = Broker::Kafka.settings(&db);
+    s.relay.workers = 2;
+    s.database.max_connections = 16;
+    let publisher = Arc::new(CountsOut {
+        kafka: KafkaPublisher::new(&s.kafka).unwrap(),
+        out: Arc::default(),
+        suspect_sends: std::sync::Mutex::default(),
+    });
+    let relay = run_relay(relay_with(&s, publisher.clone()).await);
+    // Worker 0 keeps messages out throughout: a stream over its keys, each confirm late.
+    let mut written = 1;
+    let stream_keys = keys[0].clone();
+    let pool = db.pool.clone();
+    let stream_topic = t.clone();
+    let stream = tokio::spawn(async move {
+        let mut n = 0;
+        for _ in 0..60 {
+            let msgs: Vec<Message> = (0..10)
+                .map(|i| {
+                    let key = &stream_keys[(n + i) % stream_keys.len()];
+                    Message::new(&stream_topic, format!("slow {}", n + i).into_bytes())
+                        .unwrap()
+                        .with_key(key)
+                        .unwrap()
+                })
+                .collect();
+            outbox::Outbox::default()
+                .enqueue_batch(&pool, &msgs)
+                .await
+                .unwrap();
+            n += 10;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    enqueue_all(&db, &[one(b"suspect".to_vec(), &keys[1][0])]).await;
+    written += stream.await.unwrap();
+    let got = consumer
+        .wait_for_distinct(written, Duration::from_secs(60))
+        .await;
+    relay.stop().await;
+    assert_per_key_order(&got);
+    let sends = publisher.suspect_sends.lock().unwrap().clone();
+    assert!(
+        sends.len() >= 2,
+        "the suspect was not published again: {sends:?}"
+    );
+    assert_eq!(
+        sends[1], 0,
+        "the suspect went 'alone' with {} messages of the other worker out",
+        sends[1]
+    );
+}
+
 /// A record the broker refuses for good, among others in one request (here the broker checks
 /// the topic's records against a JSON schema, and one payload is not JSON: `INVALID_RECORD`).
 /// librdkafka's gapless guarantee fails the whole producer over such a refusal, so the relay

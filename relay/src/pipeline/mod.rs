@@ -131,6 +131,10 @@ pub(crate) async fn run(
     let mut waiting_suspect: Option<(Envelope, Instant)> = None;
     let mut handed_to: u64 = relay.publisher.generation();
     let mut alone: Option<i64> = None;
+    // Whether this worker counts in `SharedAlone`'s waiting suspects.
+    let mut told_waiting = false;
+    let mut alone_changed = Box::pin(relay.shared_alone.changed.notified());
+    alone_changed.as_mut().enable();
     let mut stopping = false;
     let mut aborted = false;
     let mut idle = false;
@@ -183,7 +187,16 @@ pub(crate) async fn run(
         // that keeps a key's order itself, every queued message, handed over here in order.
         let round_due =
             !pipelined || publishing.is_empty() || next_round_at.is_none_or(|t| t <= now);
-        if may_start && broker_ok && round_due && waiting_suspect.is_none() && alone.is_none() {
+        // Another worker's suspect waits to go alone, or is out alone (relay-wide with a
+        // pipelining publisher: the workers share its requests).
+        let others_alone = pipelined && !relay.shared_alone.may_start();
+        if may_start
+            && broker_ok
+            && round_due
+            && waiting_suspect.is_none()
+            && alone.is_none()
+            && !others_alone
+        {
             while let Some(env) = lanes.next() {
                 if pipelined && relay.is_suspect(env.seq) {
                     // It goes alone, once everything out now has come back.
@@ -216,7 +229,7 @@ pub(crate) async fn run(
         }
         if may_start && broker_ok && alone.is_none() {
             if let Some((env, since)) = waiting_suspect.take() {
-                if publishing.is_empty() {
+                if publishing.is_empty() && relay.shared_alone.go_alone() {
                     tracing::info!(worker, seq = env.seq, message_id = %env.id, "publishing a suspect message alone");
                     alone = Some(env.seq);
                     hand_over(relay, &mut lanes, &mut publishing, env, handed_to);
@@ -346,6 +359,10 @@ pub(crate) async fn run(
             break;
         }
 
+        if pipelined && waiting_suspect.is_some() != told_waiting {
+            told_waiting = waiting_suspect.is_some();
+            relay.shared_alone.waiting(told_waiting);
+        }
         let suspect_due = waiting_suspect
             .as_ref()
             .map(|w| w.1 + SUSPECT_WAIT)
@@ -358,8 +375,13 @@ pub(crate) async fn run(
                     tracing::warn!(worker, in_flight = publishing.len(), "shutdown grace period over; releasing unconfirmed messages");
                 }
                 // Dropped publishes were never confirmed: their rows stay pending.
+                if pipelined {
+                    relay.shared_alone.returned(publishing.len());
+                }
                 publishing.clear();
-                alone = None;
+                if alone.take().is_some() {
+                    relay.shared_alone.alone_done();
+                }
                 lanes.drop_queued();
             }
             _ = shutdown.cancelled(), if !stopping => {
@@ -375,8 +397,12 @@ pub(crate) async fn run(
             Some((env, result)) = publishing.next(), if !publishing.is_empty() => {
                 pending_since.get_or_insert_with(Instant::now);
                 let was_alone = alone == Some(env.seq);
+                if pipelined {
+                    relay.shared_alone.returned(1);
+                }
                 if was_alone {
                     alone = None;
+                    relay.shared_alone.alone_done();
                 }
                 // A pipelining publisher's outcomes go through the suspect rule here (the
                 // other kind applies it in `Relay::publish_one`).
@@ -495,6 +521,10 @@ pub(crate) async fn run(
                     }
                 }
             }
+            _ = &mut alone_changed, if pipelined => {
+                alone_changed.set(relay.shared_alone.changed.notified());
+                alone_changed.as_mut().enable();
+            }
             _ = &mut woken => {
                 woken.set(wake.notify.notified());
                 woken.as_mut().enable();
@@ -519,6 +549,9 @@ pub(crate) async fn run(
     }
     if idle {
         wake.busy();
+    }
+    if told_waiting {
+        relay.shared_alone.waiting(false);
     }
     relay.busy.lock().expect("busy partitions")[worker as usize].clear();
     match fatal {
@@ -612,6 +645,7 @@ fn hand_over<'a>(
     generation: u64,
 ) -> Option<PublishError> {
     let started = Instant::now();
+    relay.shared_alone.handed();
     match relay.publisher.send_to(&env, generation) {
         Ok(confirm) => {
             publishing.push(Box::pin(async move {
