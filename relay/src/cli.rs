@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{redact_url, Overrides, Settings, SslMode},
     publish::Publisher,
-    relay::{error_chain, Observe, Relay},
-    store::Store,
+    relay::error_chain,
 };
 
 /// Publishes committed outbox rows to RabbitMQ or Kafka, retrying until the broker confirms.
@@ -468,27 +467,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
-    let store = Store::new(
-        pool,
-        settings.schema(),
-        settings.relay.dead_key_policy,
-        !settings.retention.delivered.is_zero(),
-    )
-    .with_max_payload(settings.relay.max_payload);
     let publisher: Arc<dyn Publisher> = crate::publish::from_settings(&settings)?;
-    let relay = Arc::new(
-        Relay::new(
-            store,
-            publisher,
-            settings.retry_policy(),
-            settings.relay.clone(),
-            settings.retention(),
-        )
-        .with_observe(Observe {
-            backlog_interval: Some(settings.http.backlog_interval),
-            stall_timeout: settings.http.stall_timeout,
-        }),
-    );
+    let relay = Arc::new(crate::startup::relay(&settings, pool, publisher));
     let server = if settings.http.listen.is_empty() {
         None
     } else {

@@ -165,16 +165,7 @@ impl Default for DatabaseSettings {
     }
 }
 
-/// What later messages of a key do once an earlier message of that key is dead.
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(try_from = "String")]
-pub enum DeadKeyPolicy {
-    /// Wait until an operator retries or discards the dead message (keeps per-key order).
-    #[default]
-    Block,
-    /// Publish them anyway; the dead message stays parked for an operator.
-    Skip,
-}
+pub use crate::store::DeadKeyPolicy;
 
 /// `[relay]`
 #[derive(Debug, Clone, Deserialize)]

@@ -31,6 +31,7 @@ pub mod reconcile;
 pub mod relay;
 pub mod retry;
 pub mod route;
+pub mod startup;
 pub mod status;
 pub mod store;
 mod suspects;

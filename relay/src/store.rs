@@ -30,7 +30,20 @@ use outbox::Schema;
 use sqlx::{postgres::PgRow, PgPool, Row};
 use uuid::Uuid;
 
-use crate::{config::DeadKeyPolicy, envelope::Envelope};
+use serde::Deserialize;
+
+use crate::envelope::Envelope;
+
+/// What later messages of a key do once an earlier message of that key is dead.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub enum DeadKeyPolicy {
+    /// Wait until an operator retries or discards the dead message (keeps per-key order).
+    #[default]
+    Block,
+    /// Publish them anyway; the dead message stays parked for an operator.
+    Skip,
+}
 
 /// Number of partitions; fixed by the schema (`partition = hashtext(key) & 63`).
 pub const PARTITIONS: i16 = 64;

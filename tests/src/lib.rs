@@ -20,7 +20,6 @@ use lapin::{
 use outbox_relay::{
     config::{DeadKeyPolicy, Settings},
     relay::Relay,
-    store::Store,
 };
 use sqlx::{postgres::PgPoolOptions, PgPool};
 use tokio::{
@@ -261,20 +260,7 @@ pub async fn relay_with(
         .connect(&url)
         .await
         .expect("relay pool");
-    let store = Store::new(
-        pool,
-        settings.schema(),
-        settings.relay.dead_key_policy,
-        !settings.retention.delivered.is_zero(),
-    )
-    .with_max_payload(settings.relay.max_payload);
-    Arc::new(Relay::new(
-        store,
-        publisher,
-        settings.retry_policy(),
-        settings.relay.clone(),
-        settings.retention(),
-    ))
+    Arc::new(outbox_relay::startup::relay(settings, pool, publisher))
 }
 
 /// Starts a relay from `settings` in this process.

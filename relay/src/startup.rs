@@ -1,0 +1,38 @@
+//! Where configuration stops: the loaded [`Settings`] become the store's, the relay's and the
+//! publisher's own option types here, once, for `outbox-relay run` and for anything that
+//! embeds a relay (the integration tests build theirs with the same call).
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use crate::{
+    config::Settings,
+    publish::Publisher,
+    relay::{Observe, Relay},
+    store::Store,
+};
+
+/// A relay on `pool` publishing through `publisher`, as `settings` ask: the outbox schema,
+/// the dead-key policy, the archive of deliveries, the payload limit, the retry policy, the
+/// loop's settings, retention, and the health and gauge timings.
+pub fn relay(settings: &Settings, pool: PgPool, publisher: Arc<dyn Publisher>) -> Relay {
+    let store = Store::new(
+        pool,
+        settings.schema(),
+        settings.relay.dead_key_policy,
+        !settings.retention.delivered.is_zero(),
+    )
+    .with_max_payload(settings.relay.max_payload);
+    Relay::new(
+        store,
+        publisher,
+        settings.retry_policy(),
+        settings.relay.clone(),
+        settings.retention(),
+    )
+    .with_observe(Observe {
+        backlog_interval: Some(settings.http.backlog_interval),
+        stall_timeout: settings.http.stall_timeout,
+    })
+}
