@@ -491,22 +491,7 @@ async fn an_idle_relay_is_woken_by_notify_not_by_polling() {
     let mut s = settings(&db);
     s.relay.poll_interval = Duration::from_secs(30);
     let relay = start_relay(&s).await;
-    // Wait until the relay has gone idle and registered.
-    let start = Instant::now();
-    while sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM outbox.relay_waiters WHERE expires_at > now()",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
-        == 0
-    {
-        assert!(
-            start.elapsed() < WAIT,
-            "the idle relay never registered as a waiter"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_waiter(&db).await;
     let sent = Instant::now();
     outbox::enqueue(&db.pool, &Message::new(&t, vec![]).unwrap())
         .await

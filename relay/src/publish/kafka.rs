@@ -500,7 +500,6 @@ impl Publisher for KafkaPublisher {
     }
 
     fn generation(&self) -> u64 {
-        let _current = self.inner.producer.read().expect("lock poisoned");
         self.inner
             .generation
             .load(std::sync::atomic::Ordering::SeqCst)

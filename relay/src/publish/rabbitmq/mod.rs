@@ -313,7 +313,10 @@ impl Publisher for RabbitMqPublisher {
 
     fn health(&self) -> BoxFuture<'_, Result<(), String>> {
         async move {
-            if let Some(blocked) = self.blocked() {
+            // Read here too, so the gauge is right while nothing is being published.
+            let blocked = self.blocked();
+            crate::metrics::broker_blocked(blocked.is_some());
+            if let Some(blocked) = blocked {
                 return Err(blocked);
             }
             if self.connected() {
