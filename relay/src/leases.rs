@@ -33,10 +33,10 @@ impl Relay {
     /// leases, and hands nothing over.
     pub async fn rebalance(&self) -> Result<Vec<i16>, RelayError> {
         let Ok(_no_reads) =
-            tokio::time::timeout(self.settings.lease / 3, self.handover.write()).await
+            tokio::time::timeout(self.options.lease() / 3, self.handover.write()).await
         else {
             tracing::warn!(relay_id = %self.id, "reads under way for a third of a lease; renewing the leases without rebalancing");
-            self.store.renew(self.id, self.settings.lease).await?;
+            self.store.renew(self.id, self.options.lease()).await?;
             return Ok(self.owned.borrow().clone());
         };
         let busy: Vec<i16> = {
@@ -53,7 +53,7 @@ impl Relay {
         }
         let share = self
             .store
-            .rebalance_keeping(self.id, self.settings.lease, &busy, &draining)
+            .rebalance_keeping(self.id, self.options.lease(), &busy, &draining)
             .await?;
         if share.draining != draining {
             tracing::info!(relay_id = %self.id, partitions = ?share.draining, "partitions draining before they are handed over");
@@ -87,7 +87,7 @@ impl Relay {
         shutdown: CancellationToken,
         done: CancellationToken,
     ) {
-        let every = self.settings.lease / 3;
+        let every = self.options.lease() / 3;
         let mut backoff = Backoff::new(every);
         while !done.is_cancelled() {
             // Partitions draining are handed over as soon as their rows are settled.
@@ -101,10 +101,10 @@ impl Relay {
             } else {
                 every.min(DRAINING_CHECK)
             };
-            self.heartbeats.beat(keeper_slot(&self.settings));
+            self.heartbeats.beat(keeper_slot(&self.options));
             let renewed = if shutdown.is_cancelled() {
                 self.store
-                    .renew(self.id, self.settings.lease)
+                    .renew(self.id, self.options.lease())
                     .await
                     .map_err(RelayError::from)
             } else {

@@ -8,7 +8,7 @@
 //!
 //! Layout: [`store`] holds every SQL statement (and knows no broker), [`publish`] holds one
 //! folder per broker (and knows no SQL), `pipeline` streams rows from one to the other
-//! (read → publish → settle, all under way at once), and [`relay`] runs the pipelines as
+//! (read → dispatch → settle, all under way at once, one `Worker::step` at a time), and [`relay`] runs the pipelines as
 //! tasks beside the partition leases (`leases`), the wake-ups (`wake`) and the chores
 //! (`chores`: purge, held-back sweep, gauges), and drains them on shutdown. The suspect rule
 //! is in `suspects`, what a failed publish comes to in `verdict`, and why a relay stops in

@@ -11,29 +11,50 @@ use std::{
     time::Duration,
 };
 
-use outbox::Backoff;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use crate::error::{error_chain, RelayError};
+pub use crate::pipeline::WorkerOptions;
 use crate::{
-    config::RelaySettings,
     error::panic_message,
     health::Heartbeats,
+    pipeline::{self, Context},
     publish::Publisher,
     retry::RetryPolicy,
-    store::{Retention, Settlement, Store},
+    store::{Retention, Store},
     suspects::{SharedAlone, Suspects},
-    wake::Wake,
+    wake::{self, Wake},
 };
+
+/// How a relay runs (from `[relay]`; see [`crate::startup`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    /// Workers, each streaming a fixed subset of the relay's partitions.
+    pub workers: u32,
+    /// Wake up on PostgreSQL NOTIFY when new rows commit, instead of waiting for the poll.
+    pub listen: bool,
+    /// On shutdown, how long in-flight publishes may take to be confirmed.
+    pub shutdown_grace: Duration,
+    /// How each worker reads and holds rows; its lease and reconnect timings are the
+    /// relay's.
+    pub worker: WorkerOptions,
+}
+
+impl RelayOptions {
+    /// How long a partition lease lasts (renewed every third of it).
+    pub fn lease(&self) -> Duration {
+        self.worker.lease
+    }
+}
 
 /// A relay: one store, one publisher, one policy.
 pub struct Relay {
     pub(crate) store: Store,
     pub(crate) publisher: Arc<dyn Publisher>,
     pub(crate) policy: RetryPolicy,
-    pub(crate) settings: RelaySettings,
+    pub(crate) options: RelayOptions,
     pub(crate) retention: Retention,
     pub(crate) id: Uuid,
     pub(crate) owned: tokio::sync::watch::Sender<Vec<i16>>,
@@ -73,8 +94,8 @@ impl Default for Observe {
 }
 
 /// The heartbeat slot of the partition keeper; workers use slots `0..workers`.
-pub(crate) fn keeper_slot(settings: &RelaySettings) -> usize {
-    settings.workers as usize
+pub(crate) fn keeper_slot(options: &RelayOptions) -> usize {
+    options.workers as usize
 }
 
 impl Relay {
@@ -83,12 +104,12 @@ impl Relay {
         store: Store,
         publisher: Arc<dyn Publisher>,
         policy: RetryPolicy,
-        settings: RelaySettings,
+        options: RelayOptions,
         retention: Retention,
     ) -> Self {
         let (owned, _) = tokio::sync::watch::channel(Vec::new());
-        let busy = std::sync::Mutex::new(vec![Vec::new(); settings.workers as usize]);
-        let mut loops: Vec<String> = (0..settings.workers)
+        let busy = std::sync::Mutex::new(vec![Vec::new(); options.workers as usize]);
+        let mut loops: Vec<String> = (0..options.workers)
             .map(|w| format!("worker {w}"))
             .collect();
         loops.push("partition keeper".to_owned());
@@ -96,7 +117,7 @@ impl Relay {
             store,
             publisher,
             policy,
-            settings,
+            options,
             retention,
             id: Uuid::new_v4(),
             owned,
@@ -161,24 +182,23 @@ impl Relay {
         self.id
     }
 
-    /// Settles, retrying while PostgreSQL is unreachable for up to one lease (after which
-    /// the rows are another relay's to publish again).
-    pub(crate) async fn settle_with_retries(
-        &self,
-        settlement: &Settlement,
-    ) -> Result<crate::store::Settled, RelayError> {
-        let deadline = tokio::time::Instant::now() + self.settings.lease;
-        let mut backoff = Backoff::new(self.settings.reconnect_max_delay);
-        loop {
-            match self.store.settle(self.id, settlement).await {
-                Ok(done) => return Ok(done),
-                Err(e) if tokio::time::Instant::now() + backoff.peek() < deadline => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?wait, "settle failed; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
+    /// Worker `worker`'s view of this relay.
+    fn context<'a>(&'a self, worker: u32, wake: &'a Wake) -> Context<'a> {
+        Context {
+            worker,
+            workers: self.options.workers,
+            relay_id: self.id,
+            options: &self.options.worker,
+            store: &self.store,
+            publisher: self.publisher.as_ref(),
+            policy: &self.policy,
+            suspects: &self.suspects,
+            shared_alone: &self.shared_alone,
+            heartbeats: &self.heartbeats,
+            busy: &self.busy,
+            owned: &self.owned,
+            handover: &self.handover,
+            wake,
         }
     }
 
@@ -188,10 +208,12 @@ impl Relay {
         let abort = CancellationToken::new();
         let wake = Arc::new(Wake::default());
         let mut tasks = JoinSet::new();
-        if self.settings.listen {
-            let waker = self.clone().wake_on_notify(wake.clone(), shutdown.clone());
+        if self.options.listen {
+            let (relay, wake, shutdown) = (self.clone(), wake.clone(), shutdown.clone());
             tasks.spawn(async move {
-                waker.await;
+                let o = &relay.options.worker;
+                let timing = (o.poll_interval, o.reconnect_max_delay);
+                wake::listen(&relay.store, relay.id, timing, &wake, shutdown).await;
                 Ok(())
             });
         }
@@ -229,22 +251,22 @@ impl Relay {
                 Ok(())
             });
         }
-        let running = Arc::new(AtomicUsize::new(self.settings.workers as usize));
-        for worker in 0..self.settings.workers {
+        let running = Arc::new(AtomicUsize::new(self.options.workers as usize));
+        for worker in 0..self.options.workers {
             let relay = self.clone();
             let (wake, shutdown, abort) = (wake.clone(), shutdown.clone(), abort.clone());
             let (running, done) = (running.clone(), workers_done.clone());
             tasks.spawn(async move {
-                let result = crate::pipeline::run(&relay, worker, &wake, shutdown, abort).await;
+                let result = pipeline::run(relay.context(worker, &wake), shutdown, abort).await;
                 if running.fetch_sub(1, Ordering::SeqCst) == 1 {
                     done.cancel();
                 }
                 result
             });
         }
-        tracing::info!(relay_id = %self.id, workers = self.settings.workers, "relay running");
+        tracing::info!(relay_id = %self.id, workers = self.options.workers, "relay running");
 
-        let grace = self.settings.shutdown_grace;
+        let grace = self.options.shutdown_grace;
         let mut result = Ok(());
         let mut grace_timer = std::pin::pin!(async {
             shutdown.cancelled().await;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::{
-    config::Settings,
+    config::{RelaySettings, Settings},
     publish::Publisher,
-    relay::{Observe, Relay},
+    relay::{Observe, Relay, RelayOptions, WorkerOptions},
     store::Store,
 };
 
@@ -28,11 +28,28 @@ pub fn relay(settings: &Settings, pool: PgPool, publisher: Arc<dyn Publisher>) -
         store,
         publisher,
         settings.retry_policy(),
-        settings.relay.clone(),
+        relay_options(&settings.relay),
         settings.retention(),
     )
     .with_observe(Observe {
         backlog_interval: Some(settings.http.backlog_interval),
         stall_timeout: settings.http.stall_timeout,
     })
+}
+
+/// The relay's options from `[relay]`.
+pub fn relay_options(s: &RelaySettings) -> RelayOptions {
+    RelayOptions {
+        workers: s.workers,
+        listen: s.listen,
+        shutdown_grace: s.shutdown_grace,
+        worker: WorkerOptions {
+            batch_size: s.batch_size,
+            window: s.window,
+            window_bytes: s.window_bytes,
+            poll_interval: s.poll_interval,
+            lease: s.lease,
+            reconnect_max_delay: s.reconnect_max_delay,
+        },
+    }
 }

@@ -11,7 +11,10 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{envelope::Envelope, publish::PublishError, relay::Relay};
+use crate::{
+    envelope::Envelope,
+    publish::{PublishError, Publisher},
+};
 
 /// Messages that were in flight when a broker connection closed under them.
 ///
@@ -33,7 +36,8 @@ impl Suspects {
     /// Bound on remembered suspects (they are only an optimisation of who goes alone).
     const MAX: usize = 100_000;
 
-    fn is_suspect(&self, seq: i64) -> bool {
+    /// True when `seq` is a suspect: it is to be published alone.
+    pub(crate) fn is_suspect(&self, seq: i64) -> bool {
         self.seqs.lock().expect("lock poisoned").contains(&seq)
     }
 
@@ -50,12 +54,7 @@ impl Suspects {
     }
 }
 
-impl Relay {
-    /// True when `seq` is a suspect (see [`Suspects`]): it is to be published alone.
-    pub(crate) fn is_suspect(&self, seq: i64) -> bool {
-        self.suspects.is_suspect(seq)
-    }
-
+impl Suspects {
     /// What the suspect rule (see [`Suspects`]) makes of `seq`'s outcome. `alone`: it went
     /// out as a suspect, with nothing else in flight. Lost with others, it becomes a suspect
     /// (no attempt); lost alone, the loss is its own (a failed attempt); confirmed, or dead
@@ -69,7 +68,7 @@ impl Relay {
         match result {
             Ok(done) => {
                 if alone {
-                    self.suspects.clear(seq);
+                    self.clear(seq);
                 }
                 Ok(done)
             }
@@ -77,12 +76,12 @@ impl Relay {
                 "the broker failed this message while it was the only one in flight: {e}"
             ))),
             Err(PublishError::Disconnected(e)) => {
-                self.suspects.suspect(seq);
+                self.suspect(seq);
                 Err(PublishError::Disconnected(e))
             }
             Err(e) => {
                 if alone && matches!(e, PublishError::Permanent(_) | PublishError::TooLarge(_)) {
-                    self.suspects.clear(seq);
+                    self.clear(seq);
                 }
                 Err(e)
             }
@@ -91,17 +90,21 @@ impl Relay {
 
     /// Publishes one message under the suspect rule (see [`Suspects`]); returns how long
     /// the broker took to confirm it.
-    pub(crate) async fn publish_one(&self, env: &Envelope) -> Result<Duration, PublishError> {
-        let suspect = self.suspects.is_suspect(env.seq);
+    pub(crate) async fn publish_one(
+        &self,
+        publisher: &dyn Publisher,
+        env: &Envelope,
+    ) -> Result<Duration, PublishError> {
+        let suspect = self.is_suspect(env.seq);
         let (result, sent) = if suspect {
-            let _alone = self.suspects.alone.write().await;
+            let _alone = self.alone.write().await;
             tracing::info!(seq = env.seq, message_id = %env.id, "publishing a suspect message alone");
             let sent = std::time::Instant::now();
-            (self.publisher.publish(env).await, sent.elapsed())
+            (publisher.publish(env).await, sent.elapsed())
         } else {
-            let _shared = self.suspects.alone.read().await;
+            let _shared = self.alone.read().await;
             let sent = std::time::Instant::now();
-            (self.publisher.publish(env).await, sent.elapsed())
+            (publisher.publish(env).await, sent.elapsed())
         };
         self.under_suspicion(env.seq, suspect, result.map(|()| sent))
     }

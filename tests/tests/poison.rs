@@ -16,7 +16,6 @@ use outbox_relay::{
     envelope::Envelope,
     publish::{PublishError, Publisher},
     relay::{Relay, RelayError},
-    store::Store,
 };
 use outbox_tests::{
     enqueue_all, keyed_messages, settings, start_relay, topic, with_policy, Consumer, TestDb,
@@ -338,18 +337,7 @@ impl Publisher for ConnectionKiller {
 }
 
 fn relay_with(db: &TestDb, s: &outbox_relay::config::Settings, p: Arc<dyn Publisher>) -> Relay {
-    Relay::new(
-        Store::new(
-            db.pool.clone(),
-            s.schema(),
-            s.relay.dead_key_policy,
-            !s.retention.delivered.is_zero(),
-        ),
-        p,
-        s.retry_policy(),
-        s.relay.clone(),
-        s.retention(),
-    )
+    outbox_relay::startup::relay(s, db.pool.clone(), p)
 }
 
 #[tokio::test]
