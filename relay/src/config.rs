@@ -3,7 +3,6 @@
 //! README's configuration reference; [`Settings::validate`] names the setting at fault.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -12,7 +11,12 @@ use outbox::Schema;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::{retry::RetryPolicy, route::Template};
+pub use crate::publish::{
+    kafka::{check_kafka_property, is_secret_kafka_property, KafkaRouteSettings, KafkaSettings},
+    rabbitmq::{AmqpTlsSettings, RabbitMqSettings, RouteSettings},
+};
+pub use crate::secrets::{read_secret_file, redact_url};
+use crate::{retry::RetryPolicy, route::Template, secrets::with_password_file};
 
 /// Prefix of the environment variables read as settings (`OUTBOX__DATABASE__URL`).
 pub const ENV_PREFIX: &str = "OUTBOX";
@@ -251,45 +255,6 @@ impl Default for RetrySettings {
     }
 }
 
-/// `[rabbitmq]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RabbitMqSettings {
-    /// `amqp://user:password@host:port/vhost`; required when `broker = "rabbitmq"`.
-    pub url: Option<SecretString>,
-    /// Exchange for a topic without a route; `{topic}` and `{key}` are replaced.
-    pub exchange: String,
-    /// Routing key for a topic without a route; `{topic}` and `{key}` are replaced.
-    pub routing_key: String,
-    /// Per-topic exchange and routing key, overriding the two above.
-    pub routes: BTreeMap<String, RouteSettings>,
-    /// How long to wait for an answer from RabbitMQ: a window's confirms, the connection
-    /// handshake, opening a channel.
-    #[serde(with = "humantime_serde")]
-    pub confirm_timeout: Duration,
-    /// Largest payload sent, in bytes; larger messages are dead at once without being sent.
-    /// Keep it at or below the broker's `max_message_size` (RabbitMQ's default: 128 MiB).
-    pub max_message_size: u64,
-    /// Channels on the connection, each publishing a window of messages (of different keys)
-    /// and waiting for their confirms before it takes more.
-    pub channels: u16,
-    /// The most unconfirmed messages on one channel. `channels × channel_window` bounds the
-    /// messages at the broker at once; 1 gives one unconfirmed message per channel.
-    pub channel_window: u16,
-    /// A file holding the password; replaces the URL's password (e.g. a mounted secret).
-    pub password_file: Option<PathBuf>,
-    /// TLS for `amqps://` URLs.
-    pub tls: AmqpTlsSettings,
-}
-
-impl RabbitMqSettings {
-    /// `url`, with the password from `password_file` when that is set.
-    pub fn connection_url(&self) -> Result<SecretString, String> {
-        let url = self.url.as_ref().ok_or("rabbitmq.url is not set")?;
-        with_password_file(url, "rabbitmq", self.password_file.as_deref())
-    }
-}
-
 impl Settings {
     /// The PostgreSQL connections the relay may hold at once: 2 per worker (a read and a
     /// settle under way together), 1 for the partition keeper, 1 held by LISTEN when
@@ -307,126 +272,6 @@ impl DatabaseSettings {
         let url = self.url.as_ref().ok_or("database.url is not set")?;
         with_password_file(url, "database", self.password_file.as_deref())
     }
-}
-
-/// Puts the content of `<section>.password_file` into the URL's password.
-fn with_password_file(
-    url: &SecretString,
-    section: &str,
-    file: Option<&Path>,
-) -> Result<SecretString, String> {
-    let Some(file) = file else {
-        return Ok(url.clone());
-    };
-    let setting = format!("{section}.password_file");
-    let password = read_secret_file(&setting, file)?;
-    let mut parsed = url::Url::parse(url.expose_secret())
-        .map_err(|e| format!("{section}.url is not a valid URL ({e})"))?;
-    if parsed.username().is_empty() {
-        return Err(format!(
-            "{setting} is set but {section}.url names no user to go with it"
-        ));
-    }
-    parsed
-        .set_password(Some(password.expose_secret()))
-        .map_err(|()| format!("{section}.url cannot carry a password"))?;
-    Ok(SecretString::from(parsed.to_string()))
-}
-
-/// `[rabbitmq.tls]`: applies to `amqps://` URLs. The system's CA store is always trusted.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct AmqpTlsSettings {
-    /// PEM file of extra CA certificates to trust (a private CA).
-    pub ca_file: Option<PathBuf>,
-    /// PKCS#12 file holding a client certificate and its key, for brokers that
-    /// authenticate clients by certificate.
-    pub client_identity_file: Option<PathBuf>,
-    /// Password of `client_identity_file`. Never logged.
-    pub client_identity_password: Option<SecretString>,
-    /// A file holding the password of `client_identity_file`.
-    pub client_identity_password_file: Option<PathBuf>,
-}
-
-impl Default for RabbitMqSettings {
-    fn default() -> Self {
-        Self {
-            url: None,
-            exchange: String::new(),
-            routing_key: "{topic}".to_owned(),
-            routes: BTreeMap::new(),
-            confirm_timeout: Duration::from_secs(10),
-            max_message_size: 128 * 1024 * 1024,
-            channels: 4,
-            channel_window: 512,
-            password_file: None,
-            tls: AmqpTlsSettings::default(),
-        }
-    }
-}
-
-/// `[kafka]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSettings {
-    /// Bootstrap servers, `host:port[,host:port...]`; required when `broker = "kafka"`.
-    pub brokers: Option<String>,
-    /// Kafka topic for an outbox topic without a route; `{topic}` and `{key}` are replaced.
-    pub topic: String,
-    /// Per-topic Kafka topic, overriding `topic`.
-    pub routes: BTreeMap<String, KafkaRouteSettings>,
-    /// How long a message may wait for its delivery report before the relay reports the
-    /// broker unavailable (a warning, at most one per this period). The message stays with
-    /// the producer, which keeps trying: messages never time out in it, so that none can
-    /// fail behind a later message of its key that gets through.
-    #[serde(with = "humantime_serde")]
-    pub delivery_timeout: Duration,
-    /// librdkafka producer properties, passed through (e.g. `compression.type`,
-    /// `security.protocol`, `sasl.username`). Properties that would break the relay's
-    /// guarantees (`enable.idempotence`, `acks`, `max.in.flight...` above 5,
-    /// `enable.gapless.guarantee`, `message.timeout.ms`) are refused.
-    /// Values of secret properties (`sasl.password`, `ssl.key.password`, ...) are never
-    /// logged.
-    pub properties: BTreeMap<String, String>,
-    /// librdkafka properties whose values are read from files (e.g. `sasl.password` from a
-    /// mounted secret); the trailing newline is dropped.
-    pub property_files: BTreeMap<String, PathBuf>,
-}
-
-impl Default for KafkaSettings {
-    fn default() -> Self {
-        Self {
-            brokers: None,
-            topic: "{topic}".to_owned(),
-            routes: BTreeMap::new(),
-            delivery_timeout: Duration::from_secs(30),
-            properties: BTreeMap::new(),
-            property_files: BTreeMap::new(),
-        }
-    }
-}
-
-/// `[kafka.routes."<topic>"]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaRouteSettings {
-    /// Kafka topic for this outbox topic (`{topic}`, `{key}` are replaced).
-    pub topic: String,
-}
-
-/// `[rabbitmq.routes."<topic>"]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteSettings {
-    /// Exchange for this topic (`{topic}`, `{key}` are replaced).
-    pub exchange: String,
-    /// Routing key for this topic (`{topic}`, `{key}` are replaced); default `{topic}`.
-    #[serde(default = "default_routing_key")]
-    pub routing_key: String,
-}
-
-fn default_routing_key() -> String {
-    "{topic}".to_owned()
 }
 
 /// Log line format.
@@ -805,7 +650,7 @@ impl Settings {
                 }
             }
             for (name, value) in &k.properties {
-                if let Err(e) = crate::config::check_kafka_property(name, value) {
+                if let Err(e) = check_kafka_property(name, value) {
                     p.push(format!("kafka.properties.\"{name}\": {e}"));
                 }
             }
@@ -814,7 +659,7 @@ impl Settings {
                     p.push(format!(
                         "kafka.property_files.\"{name}\": also set in kafka.properties; keep one"
                     ));
-                } else if let Err(e) = crate::config::check_kafka_property(name, "") {
+                } else if let Err(e) = check_kafka_property(name, "") {
                     p.push(format!("kafka.property_files.\"{name}\": {e}"));
                 }
                 readable(
@@ -879,54 +724,6 @@ impl Settings {
     }
 }
 
-/// Refuses producer properties that would break per-key order or no-loss, or that the
-/// relay sets itself.
-pub fn check_kafka_property(name: &str, value: &str) -> Result<(), String> {
-    match name {
-        "enable.idempotence" if value != "true" => {
-            Err("must stay true: the idempotent producer keeps per-key order across retries".into())
-        }
-        "acks" | "request.required.acks" if !matches!(value, "all" | "-1") => Err(
-            "must stay all: a message is confirmed only once every in-sync replica has it".into(),
-        ),
-        "max.in.flight.requests.per.connection" | "max.in.flight"
-            if value.parse::<u32>().map_or(true, |n| n > 5) =>
-        {
-            Err("must be 1 to 5 with the idempotent producer".into())
-        }
-        "partitioner" if !KEYED_PARTITIONERS.contains(&value) => Err(format!(
-            "must place a message by its key ({}): {value:?} ignores the key, so a key's \
-             messages, sent without waiting for each confirm, would land in different \
-             partitions and could be read out of order",
-            KEYED_PARTITIONERS.join(", ")
-        )),
-        "enable.gapless.guarantee" if value != "true" => Err(
-            "must stay true: the relay sends a key's messages without waiting for each \
-             confirm, and this keeps a failed message from leaving a gap before later ones"
-                .into(),
-        ),
-        "bootstrap.servers" | "metadata.broker.list" => Err("set kafka.brokers instead".into()),
-        "message.timeout.ms" | "delivery.timeout.ms" => Err(
-            "messages never time out in the relay's producer (a timeout could leave a gap \
-             before a key's later messages); kafka.delivery_timeout sets when a slow delivery \
-             is reported"
-                .into(),
-        ),
-        _ => Ok(()),
-    }
-}
-
-/// librdkafka's partitioners that place a keyed message by a hash of its key (the
-/// `_random` ones spread only unkeyed messages at random).
-const KEYED_PARTITIONERS: &[&str] = &[
-    "murmur2_random",
-    "murmur2",
-    "consistent_random",
-    "consistent",
-    "fnv1a_random",
-    "fnv1a",
-];
-
 /// Checks that a configured file can be read, naming the setting and the file.
 fn readable(p: &mut Vec<String>, name: &str, path: Option<&Path>) {
     if let Some(path) = path {
@@ -934,27 +731,6 @@ fn readable(p: &mut Vec<String>, name: &str, path: Option<&Path>) {
             p.push(format!("{name}: cannot read {}: {e}", path.display()));
         }
     }
-}
-
-/// Reads a secret from a file (a mounted Kubernetes or Docker secret), without its trailing
-/// newline. The error names the setting and the file, never the content.
-pub fn read_secret_file(setting: &str, path: &Path) -> Result<SecretString, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{setting}: cannot read {}: {e}", path.display()))?;
-    let trimmed = text.strip_suffix('\n').unwrap_or(&text);
-    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
-    if trimmed.is_empty() {
-        return Err(format!("{setting}: {} is empty", path.display()));
-    }
-    Ok(SecretString::from(trimmed.to_owned()))
-}
-
-/// True for librdkafka properties whose values are secrets, never to be logged.
-pub fn is_secret_kafka_property(name: &str) -> bool {
-    name.contains("password")
-        || name.contains("secret")
-        || name.ends_with(".key.pem")
-        || name.contains("token")
 }
 
 fn positive(p: &mut Vec<String>, name: &str, d: Duration) {
@@ -994,19 +770,6 @@ fn describe(e: config::ConfigError) -> String {
             format!("configuration file could not be parsed: {text}")
         }
         _ => text,
-    }
-}
-
-/// Shows a server URL without its password, for logs and error messages.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => "<unparsable URL>".to_owned(),
     }
 }
 
@@ -1164,7 +927,7 @@ mod tests {
     }
 
     #[test]
-    fn kafka_needs_brokers_and_keeps_its_guarantees() {
+    fn kafka_needs_brokers_as_host_and_port() {
         let err = problems(&[("OUTBOX__BROKER", "kafka")]);
         assert!(err.contains("kafka.brokers is not set"), "{err}");
         assert!(
@@ -1176,31 +939,5 @@ mod tests {
             ("OUTBOX__KAFKA__BROKERS", "localhost:9092,nohost"),
         ]);
         assert!(err.contains("\"nohost\" is not host:port"), "{err}");
-        assert_eq!(
-            check_kafka_property("acks", "1").unwrap_err(),
-            "must stay all: a message is confirmed only once every in-sync replica has it"
-        );
-        assert!(check_kafka_property("enable.idempotence", "false").is_err());
-        assert!(check_kafka_property("max.in.flight.requests.per.connection", "10").is_err());
-        // A key's messages are pipelined: no gap may open before them, and none may time out.
-        assert!(check_kafka_property("enable.gapless.guarantee", "false").is_err());
-        assert!(check_kafka_property("enable.gapless.guarantee", "true").is_ok());
-        for refused in ["random", "RANDOM", "custom"] {
-            let e = check_kafka_property("partitioner", refused).unwrap_err();
-            assert!(e.contains("ignores the key"), "{refused}: {e}");
-        }
-        for kept in KEYED_PARTITIONERS {
-            assert!(check_kafka_property("partitioner", kept).is_ok(), "{kept}");
-        }
-        assert!(check_kafka_property("message.timeout.ms", "30000").is_err());
-        assert!(check_kafka_property("compression.type", "zstd").is_ok());
-    }
-
-    #[test]
-    fn redaction_hides_the_password_only() {
-        assert_eq!(
-            redact_url("amqp://guest:pw@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
     }
 }

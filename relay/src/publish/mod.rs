@@ -11,6 +11,24 @@ pub mod kafka;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
+/// Kafka's settings only: this build has no Kafka publisher (cargo feature `kafka`), but
+/// the configuration still reads the `[kafka]` section.
+#[cfg(not(feature = "kafka"))]
+pub mod kafka {
+    mod settings;
+    pub use settings::{
+        check_kafka_property, is_secret_kafka_property, KafkaRouteSettings, KafkaSettings,
+    };
+}
+
+/// RabbitMQ's settings only: this build has no RabbitMQ publisher (cargo feature
+/// `rabbitmq`), but the configuration still reads the `[rabbitmq]` section.
+#[cfg(not(feature = "rabbitmq"))]
+pub mod rabbitmq {
+    mod settings;
+    pub use settings::{AmqpTlsSettings, RabbitMqSettings, RouteSettings};
+}
+
 /// Why a publish did not end in a broker confirm.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PublishError {
