@@ -36,3 +36,22 @@ pub fn relay(settings: &Settings, pool: PgPool, publisher: Arc<dyn Publisher>) -
         stall_timeout: settings.http.stall_timeout,
     })
 }
+
+/// The publisher `settings` ask for (`broker`, and that broker's section).
+pub fn publisher(settings: &Settings) -> Result<Arc<dyn Publisher>, crate::publish::PublishError> {
+    match settings.broker {
+        #[cfg(feature = "rabbitmq")]
+        crate::config::BrokerKind::Rabbitmq => Ok(Arc::new(
+            crate::publish::rabbitmq::RabbitMqPublisher::new(&settings.rabbitmq)?,
+        )),
+        #[cfg(feature = "kafka")]
+        crate::config::BrokerKind::Kafka => Ok(Arc::new(
+            crate::publish::kafka::KafkaPublisher::new(&settings.kafka)?,
+        )),
+        #[allow(unreachable_patterns)]
+        other => Err(crate::publish::PublishError::Fatal(format!(
+            "this build of outbox-relay has no {other:?} support (cargo feature {:?})",
+            format!("{other:?}").to_lowercase()
+        ))),
+    }
+}

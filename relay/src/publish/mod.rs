@@ -127,24 +127,6 @@ pub trait Publisher: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'_, ()>;
 }
 
-/// The publisher the settings ask for.
-pub fn from_settings(
-    settings: &crate::config::Settings,
-) -> Result<std::sync::Arc<dyn Publisher>, PublishError> {
-    use crate::config::BrokerKind;
-    match settings.broker {
-        #[cfg(feature = "rabbitmq")]
-        BrokerKind::Rabbitmq => Ok(std::sync::Arc::new(rabbitmq::RabbitMqPublisher::new(
-            &settings.rabbitmq,
-        )?)),
-        #[cfg(feature = "kafka")]
-        BrokerKind::Kafka => Ok(std::sync::Arc::new(kafka::KafkaPublisher::new(
-            &settings.kafka,
-        )?)),
-        #[allow(unreachable_patterns)]
-        other => Err(PublishError::Fatal(format!(
-            "this build of outbox-relay has no {other:?} support (cargo feature {:?})",
-            format!("{other:?}").to_lowercase()
-        ))),
-    }
-}
+/// The publisher the settings ask for; built where the settings are turned into the
+/// relay's own types, [`crate::startup::publisher`].
+pub use crate::startup::publisher as from_settings;
