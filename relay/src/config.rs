@@ -16,7 +16,11 @@ pub use crate::publish::{
     rabbitmq::{AmqpTlsSettings, RabbitMqSettings, RouteSettings},
 };
 pub use crate::secrets::{read_secret_file, redact_url};
-use crate::{retry::RetryPolicy, route::Template, secrets::with_password_file};
+use crate::{
+    checks::{check_url, positive, readable},
+    retry::RetryPolicy,
+    secrets::with_password_file,
+};
 
 /// Prefix of the environment variables read as settings (`OUTBOX__DATABASE__URL`).
 pub const ENV_PREFIX: &str = "OUTBOX";
@@ -94,6 +98,19 @@ impl Default for RetentionSettings {
             discarded: Duration::from_secs(30 * 24 * 3600),
             purge_interval: Duration::from_secs(30),
             purge_batch: 1000,
+        }
+    }
+}
+
+impl RetentionSettings {
+    /// Adds a problem per `[retention]` setting out of range.
+    fn check(&self, p: &mut Vec<String>) {
+        positive(p, "retention.purge_interval", self.purge_interval);
+        if !(1..=100_000).contains(&self.purge_batch) {
+            p.push(format!(
+                "retention.purge_batch must be between 1 and 100000 (got {})",
+                self.purge_batch
+            ));
         }
     }
 }
@@ -224,6 +241,47 @@ impl Default for RelaySettings {
     }
 }
 
+impl RelaySettings {
+    /// Adds a problem per `[relay]` setting out of range.
+    fn check(&self, p: &mut Vec<String>) {
+        if !(1..=10_000).contains(&self.batch_size) {
+            p.push(format!(
+                "relay.batch_size must be between 1 and 10000 (got {})",
+                self.batch_size
+            ));
+        }
+        if !(1..=64).contains(&self.workers) {
+            p.push(format!(
+                "relay.workers must be between 1 and 64 (got {})",
+                self.workers
+            ));
+        }
+        if !(1..=100_000).contains(&self.window) {
+            p.push(format!(
+                "relay.window must be between 1 and 100000 (got {})",
+                self.window
+            ));
+        }
+        if !(1..=1024 * 1024 * 1024).contains(&self.max_payload) {
+            p.push(format!(
+                "relay.max_payload must be between 1 and 1073741824 bytes (PostgreSQL's bytea limit); got {}",
+                self.max_payload
+            ));
+        }
+        if self.window_bytes < 1024 {
+            p.push(format!(
+                "relay.window_bytes must be at least 1024 (got {})",
+                self.window_bytes
+            ));
+        }
+        if self.lease < Duration::from_secs(1) {
+            p.push("relay.lease must be at least 1s".to_owned());
+        }
+        positive(p, "relay.poll_interval", self.poll_interval);
+        positive(p, "relay.reconnect_max_delay", self.reconnect_max_delay);
+    }
+}
+
 /// `[retry]`: see [`RetryPolicy`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -272,6 +330,37 @@ impl DatabaseSettings {
         let url = self.url.as_ref().ok_or("database.url is not set")?;
         with_password_file(url, "database", self.password_file.as_deref())
     }
+
+    /// The server's URL, the files named, TLS that goes together, and the schema name.
+    fn check_server(&self, p: &mut Vec<String>) {
+        match &self.url {
+            None => p.push(
+                "database.url is not set (OUTBOX__DATABASE__URL or --database-url)".to_owned(),
+            ),
+            Some(url) => {
+                if let Err(e) = check_url(url.expose_secret(), &["postgres", "postgresql"]) {
+                    p.push(format!("database.url {e}"));
+                }
+            }
+        }
+        readable(p, "database.password_file", self.password_file.as_deref());
+        readable(p, "database.ssl_root_cert", self.ssl_root_cert.as_deref());
+        readable(p, "database.ssl_cert", self.ssl_cert.as_deref());
+        readable(p, "database.ssl_key", self.ssl_key.as_deref());
+        if self.ssl_cert.is_some() != self.ssl_key.is_some() {
+            p.push(
+                "database.ssl_cert and database.ssl_key go together: set both or neither".into(),
+            );
+        }
+        if let Some(SslMode::Disable) = self.ssl_mode {
+            if self.ssl_root_cert.is_some() || self.ssl_cert.is_some() {
+                p.push("database.ssl_mode is \"disable\" but TLS files are set (database.ssl_root_cert, database.ssl_cert)".into());
+            }
+        }
+        if let Err(e) = Schema::parse(&self.schema) {
+            p.push(format!("database.schema: {e}"));
+        }
+    }
 }
 
 /// Log line format.
@@ -300,6 +389,18 @@ impl Default for LogSettings {
         Self {
             format: LogFormat::Text,
             level: "info".to_owned(),
+        }
+    }
+}
+
+impl LogSettings {
+    /// `log.level` must be a valid tracing filter.
+    fn check(&self, p: &mut Vec<String>) {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            p.push(format!(
+                "log.level {:?} is not a valid filter: {e}",
+                self.level
+            ));
         }
     }
 }
@@ -423,54 +524,49 @@ impl Settings {
     /// problem with the setting's name.
     pub fn validate(&self, with_broker: bool) -> Result<(), ConfigError> {
         let mut p = Vec::new();
-        match &self.database.url {
-            None => p.push(
-                "database.url is not set (OUTBOX__DATABASE__URL or --database-url)".to_owned(),
-            ),
-            Some(url) => {
-                if let Err(e) = check_url(url.expose_secret(), &["postgres", "postgresql"]) {
-                    p.push(format!("database.url {e}"));
-                }
+        self.check_database(&mut p);
+        self.relay.check(&mut p);
+        self.retention.check(&mut p);
+        if let Err(e) = self.retry_policy().validate() {
+            p.push(e);
+        }
+        if with_broker {
+            match self.broker {
+                BrokerKind::Rabbitmq => self.rabbitmq.check(&mut p),
+                BrokerKind::Kafka => self.kafka.check(&mut p),
             }
         }
-        let db = &self.database;
-        readable(
-            &mut p,
-            "database.password_file",
-            db.password_file.as_deref(),
-        );
-        readable(
-            &mut p,
-            "database.ssl_root_cert",
-            db.ssl_root_cert.as_deref(),
-        );
-        readable(&mut p, "database.ssl_cert", db.ssl_cert.as_deref());
-        readable(&mut p, "database.ssl_key", db.ssl_key.as_deref());
-        if db.ssl_cert.is_some() != db.ssl_key.is_some() {
-            p.push(
-                "database.ssl_cert and database.ssl_key go together: set both or neither".into(),
-            );
+        self.check_http(&mut p);
+        self.log.check(&mut p);
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: p })
         }
-        if let Some(SslMode::Disable) = db.ssl_mode {
-            if db.ssl_root_cert.is_some() || db.ssl_cert.is_some() {
-                p.push("database.ssl_mode is \"disable\" but TLS files are set (database.ssl_root_cert, database.ssl_cert)".into());
-            }
-        }
-        if let Err(e) = Schema::parse(&self.database.schema) {
-            p.push(format!("database.schema: {e}"));
-        }
-        if !(1..=1000).contains(&self.database.max_connections) {
+    }
+
+    /// `[database]`: the server and its files, then the pool, which must also fit the
+    /// relay's workers.
+    fn check_database(&self, p: &mut Vec<String>) {
+        self.database.check_server(p);
+        self.check_pool_size(p);
+        positive(p, "database.connect_timeout", self.database.connect_timeout);
+    }
+
+    /// `database.max_connections`: in range, and at least [`Settings::connections_needed`].
+    fn check_pool_size(&self, p: &mut Vec<String>) {
+        let max = self.database.max_connections;
+        if !(1..=1000).contains(&max) {
             p.push(format!(
-                "database.max_connections must be between 1 and 1000 (got {})",
-                self.database.max_connections
+                "database.max_connections must be between 1 and 1000 (got {max})"
             ));
-        } else if self.database.max_connections < self.connections_needed() {
+        } else if max < self.connections_needed() {
             p.push(format!(
                 "database.max_connections ({}) must be at least {} with relay.workers = {}{}: \
                  2 per worker (each reads and settles at once), 1 for the partition keeper{}, \
                  and 4 for the chores and probes (purge, held-back sweep, backlog gauges, \
                  readiness), so that renewing the leases never waits for a connection",
-                self.database.max_connections,
+                max,
                 self.connections_needed(),
                 self.relay.workers,
                 if self.relay.listen {
@@ -485,190 +581,10 @@ impl Settings {
                 },
             ));
         }
-        positive(
-            &mut p,
-            "database.connect_timeout",
-            self.database.connect_timeout,
-        );
-        let r = &self.relay;
-        if !(1..=10_000).contains(&r.batch_size) {
-            p.push(format!(
-                "relay.batch_size must be between 1 and 10000 (got {})",
-                r.batch_size
-            ));
-        }
-        if !(1..=64).contains(&r.workers) {
-            p.push(format!(
-                "relay.workers must be between 1 and 64 (got {})",
-                r.workers
-            ));
-        }
-        if !(1..=100_000).contains(&r.window) {
-            p.push(format!(
-                "relay.window must be between 1 and 100000 (got {})",
-                r.window
-            ));
-        }
-        if !(1..=1024 * 1024 * 1024).contains(&r.max_payload) {
-            p.push(format!(
-                "relay.max_payload must be between 1 and 1073741824 bytes (PostgreSQL's bytea limit); got {}",
-                r.max_payload
-            ));
-        }
-        if r.window_bytes < 1024 {
-            p.push(format!(
-                "relay.window_bytes must be at least 1024 (got {})",
-                r.window_bytes
-            ));
-        }
-        if r.lease < Duration::from_secs(1) {
-            p.push("relay.lease must be at least 1s".to_owned());
-        }
-        positive(&mut p, "relay.poll_interval", r.poll_interval);
-        positive(&mut p, "relay.reconnect_max_delay", r.reconnect_max_delay);
-        positive(
-            &mut p,
-            "retention.purge_interval",
-            self.retention.purge_interval,
-        );
-        if !(1..=100_000).contains(&self.retention.purge_batch) {
-            p.push(format!(
-                "retention.purge_batch must be between 1 and 100000 (got {})",
-                self.retention.purge_batch
-            ));
-        }
-        if let Err(e) = self.retry_policy().validate() {
-            p.push(e);
-        }
-        if with_broker && self.broker == BrokerKind::Rabbitmq {
-            let rb = &self.rabbitmq;
-            match &rb.url {
-                None => p.push(
-                    "rabbitmq.url is not set (OUTBOX__RABBITMQ__URL or --rabbitmq-url)".to_owned(),
-                ),
-                Some(url) => {
-                    if let Err(e) = check_url(url.expose_secret(), &["amqp", "amqps"]) {
-                        p.push(format!("rabbitmq.url {e}"));
-                    }
-                }
-            }
-            positive(&mut p, "rabbitmq.confirm_timeout", rb.confirm_timeout);
-            if !(1..=2047).contains(&rb.channels) {
-                p.push(format!(
-                    "rabbitmq.channels must be between 1 and 2047 (RabbitMQ's default channel_max); got {}",
-                    rb.channels
-                ));
-            }
-            if !(1..=10_000).contains(&rb.channel_window) {
-                p.push(format!(
-                    "rabbitmq.channel_window must be between 1 and 10000; got {}",
-                    rb.channel_window
-                ));
-            }
-            if !(1..=512 * 1024 * 1024).contains(&rb.max_message_size) {
-                p.push(format!(
-                    "rabbitmq.max_message_size must be between 1 and 536870912 bytes (RabbitMQ's own ceiling); got {}",
-                    rb.max_message_size
-                ));
-            }
-            readable(
-                &mut p,
-                "rabbitmq.password_file",
-                rb.password_file.as_deref(),
-            );
-            let tls = &rb.tls;
-            readable(&mut p, "rabbitmq.tls.ca_file", tls.ca_file.as_deref());
-            readable(
-                &mut p,
-                "rabbitmq.tls.client_identity_file",
-                tls.client_identity_file.as_deref(),
-            );
-            readable(
-                &mut p,
-                "rabbitmq.tls.client_identity_password_file",
-                tls.client_identity_password_file.as_deref(),
-            );
-            if tls.client_identity_password.is_some() && tls.client_identity_password_file.is_some()
-            {
-                p.push("rabbitmq.tls.client_identity_password and rabbitmq.tls.client_identity_password_file are both set; keep one".into());
-            }
-            let uses_tls = rb
-                .url
-                .as_ref()
-                .is_some_and(|u| u.expose_secret().starts_with("amqps:"));
-            if !uses_tls && (tls.ca_file.is_some() || tls.client_identity_file.is_some()) {
-                p.push("rabbitmq.tls.* is set but rabbitmq.url is not an amqps:// URL".into());
-            }
-            let mut templates = vec![
-                ("rabbitmq.exchange".to_owned(), &rb.exchange),
-                ("rabbitmq.routing_key".to_owned(), &rb.routing_key),
-            ];
-            for (topic, route) in &rb.routes {
-                templates.push((
-                    format!("rabbitmq.routes.\"{topic}\".exchange"),
-                    &route.exchange,
-                ));
-                templates.push((
-                    format!("rabbitmq.routes.\"{topic}\".routing_key"),
-                    &route.routing_key,
-                ));
-            }
-            for (name, value) in templates {
-                if let Err(e) = Template::parse(value) {
-                    p.push(format!("{name}: {e}"));
-                }
-            }
-        }
-        if with_broker && self.broker == BrokerKind::Kafka {
-            let k = &self.kafka;
-            match k.brokers.as_deref().map(str::trim) {
-                None | Some("") => p.push(
-                    "kafka.brokers is not set (OUTBOX__KAFKA__BROKERS or --kafka-brokers)"
-                        .to_owned(),
-                ),
-                Some(list) => {
-                    for b in list.split(',') {
-                        let ok = b.trim().rsplit_once(':').is_some_and(|(h, port)| {
-                            !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-                        });
-                        if !ok {
-                            p.push(format!("kafka.brokers: {b:?} is not host:port"));
-                        }
-                    }
-                }
-            }
-            if k.delivery_timeout < Duration::from_secs(1) {
-                p.push("kafka.delivery_timeout must be at least 1s".to_owned());
-            }
-            let mut templates = vec![("kafka.topic".to_owned(), &k.topic)];
-            for (topic, route) in &k.routes {
-                templates.push((format!("kafka.routes.\"{topic}\".topic"), &route.topic));
-            }
-            for (name, value) in templates {
-                if let Err(e) = Template::parse(value) {
-                    p.push(format!("{name}: {e}"));
-                }
-            }
-            for (name, value) in &k.properties {
-                if let Err(e) = check_kafka_property(name, value) {
-                    p.push(format!("kafka.properties.\"{name}\": {e}"));
-                }
-            }
-            for (name, path) in &k.property_files {
-                if k.properties.contains_key(name) {
-                    p.push(format!(
-                        "kafka.property_files.\"{name}\": also set in kafka.properties; keep one"
-                    ));
-                } else if let Err(e) = check_kafka_property(name, "") {
-                    p.push(format!("kafka.property_files.\"{name}\": {e}"));
-                }
-                readable(
-                    &mut p,
-                    &format!("kafka.property_files.\"{name}\""),
-                    Some(path),
-                );
-            }
-        }
+    }
+
+    /// `[http]`; its stall timeout is measured against `relay.lease`.
+    fn check_http(&self, p: &mut Vec<String>) {
         let h = &self.http;
         if !h.listen.is_empty() && h.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(
@@ -676,24 +592,13 @@ impl Settings {
                 h.listen
             ));
         }
-        positive(&mut p, "http.backlog_interval", h.backlog_interval);
+        positive(p, "http.backlog_interval", h.backlog_interval);
         if h.stall_timeout < self.relay.lease {
             p.push(format!(
                 "http.stall_timeout ({}) must be at least relay.lease ({})",
                 humantime::format_duration(h.stall_timeout),
                 humantime::format_duration(self.relay.lease)
             ));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            p.push(format!(
-                "log.level {:?} is not a valid filter: {e}",
-                self.log.level
-            ));
-        }
-        if p.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError { problems: p })
         }
     }
 
@@ -722,41 +627,6 @@ impl Settings {
     pub fn schema(&self) -> Schema {
         Schema::parse(&self.database.schema).expect("validated at load")
     }
-}
-
-/// Checks that a configured file can be read, naming the setting and the file.
-fn readable(p: &mut Vec<String>, name: &str, path: Option<&Path>) {
-    if let Some(path) = path {
-        if let Err(e) = std::fs::File::open(path) {
-            p.push(format!("{name}: cannot read {}: {e}", path.display()));
-        }
-    }
-}
-
-fn positive(p: &mut Vec<String>, name: &str, d: Duration) {
-    if d.is_zero() {
-        p.push(format!("{name} must be longer than zero"));
-    }
-}
-
-/// Checks a server URL's shape; the message never repeats the URL (it may hold a password).
-fn check_url(raw: &str, schemes: &[&str]) -> Result<(), String> {
-    let url = url::Url::parse(raw).map_err(|e| format!("is not a valid URL ({e})"))?;
-    if !schemes.contains(&url.scheme()) {
-        return Err(format!(
-            "has scheme {:?}; expected {}",
-            url.scheme(),
-            schemes
-                .iter()
-                .map(|s| format!("{s}://"))
-                .collect::<Vec<_>>()
-                .join(" or ")
-        ));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("has no host".to_owned());
-    }
-    Ok(())
 }
 
 /// `config`'s messages name the key; make sure they read as sentences about a setting.

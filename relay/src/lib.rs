@@ -15,6 +15,7 @@
 //! in [`error`].
 #![deny(missing_docs)]
 
+mod checks;
 mod chores;
 pub mod cli;
 pub mod config;

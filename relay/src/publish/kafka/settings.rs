@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
+use crate::checks::{readable, templates};
+
 /// `[kafka]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -43,6 +45,57 @@ impl Default for KafkaSettings {
             delivery_timeout: Duration::from_secs(30),
             properties: BTreeMap::new(),
             property_files: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaSettings {
+    /// Checks the section (for `broker = "kafka"`), adding one problem per setting at
+    /// fault.
+    pub(crate) fn check(&self, p: &mut Vec<String>) {
+        match self.brokers.as_deref().map(str::trim) {
+            None | Some("") => p.push(
+                "kafka.brokers is not set (OUTBOX__KAFKA__BROKERS or --kafka-brokers)".to_owned(),
+            ),
+            Some(list) => {
+                for b in list.split(',') {
+                    let ok = b.trim().rsplit_once(':').is_some_and(|(h, port)| {
+                        !h.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                    });
+                    if !ok {
+                        p.push(format!("kafka.brokers: {b:?} is not host:port"));
+                    }
+                }
+            }
+        }
+        if self.delivery_timeout < Duration::from_secs(1) {
+            p.push("kafka.delivery_timeout must be at least 1s".to_owned());
+        }
+        let mut named = vec![("kafka.topic".to_owned(), &self.topic)];
+        for (topic, route) in &self.routes {
+            named.push((format!("kafka.routes.\"{topic}\".topic"), &route.topic));
+        }
+        templates(p, named);
+        self.check_properties(p);
+    }
+
+    /// `properties` and `property_files`: none that breaks the guarantees, none set in
+    /// both, every file readable.
+    fn check_properties(&self, p: &mut Vec<String>) {
+        for (name, value) in &self.properties {
+            if let Err(e) = check_kafka_property(name, value) {
+                p.push(format!("kafka.properties.\"{name}\": {e}"));
+            }
+        }
+        for (name, path) in &self.property_files {
+            if self.properties.contains_key(name) {
+                p.push(format!(
+                    "kafka.property_files.\"{name}\": also set in kafka.properties; keep one"
+                ));
+            } else if let Err(e) = check_kafka_property(name, "") {
+                p.push(format!("kafka.property_files.\"{name}\": {e}"));
+            }
+            readable(p, &format!("kafka.property_files.\"{name}\""), Some(path));
         }
     }
 }

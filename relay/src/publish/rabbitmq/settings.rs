@@ -3,10 +3,13 @@
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::secrets::with_password_file;
+use crate::{
+    checks::{check_url, positive, readable, templates},
+    secrets::with_password_file,
+};
 
 /// `[rabbitmq]`
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +47,88 @@ impl RabbitMqSettings {
     pub fn connection_url(&self) -> Result<SecretString, String> {
         let url = self.url.as_ref().ok_or("rabbitmq.url is not set")?;
         with_password_file(url, "rabbitmq", self.password_file.as_deref())
+    }
+
+    /// Checks the section (for `broker = "rabbitmq"`), adding one problem per setting at
+    /// fault.
+    pub(crate) fn check(&self, p: &mut Vec<String>) {
+        match &self.url {
+            None => p.push(
+                "rabbitmq.url is not set (OUTBOX__RABBITMQ__URL or --rabbitmq-url)".to_owned(),
+            ),
+            Some(url) => {
+                if let Err(e) = check_url(url.expose_secret(), &["amqp", "amqps"]) {
+                    p.push(format!("rabbitmq.url {e}"));
+                }
+            }
+        }
+        positive(p, "rabbitmq.confirm_timeout", self.confirm_timeout);
+        if !(1..=2047).contains(&self.channels) {
+            p.push(format!(
+                "rabbitmq.channels must be between 1 and 2047 (RabbitMQ's default channel_max); got {}",
+                self.channels
+            ));
+        }
+        if !(1..=10_000).contains(&self.channel_window) {
+            p.push(format!(
+                "rabbitmq.channel_window must be between 1 and 10000; got {}",
+                self.channel_window
+            ));
+        }
+        if !(1..=512 * 1024 * 1024).contains(&self.max_message_size) {
+            p.push(format!(
+                "rabbitmq.max_message_size must be between 1 and 536870912 bytes (RabbitMQ's own ceiling); got {}",
+                self.max_message_size
+            ));
+        }
+        readable(p, "rabbitmq.password_file", self.password_file.as_deref());
+        self.check_tls(p);
+        self.check_routes(p);
+    }
+
+    /// `[rabbitmq.tls]`: its files, and only with an `amqps://` URL.
+    fn check_tls(&self, p: &mut Vec<String>) {
+        let tls = &self.tls;
+        readable(p, "rabbitmq.tls.ca_file", tls.ca_file.as_deref());
+        readable(
+            p,
+            "rabbitmq.tls.client_identity_file",
+            tls.client_identity_file.as_deref(),
+        );
+        readable(
+            p,
+            "rabbitmq.tls.client_identity_password_file",
+            tls.client_identity_password_file.as_deref(),
+        );
+        if tls.client_identity_password.is_some() && tls.client_identity_password_file.is_some() {
+            p.push("rabbitmq.tls.client_identity_password and rabbitmq.tls.client_identity_password_file are both set; keep one".into());
+        }
+        let uses_tls = self
+            .url
+            .as_ref()
+            .is_some_and(|u| u.expose_secret().starts_with("amqps:"));
+        if !uses_tls && (tls.ca_file.is_some() || tls.client_identity_file.is_some()) {
+            p.push("rabbitmq.tls.* is set but rabbitmq.url is not an amqps:// URL".into());
+        }
+    }
+
+    /// The default exchange and routing key, and each route's.
+    fn check_routes(&self, p: &mut Vec<String>) {
+        let mut named = vec![
+            ("rabbitmq.exchange".to_owned(), &self.exchange),
+            ("rabbitmq.routing_key".to_owned(), &self.routing_key),
+        ];
+        for (topic, route) in &self.routes {
+            named.push((
+                format!("rabbitmq.routes.\"{topic}\".exchange"),
+                &route.exchange,
+            ));
+            named.push((
+                format!("rabbitmq.routes.\"{topic}\".routing_key"),
+                &route.routing_key,
+            ));
+        }
+        templates(p, named);
     }
 }
 
