@@ -17,7 +17,8 @@
 //! them: ids go from one side to the other in chunks (`unnest($1::uuid[])`), which keeps
 //! memory bounded by the chunk and the rows shown. Which topics a group consumes is given
 //! (`GroupSpec::topics`) or inferred: the topics of the messages it processed or parked in
-//! the window.
+//! the window. The consumers' tables are read through the consumer library
+//! ([`DedupRecords`], [`DeadLetters::summaries`]), which knows their shape and versions.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,6 +29,7 @@ use std::{
 
 use futures::TryStreamExt;
 use outbox::Schema;
+use outbox_consumer::{ConsumerError, DeadLetters, DedupRecords};
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -141,6 +143,19 @@ fn db(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> ReconcileError {
     move |source| ReconcileError::Database { what, source }
 }
 
+/// As [`db`], for the consumer library's reads of a consumer schema: they fail only in the
+/// database.
+fn consumer_db(what: impl Into<String>) -> impl FnOnce(ConsumerError) -> ReconcileError {
+    let what = what.into();
+    move |e| {
+        let source = match e {
+            ConsumerError::Database(source) => source,
+            other => sqlx::Error::Protocol(other.to_string()),
+        };
+        ReconcileError::Database { what, source }
+    }
+}
+
 /// A message in the outbox table (dead, or pending too long).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
 pub struct OutboxMessage {
@@ -190,27 +205,8 @@ pub struct Unknown {
     pub processed_at: String,
 }
 
-/// A message parked in a consumer's dead letters.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
-pub struct Letter {
-    /// The group that parked it.
-    #[sqlx(default)]
-    pub group: String,
-    /// The letter's number (`outbox-consumer dead list`).
-    pub letter: i64,
-    /// Message id.
-    pub message_id: Option<Uuid>,
-    /// Queue or topic it came from.
-    pub source: String,
-    /// Key.
-    pub key: Option<String>,
-    /// Failed attempts.
-    pub attempts: i32,
-    /// The last failure.
-    pub error: String,
-    /// When it was parked (UTC, RFC 3339).
-    pub dead_at: String,
-}
+/// A message parked in a consumer's dead letters, as the consumer library reads it.
+pub use outbox_consumer::LetterSummary as Letter;
 
 /// One kind of finding: how many, and the first of them.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -320,11 +316,10 @@ struct Delivery {
     due: bool,
 }
 
-/// Where one group's dedup rows live.
+/// One group to reconcile, in the consumer schema it was found in.
 struct Unit {
-    db: usize,
-    schema: Schema,
-    handled: &'static str,
+    records: DedupRecords,
+    letters: DeadLetters,
     group: String,
     topics: BTreeSet<String>,
     inferred: bool,
@@ -419,23 +414,11 @@ pub async fn reconcile(
     // Consumer → outbox: each group's processed ids in the window, looked up in the outbox;
     // their topics tell which topics the group consumes, when not given.
     for unit in &mut units {
-        let pool = &consumers[unit.db].pool;
-        let c = &unit.schema;
         let mut seen_topics: BTreeMap<String, u64> = BTreeMap::new();
-        let sql = format!(
-            "SELECT message_id, {} FROM {c}.processed
-             WHERE consumer_group = $1 AND processed_at >= now() - make_interval(secs => $2)
-               AND {}",
-            utc("processed_at"),
-            unit.handled
-        );
-        let mut rows = sqlx::query_as::<_, (Uuid, String)>(&sql)
-            .bind(&unit.group)
-            .bind(opts.since.as_secs_f64())
-            .fetch(pool);
+        let mut rows = unit.records.handled_since(&unit.group, opts.since);
         let mut chunk = Vec::with_capacity(CHUNK);
         loop {
-            let next = rows.try_next().await.map_err(db(format!(
+            let next = rows.try_next().await.map_err(consumer_db(format!(
                 "reading processed messages of group {:?}",
                 unit.group
             )))?;
@@ -471,18 +454,14 @@ pub async fn reconcile(
         drop(rows);
 
         // The group's dead letters (all of them: each waits for an operator).
-        let letters: Vec<Letter> = sqlx::query_as(&format!(
-            "SELECT id AS letter, message_id, source, key, attempts, error, {} AS dead_at
-             FROM {c}.dead_letters WHERE consumer_group = $1 ORDER BY id",
-            utc("dead_at")
-        ))
-        .bind(&unit.group)
-        .fetch_all(pool)
-        .await
-        .map_err(db(format!(
-            "reading dead letters of group {:?}",
-            unit.group
-        )))?;
+        let letters = unit
+            .letters
+            .summaries(&unit.group)
+            .await
+            .map_err(consumer_db(format!(
+                "reading dead letters of group {:?}",
+                unit.group
+            )))?;
         let ids: Vec<Uuid> = letters.iter().filter_map(|l| l.message_id).collect();
         for ids in ids.chunks(CHUNK) {
             for topic in outbox_topics(outbox, o, ids).await?.into_values() {
@@ -490,8 +469,7 @@ pub async fn reconcile(
             }
         }
         unit.report.dead_letters = letters.len() as u64;
-        for mut letter in letters {
-            letter.group = unit.group.clone();
+        for letter in letters {
             report.dead_letters.push(letter, limit);
         }
         if unit.inferred {
@@ -541,7 +519,7 @@ pub async fn reconcile(
                     continue;
                 }
                 let ids: Vec<Uuid> = due.iter().map(|r| r.id).collect();
-                let missing = unprocessed(&consumers[unit.db].pool, unit, &ids).await?;
+                let missing = unprocessed(unit, &ids).await?;
                 for r in due.into_iter().filter(|r| missing.contains(&r.id)) {
                     unit.report.unprocessed += 1;
                     report.unprocessed.push(
@@ -602,56 +580,29 @@ async fn units(
 ) -> Result<Vec<Unit>, ReconcileError> {
     struct Location {
         db: usize,
-        schema: Schema,
-        handled: &'static str,
+        records: DedupRecords,
         groups: Vec<String>,
     }
     let mut locations = Vec::new();
     for (i, consumer) in consumers.iter().enumerate() {
         for schema in &opts.consumer_schemas {
-            let (present, v2): (bool, bool) = sqlx::query_as(
-                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL,
-                        EXISTS (SELECT 1 FROM pg_attribute
-                                WHERE attrelid = to_regclass($1) AND attname = 'dead_lettered'
-                                  AND NOT attisdropped)",
-            )
-            .bind(format!("{schema}.processed"))
-            .bind(format!("{schema}.dead_letters"))
-            .fetch_one(&consumer.pool)
-            .await
-            .map_err(db(format!(
-                "looking for consumer schema {schema} in {}",
-                consumer.name
-            )))?;
-            if !present {
+            let found = DedupRecords::open(consumer.pool.clone(), schema.clone())
+                .await
+                .map_err(consumer_db(format!(
+                    "looking for consumer schema {schema} in {}",
+                    consumer.name
+                )))?;
+            let Some(records) = found else {
                 continue;
-            }
+            };
             // Every group with a dedup row (one index probe per group) or a dead letter.
-            let groups: Vec<String> = sqlx::query_scalar(&format!(
-                "WITH RECURSIVE g AS (
-                     (SELECT consumer_group FROM {schema}.processed ORDER BY consumer_group LIMIT 1)
-                     UNION ALL
-                     SELECT (SELECT p.consumer_group FROM {schema}.processed p
-                             WHERE p.consumer_group > g.consumer_group
-                             ORDER BY p.consumer_group LIMIT 1)
-                     FROM g WHERE g.consumer_group IS NOT NULL
-                 )
-                 SELECT consumer_group FROM g WHERE consumer_group IS NOT NULL
-                 UNION
-                 SELECT DISTINCT consumer_group FROM {schema}.dead_letters
-                 ORDER BY 1"
-            ))
-            .fetch_all(&consumer.pool)
-            .await
-            .map_err(db(format!(
+            let groups = records.groups().await.map_err(consumer_db(format!(
                 "listing consumer groups in {schema} of {}",
                 consumer.name
             )))?;
             locations.push(Location {
                 db: i,
-                schema: schema.clone(),
-                // Version 1 schemas have no such column; their dedup rows all count.
-                handled: if v2 { "NOT dead_lettered" } else { "true" },
+                records,
                 groups,
             });
         }
@@ -672,16 +623,15 @@ async fn units(
         });
     }
     let unit = |loc: &Location, group: &str, topics: &[String]| Unit {
-        db: loc.db,
-        schema: loc.schema.clone(),
-        handled: loc.handled,
+        letters: DeadLetters::new(consumers[loc.db].pool.clone(), loc.records.schema().clone()),
+        records: loc.records.clone(),
         group: group.to_owned(),
         topics: topics.iter().cloned().collect(),
         inferred: topics.is_empty(),
         report: GroupReport {
             group: group.to_owned(),
             database: consumers[loc.db].name.clone(),
-            schema: loc.schema.to_string(),
+            schema: loc.records.schema().to_string(),
             topics: Vec::new(),
             topics_inferred: topics.is_empty(),
             processed_in_window: 0,
@@ -737,25 +687,15 @@ async fn outbox_topics(
 
 /// Those of `ids` that `unit`'s group has no dedup row for (handled or dead-lettered: a
 /// dead-lettered message is reported as a dead letter, or was discarded on purpose).
-async fn unprocessed(
-    pool: &PgPool,
-    unit: &Unit,
-    ids: &[Uuid],
-) -> Result<BTreeSet<Uuid>, ReconcileError> {
-    let rows: Vec<Uuid> = sqlx::query_scalar(&format!(
-        "SELECT u.id FROM unnest($1::uuid[]) AS u(id)
-         WHERE NOT EXISTS (SELECT 1 FROM {}.processed p
-                           WHERE p.consumer_group = $2 AND p.message_id = u.id)",
-        unit.schema
-    ))
-    .bind(ids)
-    .bind(&unit.group)
-    .fetch_all(pool)
-    .await
-    .map_err(db(format!(
-        "looking delivered ids up in group {:?}",
-        unit.group
-    )))?;
+async fn unprocessed(unit: &Unit, ids: &[Uuid]) -> Result<BTreeSet<Uuid>, ReconcileError> {
+    let rows = unit
+        .records
+        .without_row(&unit.group, ids)
+        .await
+        .map_err(consumer_db(format!(
+            "looking delivered ids up in group {:?}",
+            unit.group
+        )))?;
     Ok(rows.into_iter().collect())
 }
 
