@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use futures::future::BoxFuture;
+use futures::{
+    future::BoxFuture,
+    stream::{BoxStream, StreamExt, TryStreamExt},
+};
 use outbox::{migrate::Migration, Schema};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -569,6 +572,106 @@ impl Deduplicator {
                 return Ok(total);
             }
         }
+    }
+}
+
+/// The dedup rows and groups of one consumer schema, read only: what an auditor compares
+/// with the producers' records (`outbox-relay reconcile` does). It reads `processed` and the
+/// `consumer_group` column of `dead_letters`, and a version 1 schema as well as a newer one.
+#[derive(Debug, Clone)]
+pub struct DedupRecords {
+    pool: PgPool,
+    schema: Schema,
+    /// A group's handled messages within a time of now; see [`DedupRecords::handled_since`].
+    handled_since: String,
+}
+
+impl DedupRecords {
+    /// The records of `schema` in `pool`'s database, or `None` when it holds no consumer
+    /// schema of that name (no `processed` or no `dead_letters` table).
+    pub async fn open(pool: PgPool, schema: Schema) -> Result<Option<Self>, ConsumerError> {
+        let (present, v2): (bool, bool) = sqlx::query_as(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL,
+                    EXISTS (SELECT 1 FROM pg_attribute
+                            WHERE attrelid = to_regclass($1) AND attname = 'dead_lettered'
+                              AND NOT attisdropped)",
+        )
+        .bind(format!("{schema}.processed"))
+        .bind(format!("{schema}.dead_letters"))
+        .fetch_one(&pool)
+        .await?;
+        if !present {
+            return Ok(None);
+        }
+        // Version 1 schemas have no such column; their dedup rows all count.
+        let handled = if v2 { "NOT dead_lettered" } else { "true" };
+        let handled_since = format!(
+            "SELECT message_id, {} FROM {schema}.processed
+             WHERE consumer_group = $1 AND processed_at >= now() - make_interval(secs => $2)
+               AND {handled}",
+            crate::letters::utc("processed_at"),
+        );
+        Ok(Some(Self {
+            pool,
+            schema,
+            handled_since,
+        }))
+    }
+
+    /// The consumer schema read.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Every group with a dedup row (found with one index probe per group) or a dead
+    /// letter, in name order.
+    pub async fn groups(&self) -> Result<Vec<String>, ConsumerError> {
+        let schema = &self.schema;
+        Ok(sqlx::query_scalar(&format!(
+            "WITH RECURSIVE g AS (
+                 (SELECT consumer_group FROM {schema}.processed ORDER BY consumer_group LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT p.consumer_group FROM {schema}.processed p
+                         WHERE p.consumer_group > g.consumer_group
+                         ORDER BY p.consumer_group LIMIT 1)
+                 FROM g WHERE g.consumer_group IS NOT NULL
+             )
+             SELECT consumer_group FROM g WHERE consumer_group IS NOT NULL
+             UNION
+             SELECT DISTINCT consumer_group FROM {schema}.dead_letters
+             ORDER BY 1"
+        ))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The messages `group` handled within `since` of now (not those it dead-lettered), as
+    /// they are read: each message id, and when its dedup row was written (UTC, RFC 3339).
+    pub fn handled_since<'a>(
+        &'a self,
+        group: &'a str,
+        since: Duration,
+    ) -> BoxStream<'a, Result<(Uuid, String), ConsumerError>> {
+        sqlx::query_as(&self.handled_since)
+            .bind(group)
+            .bind(since.as_secs_f64())
+            .fetch(&self.pool)
+            .map_err(ConsumerError::from)
+            .boxed()
+    }
+
+    /// Those of `ids` that `group` has no dedup row for: neither handled nor dead-lettered.
+    pub async fn without_row(&self, group: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, ConsumerError> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT u.id FROM unnest($1::uuid[]) AS u(id)
+             WHERE NOT EXISTS (SELECT 1 FROM {}.processed p
+                               WHERE p.consumer_group = $2 AND p.message_id = u.id)",
+            self.schema
+        ))
+        .bind(ids)
+        .bind(group)
+        .fetch_all(&self.pool)
+        .await?)
     }
 }
 

@@ -85,7 +85,7 @@ impl LetterFilter {
 
 /// A parked message, as an operator sees it (the payload is left out; its size is shown).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DeadLetter {
     /// The letter's number: name it with `--id` (or [`LetterFilter::letters`]).
     pub letter: i64,
@@ -111,9 +111,33 @@ pub struct DeadLetter {
     pub payload_bytes: i32,
 }
 
+/// A parked message in brief: no payload and no replay state, so that it reads under grants
+/// that leave those columns out (an auditor's), and from a version 1 schema.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct LetterSummary {
+    /// The consumer group that parked it.
+    #[sqlx(default)]
+    pub group: String,
+    /// The letter's number (`outbox-consumer dead list`).
+    pub letter: i64,
+    /// The message id (`None` for a message that carried none).
+    pub message_id: Option<Uuid>,
+    /// Where it came from (RabbitMQ queue or Kafka topic).
+    pub source: String,
+    /// Its key.
+    pub key: Option<String>,
+    /// Failed attempts.
+    pub attempts: i32,
+    /// The last failure.
+    pub error: String,
+    /// When it was parked (UTC, RFC 3339).
+    pub dead_at: String,
+}
+
 /// A letter that left `dead_letters`.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SettledLetter {
     /// The letter's number.
     pub letter: i64,
@@ -141,7 +165,7 @@ pub struct SettledLetter {
 
 /// Where a replay an operator asked for stands.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-#[cfg_attr(feature = "cli", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ReplayStatus {
     /// The letter's number.
     pub letter: i64,
@@ -164,7 +188,7 @@ pub struct ReplayStatus {
 
 const TIME: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'";
 
-fn utc(column: &str) -> String {
+pub(crate) fn utc(column: &str) -> String {
     format!("to_char({column} AT TIME ZONE 'UTC', {TIME})")
 }
 
@@ -251,6 +275,25 @@ impl DeadLetters {
             .bind(limit.max(0))
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    /// Every letter of `group`, oldest first, in brief: it reads only the columns of
+    /// [`LetterSummary`].
+    pub async fn summaries(&self, group: &str) -> Result<Vec<LetterSummary>, ConsumerError> {
+        let sql = format!(
+            "SELECT id AS letter, message_id, source, key, attempts, error, {} AS dead_at
+             FROM {}.dead_letters WHERE consumer_group = $1 ORDER BY id",
+            utc("dead_at"),
+            self.schema
+        );
+        let mut letters: Vec<LetterSummary> = sqlx::query_as(&sql)
+            .bind(group)
+            .fetch_all(&self.pool)
+            .await?;
+        for letter in &mut letters {
+            letter.group = group.to_owned();
+        }
+        Ok(letters)
     }
 
     /// Asks for a replay of the letters matching `filter`: each group's running consumer

@@ -31,6 +31,9 @@
 //!   ([`Deduplicator::replay_dead_letters`]; the sources pick up replays an operator asked
 //!   for, [`Deduplicator::serve_replays`]), so it never applies an effect twice: a message
 //!   that was handled meanwhile is settled as a duplicate without running the handler.
+//! - **Audits** read a consumer schema without changing it: [`DedupRecords`] (the groups and
+//!   what each handled) and [`DeadLetters::summaries`] (a group's letters without payloads),
+//!   what `outbox-relay reconcile` compares with the outbox.
 //! - **Retention**: [`Deduplicator::purge`] deletes `processed` rows older than a window in
 //!   bounded batches. The window must exceed the longest time a broker may redeliver a
 //!   message (unacked redelivery, Kafka retention for a consumer that rewinds); a delivery
@@ -56,11 +59,12 @@ mod replay;
 mod trace;
 
 pub use dedup::{
-    migrate, Deduplicator, Handler, MissingId, Outcome, RetryPolicy, Stats, CONSUMER_SCHEMA_VERSION,
+    migrate, DedupRecords, Deduplicator, Handler, MissingId, Outcome, RetryPolicy, Stats,
+    CONSUMER_SCHEMA_VERSION,
 };
 pub use error::{ConsumerError, HandlerError};
 pub use incoming::Incoming;
-pub use letters::{DeadLetter, DeadLetters, LetterFilter};
+pub use letters::{DeadLetter, DeadLetters, LetterFilter, LetterSummary};
 pub use replay::{Replay, ReplayOutcome};
 
 /// The header every relayed message carries its id in; deduplicate on it.

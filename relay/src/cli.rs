@@ -467,7 +467,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
-    let publisher: Arc<dyn Publisher> = crate::publish::from_settings(&settings)?;
+    let publisher: Arc<dyn Publisher> = crate::startup::publisher(&settings)?;
     let relay = Arc::new(crate::startup::relay(&settings, pool, publisher));
     let server = if settings.http.listen.is_empty() {
         None

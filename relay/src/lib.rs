@@ -7,14 +7,15 @@
 //! message again after its lease expires, and consumers deduplicate on the message id.
 //!
 //! Layout: [`store`] holds every SQL statement (and knows no broker), [`publish`] holds one
-//! folder per broker (and knows no SQL), `pipeline` streams rows from one to the other
-//! (read → dispatch → settle, all under way at once, one `Worker::step` at a time), and [`relay`] runs the pipelines as
-//! tasks beside the partition leases (`leases`), the wake-ups (`wake`) and the chores
-//! (`chores`: purge, held-back sweep, gauges), and drains them on shutdown. The suspect rule
-//! is in `suspects`, what a failed publish comes to in `verdict`, and why a relay stops in
-//! [`error`].
+//! folder per broker, each with its settings (and knows no SQL), `pipeline` streams rows from
+//! one to the other (read → dispatch → settle, all under way at once, one `Worker::step` at a time), and [`relay`] runs the
+//! pipelines as tasks beside the partition leases (`leases`), the wake-ups (`wake`) and the
+//! chores (`chores`: purge, held-back sweep, gauges), and drains them on shutdown. The suspect
+//! rule is in `suspects`, what a failed publish comes to in `verdict`, and why a relay stops
+//! in [`error`].
 #![deny(missing_docs)]
 
+mod checks;
 mod chores;
 pub mod cli;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod reconcile;
 pub mod relay;
 pub mod retry;
 pub mod route;
+mod secrets;
 pub mod startup;
 pub mod status;
 pub mod store;

@@ -17,7 +17,8 @@
 //! them: ids go from one side to the other in chunks (`unnest($1::uuid[])`), which keeps
 //! memory bounded by the chunk and the rows shown. Which topics a group consumes is given
 //! (`GroupSpec::topics`) or inferred: the topics of the messages it processed or parked in
-//! the window.
+//! the window. The consumers' tables are read through the consumer library
+//! ([`DedupRecords`], [`DeadLetters::summaries`]), which knows their shape and versions.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,6 +29,7 @@ use std::{
 
 use futures::TryStreamExt;
 use outbox::Schema;
+use outbox_consumer::{ConsumerError, DeadLetters, DedupRecords};
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -141,6 +143,19 @@ fn db(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> ReconcileError {
     move |source| ReconcileError::Database { what, source }
 }
 
+/// As [`db`], for the consumer library's reads of a consumer schema: they fail only in the
+/// database.
+fn consumer_db(what: impl Into<String>) -> impl FnOnce(ConsumerError) -> ReconcileError {
+    let what = what.into();
+    move |e| {
+        let source = match e {
+            ConsumerError::Database(source) => source,
+            other => sqlx::Error::Protocol(other.to_string()),
+        };
+        ReconcileError::Database { what, source }
+    }
+}
+
 /// A message in the outbox table (dead, or pending too long).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
 pub struct OutboxMessage {
@@ -190,27 +205,8 @@ pub struct Unknown {
     pub processed_at: String,
 }
 
-/// A message parked in a consumer's dead letters.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
-pub struct Letter {
-    /// The group that parked it.
-    #[sqlx(default)]
-    pub group: String,
-    /// The letter's number (`outbox-consumer dead list`).
-    pub letter: i64,
-    /// Message id.
-    pub message_id: Option<Uuid>,
-    /// Queue or topic it came from.
-    pub source: String,
-    /// Key.
-    pub key: Option<String>,
-    /// Failed attempts.
-    pub attempts: i32,
-    /// The last failure.
-    pub error: String,
-    /// When it was parked (UTC, RFC 3339).
-    pub dead_at: String,
-}
+/// A message parked in a consumer's dead letters, as the consumer library reads it.
+pub use outbox_consumer::LetterSummary as Letter;
 
 /// One kind of finding: how many, and the first of them.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -320,11 +316,10 @@ struct Delivery {
     due: bool,
 }
 
-/// Where one group's dedup rows live.
+/// One group to reconcile, in the consumer schema it was found in.
 struct Unit {
-    db: usize,
-    schema: Schema,
-    handled: &'static str,
+    records: DedupRecords,
+    letters: DeadLetters,
     group: String,
     topics: BTreeSet<String>,
     inferred: bool,
@@ -338,8 +333,40 @@ pub async fn reconcile(
     consumers: &[ConsumerDatabase],
     opts: &Options,
 ) -> Result<Report, ReconcileError> {
-    let o = schema;
-    let limit = opts.limit;
+    let mut report = start(outbox, schema, opts).await?;
+    outbox_messages(outbox, schema, opts, &mut report).await?;
+    let missing = delivery_records(outbox, schema, &mut report).await?;
+
+    // Where the groups are.
+    let mut units = units(consumers, opts).await?;
+
+    // Consumer → outbox: each group's processed ids in the window, looked up in the outbox;
+    // their topics tell which topics the group consumes, when not given.
+    for unit in &mut units {
+        let mut seen_topics = processed(outbox, schema, unit, opts, &mut report).await?;
+        dead_letters(
+            outbox,
+            schema,
+            unit,
+            &mut seen_topics,
+            &mut report,
+            opts.limit,
+        )
+        .await?;
+        if unit.inferred {
+            unit.topics = seen_topics.into_keys().collect();
+        }
+        unit.report.topics = unit.topics.iter().cloned().collect();
+    }
+
+    let delivered_topics = deliveries(outbox, schema, &mut units, opts, &mut report).await?;
+    finish(&mut report, schema, units, delivered_topics, missing);
+    Ok(report)
+}
+
+/// The outbox database's clock and the window, in an empty report; fails when the outbox's
+/// tables are not there.
+async fn start(outbox: &PgPool, o: &Schema, opts: &Options) -> Result<Report, ReconcileError> {
     let (present, now, window_start): (bool, String, String) = sqlx::query_as(&format!(
         "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL, {}, {}",
         utc("now()"),
@@ -354,7 +381,7 @@ pub async fn reconcile(
     if !present {
         return Err(ReconcileError::NoOutbox(o.to_string()));
     }
-    let mut report = Report {
+    Ok(Report {
         outbox: o.to_string(),
         now,
         window_start,
@@ -370,9 +397,17 @@ pub async fn reconcile(
         unprocessed: Finding::default(),
         unknown: Finding::default(),
         dead_letters: Finding::default(),
-    };
+    })
+}
 
-    // The outbox itself: dead messages, and pending ones older than the threshold.
+/// The outbox itself: dead messages, and pending ones older than the threshold.
+async fn outbox_messages(
+    outbox: &PgPool,
+    o: &Schema,
+    opts: &Options,
+    report: &mut Report,
+) -> Result<(), ReconcileError> {
+    let limit = opts.limit;
     let columns = format!(
         "seq, id, topic, key, attempts, last_error, {} AS created_at, {} AS dead_at",
         utc("created_at"),
@@ -399,9 +434,16 @@ pub async fn reconcile(
     {
         report.pending.push(r, limit);
     }
-    drop(rows);
-    // The oldest delivery record, and whether a live relay started before it (then records
-    // are missing: retention.delivered is shorter than the window, or was off).
+    Ok(())
+}
+
+/// The oldest delivery record, and whether a live relay started before it (then records are
+/// missing: retention.delivered is shorter than the window, or was off).
+async fn delivery_records(
+    outbox: &PgPool,
+    o: &Schema,
+    report: &mut Report,
+) -> Result<bool, ReconcileError> {
     let (records_from, missing): (Option<String>, bool) = sqlx::query_as(&format!(
         "SELECT {}, coalesce((SELECT min(started_at) FROM {o}.relays)
                              < coalesce(min(delivered_at), now()) - interval '1 minute', false)
@@ -412,96 +454,98 @@ pub async fn reconcile(
     .await
     .map_err(db("reading the oldest delivery record"))?;
     report.delivered_records_from = records_from;
+    Ok(missing)
+}
 
-    // Where the groups are.
-    let mut units = units(consumers, opts).await?;
-
-    // Consumer → outbox: each group's processed ids in the window, looked up in the outbox;
-    // their topics tell which topics the group consumes, when not given.
-    for unit in &mut units {
-        let pool = &consumers[unit.db].pool;
-        let c = &unit.schema;
-        let mut seen_topics: BTreeMap<String, u64> = BTreeMap::new();
-        let sql = format!(
-            "SELECT message_id, {} FROM {c}.processed
-             WHERE consumer_group = $1 AND processed_at >= now() - make_interval(secs => $2)
-               AND {}",
-            utc("processed_at"),
-            unit.handled
-        );
-        let mut rows = sqlx::query_as::<_, (Uuid, String)>(&sql)
-            .bind(&unit.group)
-            .bind(opts.since.as_secs_f64())
-            .fetch(pool);
-        let mut chunk = Vec::with_capacity(CHUNK);
-        loop {
-            let next = rows.try_next().await.map_err(db(format!(
-                "reading processed messages of group {:?}",
-                unit.group
-            )))?;
-            let end = next.is_none();
-            if let Some(row) = next {
-                chunk.push(row);
-            }
-            if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
-                unit.report.processed_in_window += chunk.len() as u64;
-                let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-                let topics = outbox_topics(outbox, o, &ids).await?;
-                for (id, processed_at) in chunk.drain(..) {
-                    match topics.get(&id) {
-                        Some(topic) => *seen_topics.entry(topic.clone()).or_default() += 1,
-                        None => {
-                            unit.report.unknown += 1;
-                            report.unknown.push(
-                                Unknown {
-                                    group: unit.group.clone(),
-                                    message_id: id,
-                                    processed_at,
-                                },
-                                limit,
-                            );
-                        }
+/// `unit`'s processed ids in the window, looked up in the outbox in chunks: those it does not
+/// know are findings; the others' topics are counted.
+async fn processed(
+    outbox: &PgPool,
+    o: &Schema,
+    unit: &mut Unit,
+    opts: &Options,
+    report: &mut Report,
+) -> Result<BTreeMap<String, u64>, ReconcileError> {
+    let mut seen_topics: BTreeMap<String, u64> = BTreeMap::new();
+    let mut rows = unit.records.handled_since(&unit.group, opts.since);
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        let next = rows.try_next().await.map_err(consumer_db(format!(
+            "reading processed messages of group {:?}",
+            unit.group
+        )))?;
+        let end = next.is_none();
+        if let Some(row) = next {
+            chunk.push(row);
+        }
+        if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
+            unit.report.processed_in_window += chunk.len() as u64;
+            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+            let topics = outbox_topics(outbox, o, &ids).await?;
+            for (id, processed_at) in chunk.drain(..) {
+                match topics.get(&id) {
+                    Some(topic) => *seen_topics.entry(topic.clone()).or_default() += 1,
+                    None => {
+                        unit.report.unknown += 1;
+                        report.unknown.push(
+                            Unknown {
+                                group: unit.group.clone(),
+                                message_id: id,
+                                processed_at,
+                            },
+                            opts.limit,
+                        );
                     }
                 }
             }
-            if end {
-                break;
-            }
         }
-        drop(rows);
+        if end {
+            break;
+        }
+    }
+    Ok(seen_topics)
+}
 
-        // The group's dead letters (all of them: each waits for an operator).
-        let letters: Vec<Letter> = sqlx::query_as(&format!(
-            "SELECT id AS letter, message_id, source, key, attempts, error, {} AS dead_at
-             FROM {c}.dead_letters WHERE consumer_group = $1 ORDER BY id",
-            utc("dead_at")
-        ))
-        .bind(&unit.group)
-        .fetch_all(pool)
+/// `unit`'s dead letters (all of them: each waits for an operator); the topics of those the
+/// outbox knows are counted.
+async fn dead_letters(
+    outbox: &PgPool,
+    o: &Schema,
+    unit: &mut Unit,
+    seen_topics: &mut BTreeMap<String, u64>,
+    report: &mut Report,
+    limit: usize,
+) -> Result<(), ReconcileError> {
+    let letters = unit
+        .letters
+        .summaries(&unit.group)
         .await
-        .map_err(db(format!(
+        .map_err(consumer_db(format!(
             "reading dead letters of group {:?}",
             unit.group
         )))?;
-        let ids: Vec<Uuid> = letters.iter().filter_map(|l| l.message_id).collect();
-        for ids in ids.chunks(CHUNK) {
-            for topic in outbox_topics(outbox, o, ids).await?.into_values() {
-                *seen_topics.entry(topic).or_default() += 1;
-            }
+    let ids: Vec<Uuid> = letters.iter().filter_map(|l| l.message_id).collect();
+    for ids in ids.chunks(CHUNK) {
+        for topic in outbox_topics(outbox, o, ids).await?.into_values() {
+            *seen_topics.entry(topic).or_default() += 1;
         }
-        unit.report.dead_letters = letters.len() as u64;
-        for mut letter in letters {
-            letter.group = unit.group.clone();
-            report.dead_letters.push(letter, limit);
-        }
-        if unit.inferred {
-            unit.topics = seen_topics.into_keys().collect();
-        }
-        unit.report.topics = unit.topics.iter().cloned().collect();
     }
+    unit.report.dead_letters = letters.len() as u64;
+    for letter in letters {
+        report.dead_letters.push(letter, limit);
+    }
+    Ok(())
+}
 
-    // Outbox → consumers: every delivery in the window, older than the lag, checked against
-    // the dedup rows of each group that consumes its topic.
+/// Outbox → consumers: every delivery in the window, older than the lag, checked against the
+/// dedup rows of each group that consumes its topic. Returns the topics delivered.
+async fn deliveries(
+    outbox: &PgPool,
+    o: &Schema,
+    units: &mut [Unit],
+    opts: &Options,
+    report: &mut Report,
+) -> Result<BTreeSet<String>, ReconcileError> {
     let sql = format!(
         "SELECT id, seq, topic, key, {} AS delivered_at,
                 delivered_at < now() - make_interval(secs => $2) AS due
@@ -532,30 +576,8 @@ pub async fn reconcile(
             }
         }
         if chunk.len() == CHUNK || (end && !chunk.is_empty()) {
-            for unit in &mut units {
-                let due: Vec<&Delivery> = chunk
-                    .iter()
-                    .filter(|r| unit.topics.contains(&r.topic))
-                    .collect();
-                if due.is_empty() {
-                    continue;
-                }
-                let ids: Vec<Uuid> = due.iter().map(|r| r.id).collect();
-                let missing = unprocessed(&consumers[unit.db].pool, unit, &ids).await?;
-                for r in due.into_iter().filter(|r| missing.contains(&r.id)) {
-                    unit.report.unprocessed += 1;
-                    report.unprocessed.push(
-                        Unprocessed {
-                            group: unit.group.clone(),
-                            id: r.id,
-                            seq: r.seq,
-                            topic: r.topic.clone(),
-                            key: r.key.clone(),
-                            delivered_at: r.delivered_at.clone(),
-                        },
-                        limit,
-                    );
-                }
+            for unit in units.iter_mut() {
+                unprocessed(unit, &chunk, report, opts.limit).await?;
             }
             chunk.clear();
         }
@@ -563,8 +585,61 @@ pub async fn reconcile(
             break;
         }
     }
-    drop(rows);
+    Ok(delivered_topics)
+}
 
+/// Those of `chunk` on `unit`'s topics that its group has no dedup row for (handled or
+/// dead-lettered: a dead-lettered message is reported as a dead letter, or was discarded on
+/// purpose).
+async fn unprocessed(
+    unit: &mut Unit,
+    chunk: &[Delivery],
+    report: &mut Report,
+    limit: usize,
+) -> Result<(), ReconcileError> {
+    let due: Vec<&Delivery> = chunk
+        .iter()
+        .filter(|r| unit.topics.contains(&r.topic))
+        .collect();
+    if due.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = due.iter().map(|r| r.id).collect();
+    let missing: BTreeSet<Uuid> = unit
+        .records
+        .without_row(&unit.group, &ids)
+        .await
+        .map_err(consumer_db(format!(
+            "looking delivered ids up in group {:?}",
+            unit.group
+        )))?
+        .into_iter()
+        .collect();
+    for r in due.into_iter().filter(|r| missing.contains(&r.id)) {
+        unit.report.unprocessed += 1;
+        report.unprocessed.push(
+            Unprocessed {
+                group: unit.group.clone(),
+                id: r.id,
+                seq: r.seq,
+                topic: r.topic.clone(),
+                key: r.key.clone(),
+                delivered_at: r.delivered_at.clone(),
+            },
+            limit,
+        );
+    }
+    Ok(())
+}
+
+/// The topics no group was checked on, the notes about the comparison, and each group's line.
+fn finish(
+    report: &mut Report,
+    o: &Schema,
+    units: Vec<Unit>,
+    delivered_topics: BTreeSet<String>,
+    missing: bool,
+) {
     let checked: BTreeSet<&String> = units.iter().flat_map(|u| u.topics.iter()).collect();
     report.unchecked_topics = delivered_topics
         .into_iter()
@@ -592,7 +667,13 @@ pub async fn reconcile(
         }
     }
     report.groups = units.into_iter().map(|u| u.report).collect();
-    Ok(report)
+}
+
+/// A consumer schema found in a consumer database, and the groups in it.
+struct Location {
+    db: usize,
+    records: DedupRecords,
+    groups: Vec<String>,
 }
 
 /// The consumer schemas found in the consumer databases, and the groups to reconcile in them.
@@ -600,88 +681,17 @@ async fn units(
     consumers: &[ConsumerDatabase],
     opts: &Options,
 ) -> Result<Vec<Unit>, ReconcileError> {
-    struct Location {
-        db: usize,
-        schema: Schema,
-        handled: &'static str,
-        groups: Vec<String>,
-    }
-    let mut locations = Vec::new();
-    for (i, consumer) in consumers.iter().enumerate() {
-        for schema in &opts.consumer_schemas {
-            let (present, v2): (bool, bool) = sqlx::query_as(
-                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL,
-                        EXISTS (SELECT 1 FROM pg_attribute
-                                WHERE attrelid = to_regclass($1) AND attname = 'dead_lettered'
-                                  AND NOT attisdropped)",
-            )
-            .bind(format!("{schema}.processed"))
-            .bind(format!("{schema}.dead_letters"))
-            .fetch_one(&consumer.pool)
-            .await
-            .map_err(db(format!(
-                "looking for consumer schema {schema} in {}",
-                consumer.name
-            )))?;
-            if !present {
-                continue;
-            }
-            // Every group with a dedup row (one index probe per group) or a dead letter.
-            let groups: Vec<String> = sqlx::query_scalar(&format!(
-                "WITH RECURSIVE g AS (
-                     (SELECT consumer_group FROM {schema}.processed ORDER BY consumer_group LIMIT 1)
-                     UNION ALL
-                     SELECT (SELECT p.consumer_group FROM {schema}.processed p
-                             WHERE p.consumer_group > g.consumer_group
-                             ORDER BY p.consumer_group LIMIT 1)
-                     FROM g WHERE g.consumer_group IS NOT NULL
-                 )
-                 SELECT consumer_group FROM g WHERE consumer_group IS NOT NULL
-                 UNION
-                 SELECT DISTINCT consumer_group FROM {schema}.dead_letters
-                 ORDER BY 1"
-            ))
-            .fetch_all(&consumer.pool)
-            .await
-            .map_err(db(format!(
-                "listing consumer groups in {schema} of {}",
-                consumer.name
-            )))?;
-            locations.push(Location {
-                db: i,
-                schema: schema.clone(),
-                // Version 1 schemas have no such column; their dedup rows all count.
-                handled: if v2 { "NOT dead_lettered" } else { "true" },
-                groups,
-            });
-        }
-    }
-    if locations.is_empty() {
-        return Err(ReconcileError::NoConsumerSchema {
-            schemas: opts
-                .consumer_schemas
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            databases: consumers
-                .iter()
-                .map(|c| c.name.clone())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
-    }
+    let locations = locations(consumers, opts).await?;
     let unit = |loc: &Location, group: &str, topics: &[String]| Unit {
-        db: loc.db,
-        schema: loc.schema.clone(),
-        handled: loc.handled,
+        letters: DeadLetters::new(consumers[loc.db].pool.clone(), loc.records.schema().clone()),
+        records: loc.records.clone(),
         group: group.to_owned(),
         topics: topics.iter().cloned().collect(),
         inferred: topics.is_empty(),
         report: GroupReport {
             group: group.to_owned(),
             database: consumers[loc.db].name.clone(),
-            schema: loc.schema.to_string(),
+            schema: loc.records.schema().to_string(),
             topics: Vec::new(),
             topics_inferred: topics.is_empty(),
             processed_in_window: 0,
@@ -713,6 +723,53 @@ async fn units(
     Ok(units)
 }
 
+/// Every consumer schema of `opts` in every consumer database, with the groups in each
+/// (every group with a dedup row or a dead letter); fails when there is none.
+async fn locations(
+    consumers: &[ConsumerDatabase],
+    opts: &Options,
+) -> Result<Vec<Location>, ReconcileError> {
+    let mut locations = Vec::new();
+    for (i, consumer) in consumers.iter().enumerate() {
+        for schema in &opts.consumer_schemas {
+            let found = DedupRecords::open(consumer.pool.clone(), schema.clone())
+                .await
+                .map_err(consumer_db(format!(
+                    "looking for consumer schema {schema} in {}",
+                    consumer.name
+                )))?;
+            let Some(records) = found else {
+                continue;
+            };
+            let groups = records.groups().await.map_err(consumer_db(format!(
+                "listing consumer groups in {schema} of {}",
+                consumer.name
+            )))?;
+            locations.push(Location {
+                db: i,
+                records,
+                groups,
+            });
+        }
+    }
+    if locations.is_empty() {
+        return Err(ReconcileError::NoConsumerSchema {
+            schemas: opts
+                .consumer_schemas
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            databases: consumers
+                .iter()
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    Ok(locations)
+}
+
 /// The topics of those of `ids` that the outbox knows (delivered, pending, dead or
 /// discarded).
 async fn outbox_topics(
@@ -735,36 +792,32 @@ async fn outbox_topics(
     Ok(rows.into_iter().collect())
 }
 
-/// Those of `ids` that `unit`'s group has no dedup row for (handled or dead-lettered: a
-/// dead-lettered message is reported as a dead letter, or was discarded on purpose).
-async fn unprocessed(
-    pool: &PgPool,
-    unit: &Unit,
-    ids: &[Uuid],
-) -> Result<BTreeSet<Uuid>, ReconcileError> {
-    let rows: Vec<Uuid> = sqlx::query_scalar(&format!(
-        "SELECT u.id FROM unnest($1::uuid[]) AS u(id)
-         WHERE NOT EXISTS (SELECT 1 FROM {}.processed p
-                           WHERE p.consumer_group = $2 AND p.message_id = u.id)",
-        unit.schema
-    ))
-    .bind(ids)
-    .bind(&unit.group)
-    .fetch_all(pool)
-    .await
-    .map_err(db(format!(
-        "looking delivered ids up in group {:?}",
-        unit.group
-    )))?;
-    Ok(rows.into_iter().collect())
-}
-
 fn seconds(s: f64) -> String {
     humantime::format_duration(Duration::from_secs_f64(s.max(0.0))).to_string()
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_groups(f)?;
+        writeln!(f)?;
+        self.write_outbox_findings(f)?;
+        self.write_consumer_findings(f)?;
+        writeln!(f)?;
+        match self.findings() {
+            0 => writeln!(f, "reconciled: nothing needs attention"),
+            n => writeln!(
+                f,
+                "reconciled: {n} finding{} need{} attention",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "s" } else { "" }
+            ),
+        }
+    }
+}
+
+impl Report {
+    /// The window, one line per group, the topics not checked and the notes.
+    fn write_groups(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "outbox schema {:?}: window {} .. {}; {} delivered in the window (records from {})",
@@ -811,41 +864,24 @@ impl fmt::Display for Report {
         for note in &self.notes {
             writeln!(f, "note: {note}")?;
         }
-        let more = |f: &mut fmt::Formatter<'_>, count: u64, shown: usize| {
-            if count > shown as u64 {
-                writeln!(f, "  … and {} more", count - shown as u64)
-            } else {
-                Ok(())
-            }
-        };
-        let outbox_rows = |f: &mut fmt::Formatter<'_>, rows: &[OutboxMessage]| {
-            for r in rows {
-                writeln!(
-                    f,
-                    "  seq {:<8} {} {:<24} key {:<14} attempts {:<3} written {} {}",
-                    r.seq,
-                    r.id,
-                    r.topic,
-                    r.key.as_deref().unwrap_or("-"),
-                    r.attempts,
-                    r.created_at,
-                    r.last_error.as_deref().unwrap_or("")
-                )?;
-            }
-            Ok(())
-        };
-        writeln!(f)?;
+        Ok(())
+    }
+
+    /// Dead messages, and messages pending too long.
+    fn write_outbox_findings(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "dead in the outbox: {}", self.dead.count)?;
-        outbox_rows(f, &self.dead.rows)?;
-        more(f, self.dead.count, self.dead.rows.len())?;
+        write_outbox_rows(f, &self.dead)?;
         writeln!(
             f,
             "pending for longer than {}: {}",
             seconds(self.max_pending_age_seconds),
             self.pending.count
         )?;
-        outbox_rows(f, &self.pending.rows)?;
-        more(f, self.pending.count, self.pending.rows.len())?;
+        write_outbox_rows(f, &self.pending)
+    }
+
+    /// Messages not processed, processed but unknown, and parked in dead letters.
+    fn write_consumer_findings(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "delivered more than {} ago, not processed: {}",
@@ -864,7 +900,7 @@ impl fmt::Display for Report {
                 r.delivered_at
             )?;
         }
-        more(f, self.unprocessed.count, self.unprocessed.rows.len())?;
+        write_more(f, &self.unprocessed)?;
         writeln!(
             f,
             "processed but unknown to the outbox: {}",
@@ -877,7 +913,7 @@ impl fmt::Display for Report {
                 r.group, r.message_id, r.processed_at
             )?;
         }
-        more(f, self.unknown.count, self.unknown.rows.len())?;
+        write_more(f, &self.unknown)?;
         writeln!(
             f,
             "parked in consumers' dead letters: {}",
@@ -899,17 +935,35 @@ impl fmt::Display for Report {
                 r.error
             )?;
         }
-        more(f, self.dead_letters.count, self.dead_letters.rows.len())?;
-        writeln!(f)?;
-        match self.findings() {
-            0 => writeln!(f, "reconciled: nothing needs attention"),
-            n => writeln!(
-                f,
-                "reconciled: {n} finding{} need{} attention",
-                if n == 1 { "" } else { "s" },
-                if n == 1 { "s" } else { "" }
-            ),
-        }
+        write_more(f, &self.dead_letters)
+    }
+}
+
+/// The rows shown of a finding about outbox messages, then how many more there are.
+fn write_outbox_rows(f: &mut fmt::Formatter<'_>, finding: &Finding<OutboxMessage>) -> fmt::Result {
+    for r in &finding.rows {
+        writeln!(
+            f,
+            "  seq {:<8} {} {:<24} key {:<14} attempts {:<3} written {} {}",
+            r.seq,
+            r.id,
+            r.topic,
+            r.key.as_deref().unwrap_or("-"),
+            r.attempts,
+            r.created_at,
+            r.last_error.as_deref().unwrap_or("")
+        )?;
+    }
+    write_more(f, finding)
+}
+
+/// How many of a finding's rows are not shown, if any.
+fn write_more<T>(f: &mut fmt::Formatter<'_>, finding: &Finding<T>) -> fmt::Result {
+    let shown = finding.rows.len() as u64;
+    if finding.count > shown {
+        writeln!(f, "  … and {} more", finding.count - shown)
+    } else {
+        Ok(())
     }
 }
 

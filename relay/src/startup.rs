@@ -53,3 +53,22 @@ pub fn relay_options(s: &RelaySettings) -> RelayOptions {
         },
     }
 }
+
+/// The publisher `settings` ask for (`broker`, and that broker's section).
+pub fn publisher(settings: &Settings) -> Result<Arc<dyn Publisher>, crate::publish::PublishError> {
+    match settings.broker {
+        #[cfg(feature = "rabbitmq")]
+        crate::config::BrokerKind::Rabbitmq => Ok(Arc::new(
+            crate::publish::rabbitmq::RabbitMqPublisher::new(&settings.rabbitmq)?,
+        )),
+        #[cfg(feature = "kafka")]
+        crate::config::BrokerKind::Kafka => Ok(Arc::new(
+            crate::publish::kafka::KafkaPublisher::new(&settings.kafka)?,
+        )),
+        #[allow(unreachable_patterns)]
+        other => Err(crate::publish::PublishError::Fatal(format!(
+            "this build of outbox-relay has no {other:?} support (cargo feature {:?})",
+            format!("{other:?}").to_lowercase()
+        ))),
+    }
+}

@@ -11,6 +11,24 @@ pub mod kafka;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
+/// Kafka's settings only: this build has no Kafka publisher (cargo feature `kafka`), but
+/// the configuration still reads the `[kafka]` section.
+#[cfg(not(feature = "kafka"))]
+pub mod kafka {
+    mod settings;
+    pub use settings::{
+        check_kafka_property, is_secret_kafka_property, KafkaRouteSettings, KafkaSettings,
+    };
+}
+
+/// RabbitMQ's settings only: this build has no RabbitMQ publisher (cargo feature
+/// `rabbitmq`), but the configuration still reads the `[rabbitmq]` section.
+#[cfg(not(feature = "rabbitmq"))]
+pub mod rabbitmq {
+    mod settings;
+    pub use settings::{AmqpTlsSettings, RabbitMqSettings, RouteSettings};
+}
+
 /// Why a publish did not end in a broker confirm.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PublishError {
@@ -109,24 +127,6 @@ pub trait Publisher: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'_, ()>;
 }
 
-/// The publisher the settings ask for.
-pub fn from_settings(
-    settings: &crate::config::Settings,
-) -> Result<std::sync::Arc<dyn Publisher>, PublishError> {
-    use crate::config::BrokerKind;
-    match settings.broker {
-        #[cfg(feature = "rabbitmq")]
-        BrokerKind::Rabbitmq => Ok(std::sync::Arc::new(rabbitmq::RabbitMqPublisher::new(
-            &settings.rabbitmq,
-        )?)),
-        #[cfg(feature = "kafka")]
-        BrokerKind::Kafka => Ok(std::sync::Arc::new(kafka::KafkaPublisher::new(
-            &settings.kafka,
-        )?)),
-        #[allow(unreachable_patterns)]
-        other => Err(PublishError::Fatal(format!(
-            "this build of outbox-relay has no {other:?} support (cargo feature {:?})",
-            format!("{other:?}").to_lowercase()
-        ))),
-    }
-}
+/// The publisher the settings ask for; built where the settings are turned into the
+/// relay's own types, [`crate::startup::publisher`].
+pub use crate::startup::publisher as from_settings;

@@ -11,6 +11,7 @@
 //! puts two messages of one key at the broker at once (a NACK of one and an ACK of the next
 //! could otherwise break the key's order), so a window holds messages of different keys.
 
+mod settings;
 mod window;
 
 use std::{
@@ -28,11 +29,12 @@ use lapin::{
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::settings::{AmqpTlsSettings, RabbitMqSettings, RouteSettings};
 use super::{PublishError, Publisher};
 use crate::{
-    config::{redact_url, AmqpTlsSettings, RabbitMqSettings},
     envelope::{Envelope, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
     route::{Route, Router, Template},
+    secrets::{read_secret_file, redact_url},
 };
 
 /// Publishes to one RabbitMQ broker over one connection and a few confirm-mode channels.
@@ -464,10 +466,9 @@ pub fn tls_config(settings: &AmqpTlsSettings) -> Result<AmqpTls, String> {
                 &settings.client_identity_password_file,
             ) {
                 (Some(p), _) => p.clone(),
-                (None, Some(file)) => crate::config::read_secret_file(
-                    "rabbitmq.tls.client_identity_password_file",
-                    file,
-                )?,
+                (None, Some(file)) => {
+                    read_secret_file("rabbitmq.tls.client_identity_password_file", file)?
+                }
                 (None, None) => SecretString::from(String::new()),
             };
             // Check it now: a wrong password or a file without a key would otherwise look

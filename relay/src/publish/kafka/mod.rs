@@ -12,6 +12,8 @@
 //! replaced, and the request's messages come back as suspects (`Disconnected`), which the
 //! relay publishes again one at a time, so that only the refused one is charged.
 
+mod settings;
+
 use std::time::Duration;
 
 use futures::{future::BoxFuture, FutureExt};
@@ -26,11 +28,14 @@ use rdkafka::{
 
 use secrecy::ExposeSecret;
 
+pub use self::settings::{
+    check_kafka_property, is_secret_kafka_property, KafkaRouteSettings, KafkaSettings,
+};
 use super::{Confirm, PublishError, Publisher};
 use crate::{
-    config::KafkaSettings,
     envelope::{Envelope, HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
     route::Template,
+    secrets::read_secret_file,
 };
 
 /// The producer's client context: librdkafka's client-level errors (a failed TLS
@@ -139,9 +144,8 @@ impl KafkaPublisher {
             config.set(name, value);
         }
         for (name, path) in &settings.property_files {
-            let value =
-                crate::config::read_secret_file(&format!("kafka.property_files.\"{name}\""), path)
-                    .map_err(PublishError::Fatal)?;
+            let value = read_secret_file(&format!("kafka.property_files.\"{name}\""), path)
+                .map_err(PublishError::Fatal)?;
             config.set(name, value.expose_secret());
         }
         // What a key's pipelining rests on (see above); refused as user properties.
