@@ -37,10 +37,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0004_wakeup_opt_out.sql",
         sql: include_str!("../migrations/0004_wakeup_opt_out.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_failed_heads.sql",
+        sql: include_str!("../migrations/0005_failed_heads.sql"),
+    },
 ];
 
 /// The newest schema version this library ships.
-pub const LATEST_VERSION: i32 = 4;
+pub const LATEST_VERSION: i32 = 5;
 
 /// Creates `schema` if needed and applies the migrations it has not seen yet, each in its
 /// own transaction, recording them in `schema.schema_migrations`. Safe to call from several

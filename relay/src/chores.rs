@@ -14,6 +14,9 @@ use crate::{
 /// marks whose dead row is gone cleared).
 const HOLD_BACK_EVERY: Duration = Duration::from_secs(1);
 
+/// The backlog gauges wait at least this many times as long as their last read took.
+const GAUGE_SHARE: u32 = 100;
+
 impl Relay {
     /// Purges `delivered` and `discarded` records past their retention windows once;
     /// returns how many of each went.
@@ -46,11 +49,11 @@ impl Relay {
     pub(crate) async fn keep_held_back(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             match self.store.hold_back(self.id).await {
-                Ok((0, 0)) => {}
-                Ok((marked, cleared)) => tracing::info!(
-                    marked,
-                    cleared,
-                    "rows held back behind dead rows of their keys updated"
+                Ok(s) if s.marked == 0 && s.cleared == 0 => {}
+                Ok(s) => tracing::info!(
+                    marked = s.marked,
+                    cleared = s.cleared,
+                    "rows held back behind earlier rows of their keys updated"
                 ),
                 Err(e) => {
                     tracing::debug!(error = %error_chain(&e), "held-back rows not updated; trying again later")
@@ -63,7 +66,11 @@ impl Relay {
         }
     }
 
-    /// Reads the backlog gauges (and the broker's state) every `every`.
+    /// Reads the backlog gauges (and the broker's state) every `every`, or less often when
+    /// the read is slow: the gauges count the whole outbox, so a large backlog makes them
+    /// cost more, and the wait after each read is at least [`GAUGE_SHARE`] times what it
+    /// took. Their share of one PostgreSQL backend stays under 1 / `GAUGE_SHARE` however large
+    /// the backlog grows.
     pub(crate) async fn observe_backlog(
         self: Arc<Self>,
         every: Duration,
@@ -71,13 +78,15 @@ impl Relay {
     ) {
         let mut topics = Vec::new();
         while !shutdown.is_cancelled() {
+            let started = tokio::time::Instant::now();
             match crate::status::read(self.store.pool(), self.store.schema()).await {
                 Ok(status) => crate::metrics::backlog(&status, &mut topics),
                 Err(e) => tracing::debug!(error = %e, "backlog not read"),
             }
+            let wait = every.max(started.elapsed() * GAUGE_SHARE);
             crate::metrics::broker_up(self.publisher.health().await.is_ok());
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => {}
             }
         }

@@ -8,7 +8,7 @@ use outbox::Schema;
 use outbox_relay::{
     config::DeadKeyPolicy,
     dead::{self, DeadFilter},
-    store::Store,
+    store::{Store, Sweep},
 };
 use outbox_tests::TestDb;
 use uuid::Uuid;
@@ -59,6 +59,11 @@ async fn stuck_key(db: &TestDb) -> i64 {
     head
 }
 
+/// What a sweep marked and cleared.
+fn marks(s: Sweep) -> (u64, u64) {
+    (s.marked, s.cleared)
+}
+
 fn limits(owned: &[i16]) -> Vec<(i16, u32)> {
     owned.iter().map(|&p| (p, 500)).collect()
 }
@@ -87,9 +92,12 @@ async fn rows_behind_a_dead_row_are_stepped_over_not_walked() {
         "before the marks, a read walks the waiting rows: {walked} rows examined"
     );
 
-    assert_eq!(store.hold_back(me).await.unwrap(), (BEHIND as u64, 0));
     assert_eq!(
-        store.hold_back(me).await.unwrap(),
+        marks(store.hold_back(me).await.unwrap()),
+        (BEHIND as u64, 0)
+    );
+    assert_eq!(
+        marks(store.hold_back(me).await.unwrap()),
         (0, 0),
         "nothing to redo"
     );
@@ -127,7 +135,7 @@ async fn rows_behind_a_dead_row_are_stepped_over_not_walked() {
             .all(|e| e.key.as_deref() != Some("stuck")),
         "a new row of a held-back key must not be read"
     );
-    assert_eq!(store.hold_back(me).await.unwrap(), (1, 0));
+    assert_eq!(marks(store.hold_back(me).await.unwrap()), (1, 0));
 }
 
 #[tokio::test]
@@ -135,7 +143,7 @@ async fn a_retried_or_discarded_dead_row_frees_its_key_in_order() {
     let db = TestDb::new().await;
     let head = stuck_key(&db).await;
     let (store, me, owned) = leasing_all(&db, DeadKeyPolicy::Block).await;
-    store.hold_back(me).await.unwrap();
+    marks(store.hold_back(me).await.unwrap());
     assert_eq!(db.held_back().await, BEHIND);
 
     // `dead retry` clears the marks in its own transaction: no sweep needed.
@@ -175,7 +183,10 @@ async fn a_retried_or_discarded_dead_row_frees_its_key_in_order() {
     .execute(&db.pool)
     .await
     .unwrap();
-    assert_eq!(store.hold_back(me).await.unwrap(), (BEHIND as u64, 0));
+    assert_eq!(
+        marks(store.hold_back(me).await.unwrap()),
+        (BEHIND as u64, 0)
+    );
     dead::discard(&db.pool, &Schema::default(), &filter, "test")
         .await
         .unwrap();
@@ -196,7 +207,7 @@ async fn marks_whose_dead_row_went_by_hand_or_under_skip_are_cleared_by_the_swee
     let db = TestDb::new().await;
     let head = stuck_key(&db).await;
     let (store, me, owned) = leasing_all(&db, DeadKeyPolicy::Block).await;
-    store.hold_back(me).await.unwrap();
+    marks(store.hold_back(me).await.unwrap());
 
     // An operator re-queues the dead row with SQL, not with the command.
     sqlx::query("UPDATE outbox.messages SET status = 'pending', attempts = 0, dead_at = NULL WHERE seq = $1")
@@ -220,7 +231,10 @@ async fn marks_whose_dead_row_went_by_hand_or_under_skip_are_cleared_by_the_swee
         vec![head],
         "held-back rows still wait behind their key's head, whatever its state"
     );
-    assert_eq!(store.hold_back(me).await.unwrap(), (0, BEHIND as u64));
+    assert_eq!(
+        marks(store.hold_back(me).await.unwrap()),
+        (0, BEHIND as u64)
+    );
     assert_eq!(db.held_back().await, 0);
 
     // Under `skip`, dead rows hold nothing back: a relay with that policy clears the marks.
@@ -231,11 +245,14 @@ async fn marks_whose_dead_row_went_by_hand_or_under_skip_are_cleared_by_the_swee
     .execute(&db.pool)
     .await
     .unwrap();
-    store.hold_back(me).await.unwrap();
+    marks(store.hold_back(me).await.unwrap());
     assert_eq!(db.held_back().await, BEHIND);
     store.release_all(me).await.unwrap();
     let (skip, me2, owned2) = leasing_all(&db, DeadKeyPolicy::Skip).await;
-    assert_eq!(skip.hold_back(me2).await.unwrap(), (0, BEHIND as u64));
+    assert_eq!(
+        marks(skip.hold_back(me2).await.unwrap()),
+        (0, BEHIND as u64)
+    );
     let claim = skip
         .claim_from(me2, &limits(&owned2), u64::MAX, &[])
         .await
@@ -249,5 +266,161 @@ async fn marks_whose_dead_row_went_by_hand_or_under_skip_are_cleared_by_the_swee
             .next(),
         Some(head + 1),
         "under skip the rows behind the dead row are read, oldest first"
+    );
+}
+
+/// Makes the first row a retrying one: failed once, due again in `delay`.
+async fn retrying_head(db: &TestDb, head: i64, delay: &str) {
+    sqlx::query(
+        "UPDATE outbox.messages SET status = 'pending', attempts = 1, last_error = 'test',
+                dead_at = NULL, available_at = now() + $2::interval
+         WHERE seq = $1",
+    )
+    .bind(head)
+    .bind(delay)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn rows_behind_a_row_waiting_out_a_retry_delay_are_stepped_over_until_it_is_due() {
+    for policy in [DeadKeyPolicy::Block, DeadKeyPolicy::Skip] {
+        let db = TestDb::new().await;
+        let head = stuck_key(&db).await;
+        retrying_head(&db, head, "1 hour").await;
+        let (store, me, owned) = leasing_all(&db, policy).await;
+        let walked = store
+            .rows_examined_by_claim(me, &limits(&owned), &[])
+            .await
+            .unwrap();
+        assert!(
+            walked > BEHIND as u64,
+            "{policy:?}: before the marks, a read walks the waiting rows: {walked} examined"
+        );
+
+        assert_eq!(
+            marks(store.hold_back(me).await.unwrap()),
+            (BEHIND as u64, 0),
+            "{policy:?}"
+        );
+        let stepped = store
+            .rows_examined_by_claim(me, &limits(&owned), &[])
+            .await
+            .unwrap();
+        assert!(
+            stepped <= 400,
+            "{policy:?}: a read must step over the rows behind a retrying row: {stepped} examined (was {walked})"
+        );
+        let claim = store
+            .claim_from(me, &limits(&owned), u64::MAX, &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            claim.envelopes.len(),
+            200,
+            "{policy:?}: the other keys' rows only"
+        );
+
+        // Due again: the marks go, and the key comes back in order, its head first.
+        sqlx::query("UPDATE outbox.messages SET available_at = now() WHERE seq = $1")
+            .bind(head)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            marks(store.hold_back(me).await.unwrap()),
+            (0, BEHIND as u64),
+            "{policy:?}"
+        );
+        let claim = store
+            .claim_from(me, &limits(&owned), u64::MAX, &[])
+            .await
+            .unwrap();
+        let stuck: Vec<i64> = claim
+            .envelopes
+            .iter()
+            .filter(|e| e.key.as_deref() == Some("stuck"))
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(
+            stuck.first(),
+            Some(&head),
+            "{policy:?}: the retried row first"
+        );
+        assert!(
+            stuck.windows(2).all(|w| w[0] < w[1]),
+            "{policy:?}: in seq order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_short_retry_delay_marks_nothing() {
+    let db = TestDb::new().await;
+    let head = stuck_key(&db).await;
+    retrying_head(&db, head, "1 second").await;
+    let (store, me, _) = leasing_all(&db, DeadKeyPolicy::Block).await;
+    assert_eq!(marks(store.hold_back(me).await.unwrap()), (0, 0));
+    assert_eq!(db.held_back().await, 0);
+}
+
+#[tokio::test]
+async fn a_sweep_walks_only_the_rows_that_arrived_since_the_last_one() {
+    let db = TestDb::new().await;
+    // A dead row of `stuck`, then rows of other keys in its partition only.
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, key, payload, status, attempts, last_error, dead_at)
+         VALUES ('t', 'stuck', '\\x00', 'dead', 1, 'test', now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let others = |n: i64, from: i64| {
+        sqlx::query(
+            "INSERT INTO outbox.messages (topic, key, payload)
+             SELECT 't', k, '\\x00'
+             FROM (SELECT 'o' || i AS k FROM generate_series($2, $2 + $1 * 80) i) keys
+             WHERE (hashtext(k) & 63) = (hashtext('stuck') & 63)
+             LIMIT $1",
+        )
+        .bind(n)
+        .bind(from)
+    };
+    others(2_000, 0).execute(&db.pool).await.unwrap();
+    let (store, me, _) = leasing_all(&db, DeadKeyPolicy::Block).await;
+
+    let first = store.hold_back(me).await.unwrap();
+    assert_eq!(
+        (first.marked, first.walked),
+        (0, 2_000),
+        "the first sweep walks the partition once"
+    );
+    let idle = store.hold_back(me).await.unwrap();
+    assert_eq!(idle.walked, 0, "nothing arrived: nothing is walked again");
+
+    others(10, 1_000_000).execute(&db.pool).await.unwrap();
+    sqlx::query("INSERT INTO outbox.messages (topic, key, payload) VALUES ('t', 'stuck', '\\x01')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let next = store.hold_back(me).await.unwrap();
+    assert_eq!(
+        (next.marked, next.walked),
+        (1, 11),
+        "only the 11 new rows are looked at"
+    );
+
+    // The dead row dies again after a retry: its key is walked behind again from its seq.
+    sqlx::query(
+        "UPDATE outbox.messages SET dead_at = now() + interval '1 second' WHERE status = 'dead'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let again = store.hold_back(me).await.unwrap();
+    assert_eq!(
+        again.walked, 2_010,
+        "a head that failed again is walked behind from its seq"
     );
 }

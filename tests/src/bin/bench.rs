@@ -401,7 +401,7 @@ async fn main() -> anyhow::Result<()> {
     if runs("claim") {
         let behind = if quick { 10_000 } else { 100_000 };
         let reads = if quick { 20 } else { 100 };
-        let clear = claim_cost(&env, 0, reads).await?;
+        let clear = claim_cost(&env, 0, reads, false).await?;
         report.add(
             "claim",
             "read of 500 rows, 1,000 pending over 100 keys",
@@ -409,7 +409,7 @@ async fn main() -> anyhow::Result<()> {
             "ms",
             format!("{} rows per read", clear.rows),
         );
-        let stuck = claim_cost(&env, behind, reads).await?;
+        let stuck = claim_cost(&env, behind, reads, false).await?;
         report.add(
             "claim",
             format!(
@@ -449,6 +449,50 @@ async fn main() -> anyhow::Result<()> {
             "ms",
             String::new(),
         );
+        let retrying = claim_cost(&env, behind, reads, true).await?;
+        report.add(
+            "claim",
+            format!(
+                "the same behind a key waiting out a retry delay, {behind} rows waiting, \
+                 before the relay marks them"
+            ),
+            retrying.unmarked_ms,
+            "ms",
+            format!(
+                "{} rows per read; {:.1}× the read without it",
+                retrying.rows,
+                retrying.unmarked_ms / clear.unmarked_ms
+            ),
+        );
+        report.add(
+            "claim",
+            format!("the same once the {behind} rows behind the retrying key are marked"),
+            retrying.marked_ms,
+            "ms",
+            format!(
+                "{} rows per read; {:.1}× the read without it (target ≤ 1.5×)",
+                retrying.marked_rows,
+                retrying.marked_ms / clear.unmarked_ms
+            ),
+        );
+        let sweeps = if quick { 5 } else { 20 };
+        for others in [behind / 10, behind] {
+            let (first_ms, first_rows, idle_ms, idle_rows) =
+                idle_sweep(&env, others, sweeps).await?;
+            report.add(
+                "claim",
+                format!(
+                    "sweep behind a dead key with {others} other keys' rows after it in its \
+                     partition: first, then with nothing new"
+                ),
+                idle_ms,
+                "ms",
+                format!(
+                    "first sweep {first_ms:.1} ms ({first_rows} rows looked at); then \
+                     {idle_rows} rows looked at per sweep"
+                ),
+            );
+        }
     }
 
     if !quick && only.is_none() {
@@ -1584,6 +1628,50 @@ async fn consumer_rate(
     Ok((rate, raw))
 }
 
+/// The held-back sweep behind a dead key whose partition holds `others` pending rows of
+/// other keys after it: the first sweep (which walks them), then the mean of `sweeps` sweeps
+/// with nothing new to mark, in ms, with the rows each looked at.
+async fn idle_sweep(
+    env: &Env,
+    others: usize,
+    sweeps: usize,
+) -> anyhow::Result<(f64, u64, f64, u64)> {
+    let pool = fresh_db(&env.db_url, "bench_sweep").await?;
+    // The dead head, then `others` rows of keys that share its partition.
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, key, payload, status, attempts, last_error, dead_at)
+         VALUES ('bench.sweep', 'stuck', '\\x00', 'dead', 1, 'bench', now())",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, key, payload)
+         SELECT 'bench.sweep', k, convert_to(repeat('x', $2), 'UTF8')
+         FROM (SELECT 'o' || i AS k FROM generate_series(1, $1 * 80) i) keys
+         WHERE (hashtext(k) & 63) = (hashtext('stuck') & 63)
+         LIMIT $1",
+    )
+    .bind(others as i64)
+    .bind(PAYLOAD as i32)
+    .execute(&pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE outbox.messages")
+        .execute(&pool)
+        .await?;
+    let (store, me, _) = store_owning_all(&pool).await?;
+    let start = Instant::now();
+    let first = store.hold_back(me).await?;
+    let first_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let start = Instant::now();
+    let mut walked = 0;
+    for _ in 0..sweeps {
+        walked += store.hold_back(me).await?.walked;
+    }
+    let idle_ms = start.elapsed().as_secs_f64() * 1000.0 / sweeps as f64;
+    pool.close().await;
+    Ok((first_ms, first.walked, idle_ms, walked / sweeps as u64))
+}
+
 /// What reads cost behind a blocked key.
 struct ClaimCost {
     /// Mean read time before the relay's sweep marked the waiting rows, and rows per read.
@@ -1597,12 +1685,18 @@ struct ClaimCost {
     idle_sweep_ms: f64,
 }
 
-/// What a read costs behind a blocked key: a dead head row with `behind` rows of its key
-/// after it (`block` policy), then 1,000 rows over 100 other keys. Mean time of the relay's
+/// What a read costs behind a blocked key: a head row with `behind` rows of its key after it
+/// (`block` policy), dead or (`retrying`) waiting out a retry delay of an hour, then 1,000
+/// rows over 100 other keys. Mean time of the relay's
 /// read (`Store::claim`, 500 rows over all 64 partitions; nothing settled, so every read
 /// finds the same rows) over `reads` reads, before and after the relay's sweep
 /// (`Store::hold_back`) marked the waiting rows.
-async fn claim_cost(env: &Env, behind: usize, reads: usize) -> anyhow::Result<ClaimCost> {
+async fn claim_cost(
+    env: &Env,
+    behind: usize,
+    reads: usize,
+    retrying: bool,
+) -> anyhow::Result<ClaimCost> {
     let pool = fresh_db(&env.db_url, "bench_claim").await?;
     if behind > 0 {
         sqlx::query(
@@ -1614,13 +1708,16 @@ async fn claim_cost(env: &Env, behind: usize, reads: usize) -> anyhow::Result<Cl
         .bind(PAYLOAD as i32)
         .execute(&pool)
         .await?;
-        sqlx::query(
+        let head = if retrying {
+            "UPDATE outbox.messages SET attempts = 1, last_error = 'bench',
+                    available_at = now() + interval '1 hour'
+             WHERE seq = (SELECT min(seq) FROM outbox.messages)"
+        } else {
             "UPDATE outbox.messages SET status = 'dead', attempts = 1, last_error = 'bench',
                     dead_at = now()
-             WHERE seq = (SELECT min(seq) FROM outbox.messages)",
-        )
-        .execute(&pool)
-        .await?;
+             WHERE seq = (SELECT min(seq) FROM outbox.messages)"
+        };
+        sqlx::query(head).execute(&pool).await?;
     }
     backlog(&pool, "bench.claim", 1_000, Some(100)).await?;
     sqlx::query("VACUUM ANALYZE outbox.messages")
@@ -1640,11 +1737,11 @@ async fn claim_cost(env: &Env, behind: usize, reads: usize) -> anyhow::Result<Cl
     };
     let (unmarked_ms, rows) = mean_read(store.clone()).await?;
     let start = Instant::now();
-    let (marked, _) = store.hold_back(me).await?;
+    let marked = store.hold_back(me).await?.marked;
     let mark_ms = start.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(
         marked == behind as u64,
-        "the sweep marked {marked} rows, not the {behind} behind the dead one"
+        "the sweep marked {marked} rows, not the {behind} behind the blocked one"
     );
     let start = Instant::now();
     store.hold_back(me).await?;

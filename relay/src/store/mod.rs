@@ -34,6 +34,10 @@ use serde::Deserialize;
 
 use crate::envelope::Envelope;
 
+mod held_back;
+
+pub use held_back::{release_held, Sweep};
+
 /// What later messages of a key do once an earlier message of that key is dead.
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
 #[serde(try_from = "String")]
@@ -60,7 +64,6 @@ pub struct Claim {
 }
 
 /// Rows marked held back per statement.
-const HOLD_BACK_BATCH: u64 = 10_000;
 
 /// How [`Malformed::error`] starts for a row whose payload is over `relay.max_payload`.
 pub const TOO_LARGE: &str = "too large: ";
@@ -131,6 +134,8 @@ pub struct Store {
     claim_sql: String,
     delete_sql: String,
     fail_sql: String,
+    /// How far the held-back sweep has walked behind each head (see [`Store::hold_back`]).
+    walked: held_back::Walked,
 }
 
 /// What a relay holds after [`Store::rebalance_keeping`].
@@ -263,6 +268,7 @@ impl Store {
             claim_sql,
             delete_sql,
             fail_sql,
+            walked: held_back::Walked::default(),
         }
     }
 
@@ -459,86 +465,6 @@ impl Store {
         Ok(done)
     }
 
-    /// Keeps the `held_back` marks of the partitions `relay` leases true, so that reads
-    /// step over the rows that wait behind a dead row of their key instead of walking them:
-    /// under `block`, marks the pending rows that follow a dead row of their key; and
-    /// clears the marks of keys whose dead row is gone (retried or discarded, also by
-    /// hand), or all of them under `skip`. A mark only ever holds rows back, so a stale
-    /// one delays a key and never reorders it. Returns the rows marked and cleared.
-    #[tracing::instrument(skip_all, err)]
-    pub async fn hold_back(&self, relay: Uuid) -> Result<(u64, u64), sqlx::Error> {
-        let s = &self.schema;
-        let owned = format!(
-            "SELECT partition FROM {s}.partitions WHERE owner = $1 AND lease_until > now()"
-        );
-        let mut marked = 0;
-        if self.policy == DeadKeyPolicy::Block {
-            // Each key's oldest dead row, then the pending rows after it in its partition:
-            // a walk of the rows not marked yet, which later sweeps do not repeat. At most
-            // `HOLD_BACK_BATCH` rows per statement, so that no statement runs for long.
-            let mark = format!(
-                "WITH heads AS (
-                     SELECT DISTINCT ON (d.key) d.key, d.partition, d.seq
-                     FROM {s}.messages d
-                     WHERE d.status = 'dead' AND d.key IS NOT NULL
-                       AND d.partition IN ({owned})
-                     ORDER BY d.key, d.seq
-                 ), behind AS (
-                     SELECT m.seq FROM {s}.messages m JOIN heads h
-                       ON m.partition = h.partition AND m.seq > h.seq AND m.key = h.key
-                     WHERE m.status = 'pending' AND NOT m.held_back
-                     LIMIT {HOLD_BACK_BATCH}
-                 )
-                 UPDATE {s}.messages m SET held_back = true
-                 FROM behind b WHERE m.seq = b.seq AND m.status = 'pending' AND NOT m.held_back"
-            );
-            loop {
-                let n = sqlx::query(&mark)
-                    .bind(relay)
-                    .execute(&self.pool)
-                    .await?
-                    .rows_affected();
-                marked += n;
-                if n < HOLD_BACK_BATCH {
-                    break;
-                }
-            }
-        }
-        // The keys with marked rows, one index probe each (a loose index scan), in the
-        // partitions leased; of those, the ones whose first marked row no longer has a
-        // dead row before it (under `skip`, all).
-        let freed = match self.policy {
-            DeadKeyPolicy::Block => format!(
-                "AND NOT EXISTS (
-                     SELECT 1 FROM {s}.messages d
-                     WHERE d.key = h.key AND d.status = 'dead'
-                       AND d.seq < (SELECT min(x.seq) FROM {s}.messages x
-                                    WHERE x.key = h.key AND x.held_back))"
-            ),
-            DeadKeyPolicy::Skip => String::new(),
-        };
-        let keys: Vec<String> = sqlx::query_scalar(&format!(
-            "WITH RECURSIVE held(key) AS (
-                 (SELECT m.key FROM {s}.messages m
-                  WHERE m.held_back AND m.key IS NOT NULL
-                  ORDER BY m.key LIMIT 1)
-                 UNION ALL
-                 SELECT (SELECT m.key FROM {s}.messages m
-                         WHERE m.held_back AND m.key > h.key
-                         ORDER BY m.key LIMIT 1)
-                 FROM held h WHERE h.key IS NOT NULL
-             )
-             SELECT h.key FROM held h
-             WHERE h.key IS NOT NULL
-               AND (hashtext(h.key) & 63)::smallint IN ({owned}) {freed}"
-        ))
-        .bind(relay)
-        .fetch_all(&self.pool)
-        .await?;
-        let cleared = release_held(&self.pool, s, self.policy, &keys).await?;
-        Ok((marked, cleared))
-    }
-
     /// Heartbeats `relay`, renews its partition leases for `lease`, and moves it towards its
     /// fair share (all partitions divided by the live relays, rounded up): releases extra
     /// partitions, takes free or expired ones. Returns the partitions it holds now.
@@ -730,38 +656,6 @@ impl Store {
         .await?;
         Ok(())
     }
-}
-
-/// Clears the `held_back` marks of `keys`' rows that no dead row of their key precedes
-/// (under `skip`, all of them): after their dead row was retried or discarded. Returns the
-/// rows cleared.
-pub async fn release_held<'c, E>(
-    db: E,
-    schema: &Schema,
-    policy: DeadKeyPolicy,
-    keys: &[String],
-) -> Result<u64, sqlx::Error>
-where
-    E: sqlx::PgExecutor<'c>,
-{
-    if keys.is_empty() {
-        return Ok(0);
-    }
-    let behind_dead = match policy {
-        DeadKeyPolicy::Block => format!(
-            "AND NOT EXISTS (SELECT 1 FROM {schema}.messages d
-                             WHERE d.key = m.key AND d.seq < m.seq AND d.status = 'dead')"
-        ),
-        DeadKeyPolicy::Skip => String::new(),
-    };
-    Ok(sqlx::query(&format!(
-        "UPDATE {schema}.messages m SET held_back = false
-         WHERE m.held_back AND m.key = ANY($1) {behind_dead}"
-    ))
-    .bind(keys)
-    .execute(db)
-    .await?
-    .rows_affected())
 }
 
 /// What `outbox-relay run` does to each table of the outbox schema; the README's "Least
