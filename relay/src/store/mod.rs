@@ -63,8 +63,6 @@ pub struct Claim {
     pub full: Vec<i16>,
 }
 
-/// Rows marked held back per statement.
-
 /// How [`Malformed::error`] starts for a row whose payload is over `relay.max_payload`.
 pub const TOO_LARGE: &str = "too large: ";
 
