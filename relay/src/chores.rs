@@ -14,8 +14,11 @@ use crate::{
 /// marks whose dead row is gone cleared).
 const HOLD_BACK_EVERY: Duration = Duration::from_secs(1);
 
-/// The backlog gauges wait at least this many times as long as their last read took.
+/// The backlog gauges wait at least this many times as long as their last read took beyond
+/// [`GAUGE_FREE`].
 const GAUGE_SHARE: u32 = 100;
+/// A gauge read this quick (an outbox of ordinary size) keeps `http.backlog_interval`.
+const GAUGE_FREE: Duration = Duration::from_millis(50);
 
 impl Relay {
     /// Purges `delivered` and `discarded` records past their retention windows once;
@@ -69,8 +72,8 @@ impl Relay {
     /// Reads the backlog gauges (and the broker's state) every `every`, or less often when
     /// the read is slow: the gauges count the whole outbox, so a large backlog makes them
     /// cost more, and the wait after each read is at least [`GAUGE_SHARE`] times what it
-    /// took. Their share of one PostgreSQL backend stays under 1 / `GAUGE_SHARE` however large
-    /// the backlog grows.
+    /// took beyond [`GAUGE_FREE`]. Their share of one PostgreSQL backend stays near
+    /// 1 / `GAUGE_SHARE` however large the backlog grows.
     pub(crate) async fn observe_backlog(
         self: Arc<Self>,
         every: Duration,
@@ -83,7 +86,8 @@ impl Relay {
                 Ok(status) => crate::metrics::backlog(&status, &mut topics),
                 Err(e) => tracing::debug!(error = %e, "backlog not read"),
             }
-            let wait = every.max(started.elapsed() * GAUGE_SHARE);
+            let slow = started.elapsed().saturating_sub(GAUGE_FREE);
+            let wait = every.max(slow * GAUGE_SHARE);
             crate::metrics::broker_up(self.publisher.health().await.is_ok());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

@@ -238,7 +238,7 @@ impl RunningRelay {
 
 /// Builds a relay from `settings` (as `outbox-relay run` would).
 pub async fn relay(settings: &Settings) -> Arc<Relay> {
-    let publisher = outbox_relay::publish::from_settings(settings).expect("publisher");
+    let publisher = outbox_relay::startup::publisher(settings).expect("publisher");
     relay_with(settings, publisher).await
 }
 

@@ -139,9 +139,7 @@ async fn a_slow_handover_publishes_nothing_twice() {
     let mut s = settings(&db);
     s.relay.lease = Duration::from_secs(2);
     // A's confirms take 1.5 s, so the rows it reads stay in hand while B takes partitions.
-    let slow = Arc::new(SlowConfirms(
-        outbox_relay::publish::from_settings(&s).unwrap(),
-    ));
+    let slow = Arc::new(SlowConfirms(outbox_relay::startup::publisher(&s).unwrap()));
     let a = outbox_tests::relay_with(&s, slow).await;
     a.inject_handover_delay(Duration::from_millis(300));
     let a = outbox_tests::run_relay(a);

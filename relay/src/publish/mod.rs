@@ -126,7 +126,3 @@ pub trait Publisher: Send + Sync + 'static {
     /// Closes the connection cleanly; called once, after the last publish.
     fn close(&self) -> BoxFuture<'_, ()>;
 }
-
-/// The publisher the settings ask for; built where the settings are turned into the
-/// relay's own types, [`crate::startup::publisher`].
-pub use crate::startup::publisher as from_settings;
