@@ -72,7 +72,7 @@ impl Relay {
     /// Reads the backlog gauges (and the broker's state) every `every`, or less often when
     /// the read is slow: the gauges count the whole outbox, so a large backlog makes them
     /// cost more, and the wait after each read is at least [`GAUGE_SHARE`] times what it
-    /// took beyond [`GAUGE_FREE`]. Their share of one PostgreSQL backend stays near
+    /// took beyond [`GAUGE_FREE`] (the shorter of the last two reads). Their share of one PostgreSQL backend stays near
     /// 1 / `GAUGE_SHARE` however large the backlog grows.
     pub(crate) async fn observe_backlog(
         self: Arc<Self>,
@@ -80,13 +80,17 @@ impl Relay {
         shutdown: CancellationToken,
     ) {
         let mut topics = Vec::new();
+        let mut last_took = Duration::ZERO;
         while !shutdown.is_cancelled() {
             let started = tokio::time::Instant::now();
             match crate::status::read(self.store.pool(), self.store.schema()).await {
                 Ok(status) => crate::metrics::backlog(&status, &mut topics),
                 Err(e) => tracing::debug!(error = %e, "backlog not read"),
             }
-            let slow = started.elapsed().saturating_sub(GAUGE_FREE);
+            // Two slow reads in a row: one (a new connection, a busy moment) is not a trend.
+            let took = started.elapsed();
+            let slow = took.min(last_took).saturating_sub(GAUGE_FREE);
+            last_took = took;
             let wait = every.max(slow * GAUGE_SHARE);
             crate::metrics::broker_up(self.publisher.health().await.is_ok());
             tokio::select! {
