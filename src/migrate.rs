@@ -42,10 +42,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0005_failed_heads.sql",
         sql: include_str!("../migrations/0005_failed_heads.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_wake_once.sql",
+        sql: include_str!("../migrations/0006_wake_once.sql"),
+    },
 ];
 
 /// The newest schema version this library ships.
-pub const LATEST_VERSION: i32 = 5;
+pub const LATEST_VERSION: i32 = 6;
 
 /// Creates `schema` if needed and applies the migrations it has not seen yet, each in its
 /// own transaction, recording them in `schema.schema_migrations`. Safe to call from several

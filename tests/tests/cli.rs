@@ -272,7 +272,7 @@ async fn migrate_then_status_report_the_outbox() {
         p.output()
     );
     assert!(
-        p.output().contains("applied migrations [1, 2, 3, 4, 5]"),
+        p.output().contains("applied migrations [1, 2, 3, 4, 5, 6]"),
         "{}",
         p.output()
     );

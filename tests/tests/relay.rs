@@ -621,6 +621,87 @@ async fn a_relay_that_registers_during_a_producers_transaction_is_woken_by_its_c
     );
 }
 
+/// A transaction's rows run the wake-up's commit-time decision once, not once per row
+/// (schema version 6): the trigger queues its event for the first row only, however many rows
+/// and statements follow. Counted by PostgreSQL's own per-transaction function statistics,
+/// with the queued events run in the transaction by `SET CONSTRAINTS ... IMMEDIATE`.
+#[tokio::test]
+async fn a_transactions_rows_run_the_wake_up_once() {
+    let db = TestDb::new().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::raw_sql("SET LOCAL track_functions = 'pl'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        outbox::enqueue(&mut *tx, &Message::new("t", vec![]).unwrap())
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql(
+        "INSERT INTO outbox.messages (topic, key, payload)
+         SELECT 't', 'k' || g, '\\x00' FROM generate_series(1, 50) g",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::raw_sql("SET CONSTRAINTS outbox.messages_wake_relays IMMEDIATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let calls: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_xact_user_functions
+         WHERE schemaname = 'outbox' AND funcname = 'wake_relays'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        calls, 1,
+        "100 rows in one transaction ran the wake-up trigger {calls} times"
+    );
+}
+
+/// The first row's queued wake-up goes with its savepoint when that is rolled back, and the
+/// transaction's next row queues it again: a waiting relay is still woken by the commit.
+#[tokio::test]
+async fn a_wake_up_rolled_back_with_its_savepoint_is_queued_by_the_next_row() {
+    let db = TestDb::new().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("outbox_wakeup_outbox").await.unwrap();
+    sqlx::query("INSERT INTO outbox.relay_waiters VALUES ($1, now() + interval '1 minute')")
+        .bind(Uuid::new_v4())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::raw_sql("SAVEPOINT first")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    outbox::enqueue(&mut *tx, &Message::new("t", vec![]).unwrap())
+        .await
+        .unwrap();
+    sqlx::raw_sql("ROLLBACK TO SAVEPOINT first")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let kept = Message::new("t", vec![]).unwrap();
+    outbox::enqueue(&mut *tx, &kept).await.unwrap();
+    tx.commit().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(
+        matches!(got, Ok(Ok(_))),
+        "a commit whose first row was rolled back to a savepoint sent no NOTIFY: {got:?}"
+    );
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.messages")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 1, "only the row after the savepoint is committed");
+}
+
 for_each_broker!(
     committed_messages_arrive_once_intact_and_rolled_back_ones_never,
     a_lower_seq_that_commits_later_is_still_delivered,
