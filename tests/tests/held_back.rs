@@ -1,6 +1,7 @@
 //! Rows waiting behind a dead row of their key (`block`) are marked held back, so reads step
 //! over them instead of walking them; the marks go when the dead row is retried or
-//! discarded (by the command, or by hand), and per-key order holds throughout.
+//! discarded (by the command, or by hand), and per-key order holds throughout. Reads keep
+//! to their byte budget.
 
 use std::time::Duration;
 
@@ -422,5 +423,58 @@ async fn a_sweep_walks_only_the_rows_that_arrived_since_the_last_one() {
     assert_eq!(
         again.walked, 2_010,
         "a head that failed again is walked behind from its seq"
+    );
+}
+
+/// A read keeps, in `seq` order, the rows that start within its byte budget (the first
+/// always), whole; the partition it cut short, or whose row limit it reached, is reported as
+/// having more.
+#[tokio::test]
+async fn a_read_takes_the_rows_that_start_within_its_byte_budget_and_says_which_had_more() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, key, payload)
+         SELECT 't', 'a', convert_to(repeat(i::text, 1000), 'UTF8') FROM generate_series(1, 9) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let part: i16 = sqlx::query_scalar("SELECT DISTINCT partition FROM outbox.messages")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let (store, me, owned) = leasing_all(&db, DeadKeyPolicy::Block).await;
+    let all: Vec<i64> = sqlx::query_scalar("SELECT seq FROM outbox.messages ORDER BY seq")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+
+    for (bytes, want) in [(2_500, 3), (2_000, 2), (0, 1), (u64::MAX, 9)] {
+        let claim = store
+            .claim_from(me, &limits(&owned), bytes, &[])
+            .await
+            .unwrap();
+        let seqs: Vec<i64> = claim.envelopes.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, all[..want], "a budget of {bytes} bytes");
+        for (i, env) in claim.envelopes.iter().enumerate() {
+            let digit = char::from(b'1' + i as u8).to_string();
+            assert_eq!(
+                env.payload,
+                digit.repeat(1000).into_bytes(),
+                "row {i} whole"
+            );
+        }
+        let more = if want < 9 { vec![part] } else { vec![] };
+        assert_eq!(claim.full, more, "partitions with more, budget {bytes}");
+    }
+    let claim = store
+        .claim_from(me, &[(part, 4)], u64::MAX, &[])
+        .await
+        .unwrap();
+    assert_eq!(claim.envelopes.len(), 4);
+    assert_eq!(
+        claim.full,
+        vec![part],
+        "the row limit reached: more to read"
     );
 }

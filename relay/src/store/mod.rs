@@ -173,15 +173,19 @@ impl Store {
             }
         };
         // Per partition, the oldest rows that are due and not held back, up to a row limit;
-        // only from partitions this relay holds a live lease on. Then, in `seq` order, as
-        // many as start within the byte budget (the first always does). A payload over the
-        // largest allowed is not read at all: its size stands in for it.
+        // only from partitions this relay holds a live lease on. Then, in `seq` order, those
+        // that start within the byte budget (the first always does) are `taken`; the others
+        // come back without their payload, so the relay can tell which partitions had more.
+        // A payload over the largest allowed is not read at all: its size stands in for it.
+        // (Counting the rows in the query instead, with window functions, took about a
+        // fifth of a read's time.)
         let claim_sql = format!(
-            "SELECT * FROM (
+            "SELECT w.seq, w.partition, w.id, w.topic, w.key,
+                    CASE WHEN w.taken THEN w.payload END AS payload,
+                    w.size, w.headers, w.content_type, w.created_at_micros, w.attempts, w.taken
+             FROM (
                  SELECT r.*,
-                        sum(r.loaded) OVER (ORDER BY r.seq) - r.loaded AS before,
-                        count(*) OVER (PARTITION BY r.partition) AS found,
-                        count(*) OVER () AS found_all
+                        sum(r.loaded) OVER (ORDER BY r.seq) - r.loaded < greatest($5, 1) AS taken
                  FROM unnest($1::smallint[], $3::int[]) AS q(partition, lim)
                  JOIN {s}.partitions p ON p.partition = q.partition
                  CROSS JOIN LATERAL (
@@ -207,8 +211,7 @@ impl Store {
                      LIMIT q.lim
                  ) r
                  WHERE p.owner = $2 AND p.lease_until > now()
-             ) w
-             WHERE w.before = 0 OR w.before < $5"
+             ) w"
         );
         // Deletes commit without waiting for the WAL flush (`synchronous_commit = off` for
         // that one statement): a delete lost in a PostgreSQL crash leaves a confirmed row
@@ -336,20 +339,22 @@ impl Store {
             malformed: Vec::new(),
             full: Vec::new(),
         };
-        // Rows each partition had before the byte budget cut the read short.
+        // Rows each partition had before the byte budget cut the read short; then only the
+        // rows within the budget are kept.
         let mut found: BTreeMap<i16, i64> = BTreeMap::new();
+        let mut cut = false;
         for row in &rows {
-            found.insert(row.try_get("partition")?, row.try_get("found")?);
+            *found.entry(row.try_get("partition")?).or_default() += 1;
+            cut |= !row.try_get::<bool, _>("taken")?;
         }
-        let cut = match rows.first() {
-            Some(row) => row.try_get::<i64, _>("found_all")? > rows.len() as i64,
-            None => false,
-        };
         claim.full = limits
             .iter()
             .filter(|(p, lim)| found.get(p).is_some_and(|&n| cut || n >= i64::from(*lim)))
             .map(|l| l.0)
             .collect();
+        let rows = rows
+            .into_iter()
+            .filter(|row| row.try_get::<bool, _>("taken").unwrap_or(false));
         // Under `block`, a malformed row is about to be dead: its key's later rows wait
         // behind it, as they would behind any dead row (they are read again next time, and
         // the claim query then holds them back).
