@@ -10,6 +10,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export OUTBOX_STACK_DIR=${OUTBOX_STACK_DIR:-$ROOT/.stack-bench}
+# The benchmark's cluster counts query time by query (pg_stat_statements).
+export OUTBOX_STACK_PG_STATEMENTS=1
 
 scripts/stack.sh install
 echo "== build (release)"

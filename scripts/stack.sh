@@ -148,6 +148,12 @@ fsync = on
 shared_buffers = 256MB
 log_min_messages = warning
 EOF
+  # The benchmark counts the relay's query time by query (OUTBOX_STACK_PG_STATEMENTS=1, set
+  # by scripts/bench.sh only: the tests' cluster runs without it).
+  if [ "${OUTBOX_STACK_PG_STATEMENTS:-}" = 1 ]; then
+    printf '%s\n' "shared_preload_libraries = 'pg_stat_statements'" "pg_stat_statements.max = 1000" \
+      >>"$data/postgresql.conf"
+  fi
   "${runas[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start >/dev/null \
     || { tail -20 "$data/server.log" >&2; die "PostgreSQL did not start"; }
   head -1 "$data/postmaster.pid" >"$STACK_DIR/pg.pid"

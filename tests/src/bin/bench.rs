@@ -8,6 +8,11 @@
 //! - Relay drain of a pre-written backlog of 200-byte messages to each broker, with 1, 100
 //!   and 1,000 keys and without keys: msg/s, the ratio to the broker's ceiling, relay CPU
 //!   seconds per 10,000 messages and peak RSS (the relay runs as its own process).
+//! - What each drain costs the database: the outbox cluster's CPU per message and its query
+//!   time per message from `pg_stat_statements`, split into reads, settles, leases, sweeps
+//!   and gauges, against a reference loop (a plain indexed read by partition in `seq` order
+//!   and a batched delete, over the same backlog); and the relay's CPU against the raw
+//!   client's (the lapin and rdkafka ceiling loops).
 //! - Steady-state latency commit → consumer at fixed rates, p50/p95/p99/max (RabbitMQ).
 //! - Producer: messages/s and commit latency through the `outbox` crate from 8 connections,
 //!   one and 100 messages per transaction, without the wake-up trigger, with it and no relay
@@ -48,6 +53,11 @@ use outbox_relay::{
 use serde::Serialize;
 use sqlx::{postgres::PgPoolOptions, PgPool};
 use uuid::Uuid;
+
+#[path = "bench/statements.rs"]
+mod statements;
+
+use statements::QueryTime;
 
 const PAYLOAD: usize = 200;
 
@@ -142,6 +152,9 @@ async fn main() -> anyhow::Result<()> {
     let (mut rabbit_1, mut rabbit_100) = (0.0, 0.0);
     // The same ceilings for messages shaped like the relay's.
     let (mut shaped_100, mut shaped_1000) = (0.0, 0.0);
+    // The raw clients' CPU seconds per 10,000 messages: lapin at 1,000 outstanding with the
+    // relay's headers, rdkafka pipelined.
+    let (mut rabbit_client, mut kafka_client) = (0.0, 0.0);
     if runs("rabbitmq") {
         rabbit_1 = rabbit_ceiling(&env, n_raw / 10, 1).await?;
         report.add(
@@ -170,9 +183,11 @@ async fn main() -> anyhow::Result<()> {
         // The same with the properties and headers the relay puts on each message: RabbitMQ
         // parses and stores them too, and they cost it about as much as the 200-byte body.
         for (outstanding, ceiling) in [(100, &mut shaped_100), (1000, &mut shaped_1000)] {
+            let cpu = own_cpu();
             *ceiling =
                 rabbit_ceiling_with(&env, n_raw, outstanding, |i| relay_shaped("bench.raw", i))
                     .await?;
+            rabbit_client = (own_cpu() - cpu) / n_raw as f64 * 10_000.0;
             report.add(
                 "ceiling",
                 format!(
@@ -185,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 *ceiling,
                 "msg/s",
-                "",
+                format!("client CPU {rabbit_client:.2} s/10k"),
             );
         }
         for channels in [100, 500] {
@@ -201,13 +216,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut kafka = 0.0;
     if runs("kafka") {
-        kafka = kafka_ceiling(&env, if quick { 2_000 } else { 20_000 }).await?;
+        let n = if quick { 2_000 } else { 20_000 };
+        let cpu = own_cpu();
+        kafka = kafka_ceiling(&env, n).await?;
+        kafka_client = (own_cpu() - cpu) / n as f64 * 10_000.0;
         report.add(
             "ceiling",
             "Kafka idempotent acks=all, pipelined",
             kafka,
             "msg/s",
-            "",
+            format!("client CPU {kafka_client:.2} s/10k"),
         );
     }
     if only.is_none() {
@@ -224,6 +242,23 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let n_drain = if quick { 2_000 } else { 40_000 };
+    let mut references = BTreeMap::new();
+    if runs("rabbitmq") || runs("kafka") {
+        for keys in [100, 1000] {
+            let r = reference(&env, n_drain, Some(keys)).await?;
+            report.add(
+                "database",
+                format!(
+                    "reference loop (indexed read by partition, batched delete), {n_drain} msgs, \
+                     {keys} keys: PostgreSQL CPU"
+                ),
+                r.pg_us,
+                "µs/msg",
+                query_note(r.query.as_ref(), n_drain),
+            );
+            references.insert(keys, r);
+        }
+    }
     for broker in ["rabbitmq", "kafka"].into_iter().filter(|b| runs(b)) {
         let ceiling = if broker == "rabbitmq" {
             rabbit_1000
@@ -262,7 +297,7 @@ async fn main() -> anyhow::Result<()> {
             };
             report.add(
                 "drain",
-                label,
+                label.clone(),
                 d.rate,
                 "msg/s",
                 format!(
@@ -275,6 +310,19 @@ async fn main() -> anyhow::Result<()> {
                     d.broker_per_10k,
                     d.busy * 100.0
                 ),
+            );
+            let client = if broker == "rabbitmq" {
+                rabbit_client
+            } else {
+                kafka_client
+            };
+            let reference = keys.and_then(|k| references.get(&k));
+            report.add(
+                "database",
+                format!("{label}: PostgreSQL CPU"),
+                d.pg_per_10k * 100.0,
+                "µs/msg",
+                database_note(&d, reference, n, client),
             );
         }
     }
@@ -823,6 +871,108 @@ async fn pg_ceiling(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// CPU seconds (user + system) this process has used.
+fn own_cpu() -> f64 {
+    proc_usage(std::process::id()).map_or(0.0, |u| u.0)
+}
+
+fn query_note(query: Option<&QueryTime>, n: usize) -> String {
+    match query {
+        Some(q) => q.per_message(n),
+        None => "query time not counted (pg_stat_statements is not loaded)".to_owned(),
+    }
+}
+
+/// A drain's database row: its PostgreSQL CPU and query time against the reference loop's
+/// over the same backlog, and the relay's CPU against the raw client's (`client`, s/10k).
+fn database_note(d: &Drain, reference: Option<&Reference>, n: usize, client: f64) -> String {
+    let mut note = String::new();
+    if let Some(r) = reference {
+        note += &format!(
+            "{:.2}× the reference loop's CPU; ",
+            d.pg_per_10k * 100.0 / r.pg_us
+        );
+    }
+    note += &query_note(d.query.as_ref(), n);
+    if let (Some(q), Some(rq)) = (&d.query, reference.and_then(|r| r.query.as_ref())) {
+        note += &format!(
+            "; {:.2}× the reference's query time",
+            q.total_ms() / rq.total_ms()
+        );
+    }
+    if client > 0.0 {
+        note += &format!(
+            "; relay CPU {:.2} s/10k, {:.2}× the raw client's ({client:.2} s/10k)",
+            d.cpu_per_10k,
+            d.cpu_per_10k / client
+        );
+    }
+    note
+}
+
+/// The reference a polling relay's database cost is judged by: a plain indexed read of each
+/// partition's oldest rows in `seq` order (as many rows per read as the relay's batch), then
+/// one batched delete of them by `seq` (without waiting for the WAL flush, as the relay's),
+/// over the same backlog as a drain's, with nothing published.
+struct Reference {
+    /// CPU microseconds of the outbox's PostgreSQL per message.
+    pg_us: f64,
+    query: Option<QueryTime>,
+}
+
+async fn reference(env: &Env, n: usize, keys: Option<usize>) -> anyhow::Result<Reference> {
+    let pool = fresh_db(&env.db_url, "bench_reference").await?;
+    backlog(&pool, "bench.reference", n, keys).await?;
+    sqlx::query("VACUUM ANALYZE outbox.messages")
+        .execute(&pool)
+        .await?;
+    let counted = statements::available(&pool).await;
+    if counted {
+        statements::reset(&pool).await?;
+    }
+    let partitions: Vec<i16> = (0..64).collect();
+    let postmaster = postmaster_of(&pool).await?;
+    let before = servers_cpu(postmaster).0;
+    let mut done = 0;
+    while done < n {
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT r.seq FROM unnest($1::smallint[]) AS q(partition)
+             CROSS JOIN LATERAL (
+                 SELECT m.seq, m.id, m.topic, m.key, m.payload, m.headers, m.content_type,
+                        m.created_at, m.attempts
+                 FROM outbox.messages m
+                 WHERE m.partition = q.partition AND m.status = 'pending' AND NOT m.held_back
+                 ORDER BY m.seq LIMIT $2
+             ) r",
+        )
+        .bind(&partitions)
+        .bind((500 + 63) / 64_i32)
+        .fetch_all(&pool)
+        .await?;
+        anyhow::ensure!(!seqs.is_empty(), "read nothing with {} rows left", n - done);
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        done += sqlx::query("DELETE FROM outbox.messages WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected() as usize;
+        tx.commit().await?;
+    }
+    let pg = servers_cpu(postmaster).0 - before;
+    let query = match counted {
+        true => Some(statements::collect(&pool).await?),
+        false => None,
+    };
+    pool.close().await;
+    Ok(Reference {
+        pg_us: pg / n as f64 * 1e6,
+        query,
+    })
+}
+
 struct Drain {
     rate: f64,
     cpu_per_10k: f64,
@@ -833,6 +983,9 @@ struct Drain {
     broker_per_10k: f64,
     /// Share of the machine's CPU time that was busy during the drain.
     busy: f64,
+    /// The outbox database's query time during the drain, when `pg_stat_statements` is
+    /// loaded.
+    query: Option<QueryTime>,
 }
 
 /// CPU seconds (user + system) used so far by the outbox's PostgreSQL server (the processes
@@ -986,9 +1139,10 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
     let pid = child.id().context("relay pid")?;
     let ready = Instant::now();
     loop {
-        let owned: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM outbox.partitions WHERE owner IS NOT NULL AND lease_until > now()",
-        )
+        let owned: i64 = sqlx::query_scalar(&format!(
+            "{}SELECT count(*) FROM outbox.partitions WHERE owner IS NOT NULL AND lease_until > now()",
+            statements::OWN
+        ))
         .fetch_one(&pool)
         .await?;
         if owned == 64 {
@@ -1000,18 +1154,43 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu_before = proc_usage(pid)?.0;
+    // The rows are released by one UPDATE, due in two seconds. It leaves a dead version of
+    // each row behind, vacuumed meanwhile, so the relay reads a table like a producer's
+    // (whose rows are inserted due), and neither the UPDATE's nor the VACUUM's work is
+    // counted. The clock starts when the rows are due.
+    const RELEASE: Duration = Duration::from_secs(2);
+    sqlx::query(&format!(
+        "{}UPDATE outbox.messages SET available_at = now() + make_interval(secs => $1)",
+        statements::OWN
+    ))
+    .bind(RELEASE.as_secs_f64())
+    .execute(&pool)
+    .await?;
+    let updated = Instant::now();
+    sqlx::query(&format!("{}VACUUM outbox.messages", statements::OWN))
+        .execute(&pool)
+        .await?;
+    let counted = statements::available(&pool).await;
+    if counted {
+        statements::reset(&pool).await?;
+    }
     let postmaster = postmaster_of(&pool).await?;
+    anyhow::ensure!(
+        updated.elapsed() < RELEASE,
+        "the VACUUM took longer than the release delay"
+    );
+    tokio::time::sleep_until((updated + RELEASE).into()).await;
+    let cpu_before = proc_usage(pid)?.0;
     let servers_before = servers_cpu(postmaster);
     let machine_before = machine_ticks();
     let start = Instant::now();
-    sqlx::query("UPDATE outbox.messages SET available_at = now()")
-        .execute(&pool)
-        .await?;
     // What the insert trigger sends to an idle relay: wake up.
-    sqlx::query("SELECT pg_notify('outbox_wakeup_outbox', '')")
-        .execute(&pool)
-        .await?;
+    sqlx::query(&format!(
+        "{}SELECT pg_notify('outbox_wakeup_outbox', '')",
+        statements::OWN
+    ))
+    .execute(&pool)
+    .await?;
     let mut usage = (cpu_before, 0.0);
     let mut from = 0;
     loop {
@@ -1031,6 +1210,10 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
     let elapsed = start.elapsed();
     let servers = servers_cpu(postmaster);
     let machine = machine_ticks();
+    let query = match counted {
+        true => Some(statements::collect(&pool).await?),
+        false => None,
+    };
     stop(child).await?;
     if broker == "rabbitmq" {
         ch.queue_delete(&topic, QueueDeleteOptions::default())
@@ -1045,6 +1228,7 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
         pg_per_10k: (servers.0 - servers_before.0) / n as f64 * 10_000.0,
         broker_per_10k: (servers.1 - servers_before.1) / n as f64 * 10_000.0,
         busy: (machine.0 - machine_before.0) / (machine.1 - machine_before.1).max(1.0),
+        query,
     })
 }
 
@@ -1507,11 +1691,13 @@ const KAFKA_KEY_LANES: usize = 3;
 /// spent milliseconds of CPU a poll once tens of thousands were gone: a few percent of a
 /// core taken from the servers being measured).
 async fn rows_left(pool: &PgPool, from: &mut i64) -> anyhow::Result<bool> {
-    let first: Option<i64> =
-        sqlx::query_scalar("SELECT seq FROM outbox.messages WHERE seq >= $1 ORDER BY seq LIMIT 1")
-            .bind(*from)
-            .fetch_optional(pool)
-            .await?;
+    let first: Option<i64> = sqlx::query_scalar(&format!(
+        "{}SELECT seq FROM outbox.messages WHERE seq >= $1 ORDER BY seq LIMIT 1",
+        statements::OWN
+    ))
+    .bind(*from)
+    .fetch_optional(pool)
+    .await?;
     if let Some(seq) = first {
         *from = seq;
     }
