@@ -226,7 +226,7 @@ pub struct RelaySettings {
 impl Default for RelaySettings {
     fn default() -> Self {
         Self {
-            batch_size: 500,
+            batch_size: 1000,
             workers: 1,
             window: 2000,
             window_bytes: 16 * 1024 * 1024,
@@ -671,7 +671,7 @@ mod tests {
     #[test]
     fn defaults_with_urls_are_valid() {
         let s = Settings::load_from(None, env(&[]), vec![], true).unwrap();
-        assert_eq!(s.relay.batch_size, 500);
+        assert_eq!(s.relay.batch_size, 1000);
         assert_eq!(s.database.schema, "outbox");
         assert_eq!(s.relay.dead_key_policy, DeadKeyPolicy::Block);
     }

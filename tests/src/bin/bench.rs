@@ -233,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
         let pg = pg_ceiling(&pool, n_raw).await?;
         report.add(
             "ceiling",
-            "PostgreSQL claim+delete (relay SQL, batch 500)",
+            "PostgreSQL claim+delete (relay SQL, batch 1,000)",
             pg,
             "msg/s",
             "",
@@ -849,6 +849,9 @@ async fn store_owning_all(pool: &PgPool) -> anyhow::Result<(Store, Uuid, Vec<i16
     Ok((store, me, owned))
 }
 
+/// Rows per read: the relay's default `relay.batch_size`.
+const BATCH: u32 = 1000;
+
 /// The relay's own claim and delete, with nothing published: the database's ceiling.
 async fn pg_ceiling(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
     backlog(pool, "bench.pg", n, Some(100)).await?;
@@ -856,7 +859,7 @@ async fn pg_ceiling(pool: &PgPool, n: usize) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut done = 0;
     while done < n {
-        let claim = store.claim(me, &owned, 500, &[]).await?;
+        let claim = store.claim(me, &owned, BATCH, &[]).await?;
         anyhow::ensure!(
             !claim.is_empty(),
             "claimed nothing with {} rows left",
@@ -946,7 +949,7 @@ async fn reference(env: &Env, n: usize, keys: Option<usize>) -> anyhow::Result<R
              ) r",
         )
         .bind(&partitions)
-        .bind((500 + 63) / 64_i32)
+        .bind(BATCH.div_ceil(64) as i32)
         .fetch_all(&pool)
         .await?;
         anyhow::ensure!(!seqs.is_empty(), "read nothing with {} rows left", n - done);
@@ -1942,4 +1945,15 @@ async fn claim_cost(
         mark_ms,
         idle_sweep_ms,
     })
+}
+
+#[cfg(test)]
+mod batch {
+    #[test]
+    fn the_benchmark_reads_in_the_relays_default_batch() {
+        assert_eq!(
+            super::BATCH,
+            outbox_relay::config::RelaySettings::default().batch_size
+        );
+    }
 }
