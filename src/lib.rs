@@ -38,6 +38,7 @@ mod backoff;
 mod error;
 mod message;
 pub mod migrate;
+mod redact;
 mod schema;
 pub mod wire;
 
@@ -48,6 +49,7 @@ pub use message::{
     RESERVED_HEADER_PREFIX,
 };
 pub use migrate::LATEST_VERSION;
+pub use redact::redact_url;
 pub use schema::Schema;
 
 use sqlx::{PgExecutor, PgPool};

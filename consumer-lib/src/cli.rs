@@ -382,7 +382,7 @@ async fn dead(letters: DeadLetters, action: DeadAction) -> anyhow::Result<ExitCo
 }
 
 async fn connect(url: &str) -> anyhow::Result<PgPool> {
-    let shown = redact(url);
+    let shown = outbox::redact_url(url);
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| {
             anyhow::anyhow!("--database-url ({shown}) is not a usable PostgreSQL URL: {e}")
@@ -423,17 +423,4 @@ async fn require_schema(pool: &PgPool, schema: &Schema) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// `raw` with its password replaced by `***`.
-fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => "<unparsable URL>".to_owned(),
-    }
 }

@@ -43,28 +43,5 @@ pub(crate) fn with_password_file(
     Ok(SecretString::from(parsed.to_string()))
 }
 
-/// Shows a server URL without its password, for logs and error messages.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => "<unparsable URL>".to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redaction_hides_the_password_only() {
-        assert_eq!(
-            redact_url("amqp://guest:pw@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-    }
-}
+/// A URL with its password hidden, for logs (defined once, in the `outbox` crate).
+pub use outbox::redact_url;
