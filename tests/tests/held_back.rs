@@ -3,18 +3,19 @@
 //! discarded (by the command, or by hand), and per-key order holds throughout. Reads keep
 //! to their byte budget.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use outbox::Schema;
+use outbox::{Message, Schema};
 use outbox_relay::{
     config::DeadKeyPolicy,
     dead::{self, DeadFilter},
     store::{Store, Sweep},
 };
-use outbox_tests::TestDb;
+use outbox_tests::{enqueue_all, settings, start_relay, topic, with_policy, Consumer, TestDb};
 use uuid::Uuid;
 
 const BEHIND: i64 = 3_000;
+const WAIT: Duration = Duration::from_secs(30);
 
 /// A store leasing all 64 partitions.
 async fn leasing_all(db: &TestDb, policy: DeadKeyPolicy) -> (Store, Uuid, Vec<i16>) {
@@ -477,4 +478,55 @@ async fn a_read_takes_the_rows_that_start_within_its_byte_budget_and_says_which_
         vec![part],
         "the row limit reached: more to read"
     );
+}
+
+/// Through a running relay: the rows behind a dead row are marked held back, and when the
+/// dead row is deleted by hand the marks go stale; the relay's sweep clears them, and the
+/// key's rows then arrive, every one, in order.
+#[tokio::test]
+async fn a_running_relay_clears_stale_marks_and_the_key_drains_in_order() {
+    let db = TestDb::new().await;
+    let t = topic("stale-marks");
+    let consumer = Consumer::connect().await;
+    consumer.queue(&t).await;
+    let msgs: Vec<Message> = (0..51u8)
+        .map(|i| Message::new(&t, vec![i]).unwrap().with_key("k").unwrap())
+        .collect();
+    enqueue_all(&db, &msgs).await;
+    let head: i64 = sqlx::query_scalar(
+        "UPDATE outbox.messages SET status = 'dead', attempts = 1, last_error = 'test',
+                dead_at = now()
+         WHERE id = $1 RETURNING seq",
+    )
+    .bind(msgs[0].id())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+
+    let relay = start_relay(&with_policy(settings(&db), DeadKeyPolicy::Block)).await;
+    let start = Instant::now();
+    while db.held_back().await < 50 {
+        assert!(
+            start.elapsed() < WAIT,
+            "the sweep marked {} of the 50 rows behind the dead one",
+            db.held_back().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        consumer.received().is_empty(),
+        "a row behind the dead one was published"
+    );
+
+    sqlx::query("DELETE FROM outbox.messages WHERE seq = $1")
+        .bind(head)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let got = consumer.wait_for(50, WAIT).await;
+    relay.stop().await;
+    let ids: Vec<Uuid> = got.iter().map(|r| r.id).collect();
+    let want: Vec<Uuid> = msgs[1..].iter().map(Message::id).collect();
+    assert_eq!(ids, want, "the key's rows, each once, in order");
+    assert_eq!(db.held_back().await, 0, "no mark is left");
 }
