@@ -21,12 +21,14 @@
 //!   source, against PostgreSQL's ceiling of 8 connections committing one-row transactions.
 //! - Claim cost: the relay's read with and without a dead key holding 100,000 rows back
 //!   (`block`) ahead of the other keys' rows.
-//! - Peak RSS of a relay draining a 1,000,000-row backlog (full mode only).
+//! - Peak RSS of a relay draining a 1,000,000-row backlog, and draining 1 MiB (RabbitMQ) and
+//!   512 KiB (Kafka) payloads with the default `relay.window_bytes` and a 4 MiB one, beside
+//!   the same with 200-byte rows (full mode only).
 //!
 //! Runs against the stack of `scripts/stack.sh` (`DATABASE_URL`, `AMQP_URL`,
 //! `KAFKA_BROKERS`); `scripts/bench.sh` builds in release mode and runs it.
 //!
-//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim|consumer|latency|producer]`
+//! Usage: `outbox-bench [--quick] [--json] [--relay-bin PATH] [--only rabbitmq|kafka|claim|consumer|latency|producer|memory]`
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -110,13 +112,15 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let json = args.iter().any(|a| a == "--json");
-    // `--only rabbitmq|kafka|claim|consumer|latency|producer`: that broker's ceiling and
-    // drains, or the claim costs, the consumer library, the latencies or the producers'
-    // commits, nothing else (for tuning).
+    // `--only rabbitmq|kafka|claim|consumer|latency|producer|memory`: that broker's ceiling
+    // and drains, or the claim costs, the consumer library, the latencies, the producers'
+    // commits or the peak RSS with large payloads, nothing else (for tuning).
     let only = match args.iter().position(|a| a == "--only") {
         Some(i) => Some(
             args.get(i + 1)
-                .context("--only needs rabbitmq, kafka, claim, consumer, latency or producer")?
+                .context(
+                    "--only needs rabbitmq, kafka, claim, consumer, latency, producer or memory",
+                )?
                 .clone(),
         ),
         None => None,
@@ -543,7 +547,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    if !quick && only.is_none() {
+    if !quick && runs("memory") {
         let rss = backlog_rss(&env, 1_000_000).await?;
         report.add(
             "memory",
@@ -552,6 +556,10 @@ async fn main() -> anyhow::Result<()> {
             "MiB",
             "",
         );
+    }
+
+    if !quick && runs("memory") {
+        memory_rows(&env, &mut report).await?;
     }
 
     if json {
@@ -1075,7 +1083,7 @@ fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
 }
 
 fn spawn_relay(env: &Env, db_url: &str, broker: &str) -> anyhow::Result<tokio::process::Child> {
-    spawn_relay_serving(env, db_url, broker, "127.0.0.1:0")
+    spawn_relay_serving(env, db_url, broker, "127.0.0.1:0", &[])
 }
 
 /// [`spawn_relay`], serving its metrics on `listen`.
@@ -1084,6 +1092,7 @@ fn spawn_relay_serving(
     db_url: &str,
     broker: &str,
     listen: &str,
+    settings: &[(&str, String)],
 ) -> anyhow::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&env.relay_bin);
     cmd.arg("run")
@@ -1093,6 +1102,7 @@ fn spawn_relay_serving(
         .env("OUTBOX__KAFKA__BROKERS", &env.kafka)
         .env("OUTBOX__HTTP__LISTEN", listen)
         .env("OUTBOX__LOG__LEVEL", "warn")
+        .envs(settings.iter().map(|(k, v)| (k, v)))
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
     // `OUTBOX_BENCH_RELAY_LOG=FILE` keeps the relays' log (at `info`, appended), to see why
@@ -1363,7 +1373,7 @@ async fn latency(env: &Env, rate: u32, secs: u64) -> anyhow::Result<Latency> {
     });
     let db_url = db_url_of(&pool, &env.db_url)?;
     let metrics_at = format!("127.0.0.1:{}", outbox_tests::free_port());
-    let relay = spawn_relay_serving(env, &db_url, "rabbitmq", &metrics_at)?;
+    let relay = spawn_relay_serving(env, &db_url, "rabbitmq", &metrics_at, &[])?;
     tokio::time::sleep(Duration::from_secs(2)).await; // partitions taken, idle, waiting
     let mut listener = sqlx::postgres::PgListener::connect(&db_url).await?;
     listener.listen("outbox_wakeup_outbox").await?;
@@ -1498,6 +1508,94 @@ async fn backlog_rss(env: &Env, n: usize) -> anyhow::Result<f64> {
     stop(child).await?;
     ch.queue_delete(&topic, QueueDeleteOptions::default())
         .await?;
+    Ok(peak)
+}
+
+/// Peak RSS draining large payloads, with the default `relay.window_bytes` (16 MiB) and a
+/// 4 MiB one, beside the same with 200-byte rows: RabbitMQ with 1 MiB payloads, Kafka with
+/// 512 KiB (under its default `message.max.bytes`).
+async fn memory_rows(env: &Env, report: &mut Report) -> anyhow::Result<()> {
+    const ROWS: usize = 300;
+    for (broker, payload, shown) in [
+        ("rabbitmq", 1 << 20, "1 MiB"),
+        ("kafka", 512 << 10, "512 KiB"),
+    ] {
+        let base = payload_rss(env, broker, ROWS, PAYLOAD, None).await?;
+        for (window, named) in [(None, "16 MiB (default)"), (Some(4 << 20), "4 MiB")] {
+            let peak = payload_rss(env, broker, ROWS, payload, window).await?;
+            report.add(
+                "memory",
+                format!("relay peak RSS → {broker}, {ROWS} rows of {shown}, window_bytes {named}"),
+                peak,
+                "MiB",
+                format!(
+                    "{:.1} MiB over the {base:.1} MiB with 200-byte rows: {:.2}× window_bytes",
+                    peak - base,
+                    (peak - base) / (window.unwrap_or(16 << 20) as f64 / 1048576.0)
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Peak RSS (MiB) of a relay draining `rows` rows of `payload` bytes over 10 keys to
+/// `broker`, with `relay.window_bytes` set to `window_bytes` when given (the default
+/// otherwise). Sampled every 20 ms until the outbox is empty.
+async fn payload_rss(
+    env: &Env,
+    broker: &str,
+    rows: usize,
+    payload: usize,
+    window_bytes: Option<u64>,
+) -> anyhow::Result<f64> {
+    let pool = fresh_db(&env.db_url, "bench_payload").await?;
+    let topic = format!("bench.payload.{}", Uuid::new_v4().simple());
+    let conn = amqp(&env.amqp_url).await?;
+    let ch = conn.create_channel().await?;
+    if broker == "rabbitmq" {
+        declare_queue(&ch, &topic).await?;
+    } else {
+        kafka_topic(env, &topic).await?;
+    }
+    sqlx::query(
+        "INSERT INTO outbox.messages (topic, key, payload)
+         SELECT $1, 'k' || (i % 10), convert_to(repeat('x', $2), 'UTF8')
+         FROM generate_series(1, $3) i",
+    )
+    .bind(&topic)
+    .bind(payload as i32)
+    .bind(rows as i32)
+    .execute(&pool)
+    .await?;
+    let settings: Vec<(&str, String)> = window_bytes
+        .map(|b| ("OUTBOX__RELAY__WINDOW_BYTES", b.to_string()))
+        .into_iter()
+        .collect();
+    let db_url = db_url_of(&pool, &env.db_url)?;
+    let child = spawn_relay_serving(env, &db_url, broker, "127.0.0.1:0", &settings)?;
+    let pid = child.id().context("relay pid")?;
+    let (start, mut peak, mut from) = (Instant::now(), 0.0_f64, 0);
+    while rows_left(&pool, &mut from).await? {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(300),
+            "the drain of {payload}-byte rows to {broker} stalled"
+        );
+        if let Ok((_, rss)) = proc_usage(pid) {
+            peak = peak.max(rss);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Ok((_, rss)) = proc_usage(pid) {
+        peak = peak.max(rss);
+    }
+    stop(child).await?;
+    if broker == "rabbitmq" {
+        ch.queue_delete(&topic, QueueDeleteOptions::default())
+            .await?;
+    }
+    let _ = conn.close(200, "bench").await;
+    pool.close().await;
     Ok(peak)
 }
 
