@@ -249,136 +249,169 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn dead(letters: DeadLetters, action: DeadAction) -> anyhow::Result<ExitCode> {
-    let plural = |n: usize| if n == 1 { "" } else { "s" };
     match action {
         DeadAction::List {
             filter,
             settled,
             limit,
             json,
-        } => {
-            let filter: LetterFilter = filter.into();
-            if settled {
-                let rows = letters
-                    .settled(filter.group.as_deref(), limit)
-                    .await
-                    .context("listing settled letters")?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
-                } else {
-                    if !rows.is_empty() {
-                        print!("{}", letters::settled_table(&rows));
-                    }
-                    println!("{} settled letter{}", rows.len(), plural(rows.len()));
-                }
-            } else {
-                let rows = letters
-                    .list(&filter, limit)
-                    .await
-                    .context("listing dead letters")?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
-                } else {
-                    if !rows.is_empty() {
-                        print!("{}", letters::table(&rows));
-                    }
-                    println!("{} dead letter{}", rows.len(), plural(rows.len()));
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => dead_list(&letters, filter.into(), settled, limit, json).await,
         DeadAction::Replay { filter, wait, json } => {
-            let filter: LetterFilter = filter.into();
-            let marked = letters
-                .request_replay(&filter)
-                .await
-                .context("asking for a replay")?;
-            let ids: Vec<i64> = marked.iter().map(|l| l.letter).collect();
-            let mut groups: Vec<&str> = marked.iter().map(|l| l.group.as_str()).collect();
-            groups.sort_unstable();
-            groups.dedup();
-            if !json {
-                println!(
-                    "asked for a replay of {} dead letter{} (group{} {})",
-                    ids.len(),
-                    plural(ids.len()),
-                    plural(groups.len()),
-                    if groups.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        groups.join(", ")
-                    }
-                );
-                if !ids.is_empty() && !wait.is_zero() {
-                    println!(
-                        "waiting up to {} for the groups' running consumers to replay them",
-                        humantime::format_duration(wait)
-                    );
-                }
-            }
-            let started = Instant::now();
-            let states = loop {
-                let states = letters
-                    .replay_status(&ids)
-                    .await
-                    .context("reading the replays' outcome")?;
-                let waiting = states.iter().any(|s| s.state == "waiting");
-                if !waiting || started.elapsed() >= wait {
-                    break states;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            let count = |state: &str| states.iter().filter(|s| s.state == state).count();
-            let (waiting, failed) = (count("waiting"), count("failed"));
-            if json {
-                println!("{}", serde_json::to_string_pretty(&states)?);
-            } else {
-                if !states.is_empty() {
-                    print!("{}", letters::replay_table(&states));
-                }
-                println!(
-                    "replayed {}, already processed {}, failed {failed}, still waiting {waiting}",
-                    count("replayed"),
-                    count("duplicate"),
-                );
-                if waiting > 0 && !wait.is_zero() {
-                    println!(
-                        "a letter still waiting is replayed when a consumer of its group runs \
-                         (it looks every replay interval, 5 s by default)"
-                    );
-                }
-            }
-            Ok(if failed > 0 || (waiting > 0 && !wait.is_zero()) {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            dead_replay(&letters, filter.into(), wait, json).await
         }
         DeadAction::Discard {
             filter,
             reason,
             json,
-        } => {
-            let filter: LetterFilter = filter.into();
-            let rows = letters
-                .discard(&filter, &reason)
-                .await
-                .context("discarding dead letters")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                if !rows.is_empty() {
-                    print!("{}", letters::settled_table(&rows));
-                }
-                println!(
-                    "discarded {} dead letter{} (reason: {reason})",
-                    rows.len(),
-                    plural(rows.len())
-                );
+        } => dead_discard(&letters, filter.into(), &reason, json).await,
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// `dead list`: the dead letters (or the settled ones) that `filter` selects.
+async fn dead_list(
+    letters: &DeadLetters,
+    filter: LetterFilter,
+    settled: bool,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if settled {
+        let rows = letters
+            .settled(filter.group.as_deref(), limit)
+            .await
+            .context("listing settled letters")?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            if !rows.is_empty() {
+                print!("{}", letters::settled_table(&rows));
             }
-            Ok(ExitCode::SUCCESS)
+            println!("{} settled letter{}", rows.len(), plural(rows.len()));
+        }
+    } else {
+        let rows = letters
+            .list(&filter, limit)
+            .await
+            .context("listing dead letters")?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            if !rows.is_empty() {
+                print!("{}", letters::table(&rows));
+            }
+            println!("{} dead letter{}", rows.len(), plural(rows.len()));
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dead replay`: asks for a replay of the letters `filter` selects, then waits up to `wait`
+/// for the groups' running consumers to replay them. Fails if one failed, or if one is
+/// still waiting after a wait.
+async fn dead_replay(
+    letters: &DeadLetters,
+    filter: LetterFilter,
+    wait: Duration,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let marked = letters
+        .request_replay(&filter)
+        .await
+        .context("asking for a replay")?;
+    let ids: Vec<i64> = marked.iter().map(|l| l.letter).collect();
+    let mut groups: Vec<&str> = marked.iter().map(|l| l.group.as_str()).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    if !json {
+        println!(
+            "asked for a replay of {} dead letter{} (group{} {})",
+            ids.len(),
+            plural(ids.len()),
+            plural(groups.len()),
+            if groups.is_empty() {
+                "-".to_owned()
+            } else {
+                groups.join(", ")
+            }
+        );
+        if !ids.is_empty() && !wait.is_zero() {
+            println!(
+                "waiting up to {} for the groups' running consumers to replay them",
+                humantime::format_duration(wait)
+            );
+        }
+    }
+    let started = Instant::now();
+    let states = loop {
+        let states = letters
+            .replay_status(&ids)
+            .await
+            .context("reading the replays' outcome")?;
+        let waiting = states.iter().any(|s| s.state == "waiting");
+        if !waiting || started.elapsed() >= wait {
+            break states;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let count = |state: &str| states.iter().filter(|s| s.state == state).count();
+    let (waiting, failed) = (count("waiting"), count("failed"));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&states)?);
+    } else {
+        if !states.is_empty() {
+            print!("{}", letters::replay_table(&states));
+        }
+        println!(
+            "replayed {}, already processed {}, failed {failed}, still waiting {waiting}",
+            count("replayed"),
+            count("duplicate"),
+        );
+        if waiting > 0 && !wait.is_zero() {
+            println!(
+                "a letter still waiting is replayed when a consumer of its group runs \
+                 (it looks every replay interval, 5 s by default)"
+            );
+        }
+    }
+    Ok(if failed > 0 || (waiting > 0 && !wait.is_zero()) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `dead discard`: settles the letters `filter` selects as discarded, with `reason`.
+async fn dead_discard(
+    letters: &DeadLetters,
+    filter: LetterFilter,
+    reason: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let rows = letters
+        .discard(&filter, reason)
+        .await
+        .context("discarding dead letters")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        if !rows.is_empty() {
+            print!("{}", letters::settled_table(&rows));
+        }
+        println!(
+            "discarded {} dead letter{} (reason: {reason})",
+            rows.len(),
+            plural(rows.len())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn connect(url: &str) -> anyhow::Result<PgPool> {
