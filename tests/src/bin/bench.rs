@@ -1133,17 +1133,50 @@ async fn stop(mut child: tokio::process::Child) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where one measurement's messages go: a fresh queue on RabbitMQ, a fresh topic on Kafka.
+struct Destination {
+    topic: String,
+    conn: Connection,
+    ch: lapin::Channel,
+    rabbitmq: bool,
+}
+
+impl Destination {
+    async fn open(env: &Env, broker: &str, prefix: &str) -> anyhow::Result<Self> {
+        let topic = format!("bench.{prefix}.{}", Uuid::new_v4().simple());
+        let conn = amqp(&env.amqp_url).await?;
+        let ch = conn.create_channel().await?;
+        let rabbitmq = broker == "rabbitmq";
+        if rabbitmq {
+            declare_queue(&ch, &topic).await?;
+        } else {
+            kafka_topic(env, &topic).await?;
+        }
+        Ok(Self {
+            topic,
+            conn,
+            ch,
+            rabbitmq,
+        })
+    }
+
+    /// Deletes the queue (Kafka topics stay) and closes the connection.
+    async fn close(self) -> anyhow::Result<()> {
+        if self.rabbitmq {
+            self.ch
+                .queue_delete(&self.topic, QueueDeleteOptions::default())
+                .await?;
+        }
+        let _ = self.conn.close(200, "bench").await;
+        Ok(())
+    }
+}
+
 /// A relay process drains `n` pre-written rows; timed from its start to an empty outbox.
 async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow::Result<Drain> {
     let pool = fresh_db(&env.db_url, "bench_drain").await?;
-    let topic = format!("bench.drain.{}", Uuid::new_v4().simple());
-    let conn = amqp(&env.amqp_url).await?;
-    let ch = conn.create_channel().await?;
-    if broker == "rabbitmq" {
-        declare_queue(&ch, &topic).await?;
-    } else {
-        kafka_topic(env, &topic).await?;
-    }
+    let dest = Destination::open(env, broker, "drain").await?;
+    let topic = dest.topic.clone();
     // The rows wait (not due) until the relay is up and holds every partition, so the
     // clock measures draining, not starting.
     backlog_held(&pool, &topic, n, keys, true).await?;
@@ -1228,11 +1261,7 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
         false => None,
     };
     stop(child).await?;
-    if broker == "rabbitmq" {
-        ch.queue_delete(&topic, QueueDeleteOptions::default())
-            .await?;
-    }
-    let _ = conn.close(200, "bench").await;
+    dest.close().await?;
     pool.close().await;
     Ok(Drain {
         rate: n as f64 / elapsed.as_secs_f64(),
@@ -1550,14 +1579,8 @@ async fn payload_rss(
     window_bytes: Option<u64>,
 ) -> anyhow::Result<f64> {
     let pool = fresh_db(&env.db_url, "bench_payload").await?;
-    let topic = format!("bench.payload.{}", Uuid::new_v4().simple());
-    let conn = amqp(&env.amqp_url).await?;
-    let ch = conn.create_channel().await?;
-    if broker == "rabbitmq" {
-        declare_queue(&ch, &topic).await?;
-    } else {
-        kafka_topic(env, &topic).await?;
-    }
+    let dest = Destination::open(env, broker, "payload").await?;
+    let topic = dest.topic.clone();
     sqlx::query(
         "INSERT INTO outbox.messages (topic, key, payload)
          SELECT $1, 'k' || (i % 10), convert_to(repeat('x', $2), 'UTF8')
@@ -1590,11 +1613,7 @@ async fn payload_rss(
         peak = peak.max(rss);
     }
     stop(child).await?;
-    if broker == "rabbitmq" {
-        ch.queue_delete(&topic, QueueDeleteOptions::default())
-            .await?;
-    }
-    let _ = conn.close(200, "bench").await;
+    dest.close().await?;
     pool.close().await;
     Ok(peak)
 }
@@ -1815,14 +1834,8 @@ async fn consumer_rate(
     sqlx::query("CREATE TABLE one_row (id uuid PRIMARY KEY)")
         .execute(&pool)
         .await?;
-    let topic = format!("bench.consumer.{}", Uuid::new_v4().simple());
-    let conn = amqp(&env.amqp_url).await?;
-    let ch = conn.create_channel().await?;
-    if broker == "rabbitmq" {
-        declare_queue(&ch, &topic).await?;
-    } else {
-        kafka_topic(env, &topic).await?;
-    }
+    let dest = Destination::open(env, broker, "consumer").await?;
+    let topic = dest.topic.clone();
     backlog(&pool, &topic, n, Some(100)).await?;
     let relay = spawn_relay(env, &db_url_of(&pool, &env.db_url)?, broker)?;
     let started = Instant::now();
@@ -1904,11 +1917,7 @@ async fn consumer_rate(
         Ok(Err(e)) => anyhow::bail!("the {broker} consumer task: {e}"),
         Err(_) => anyhow::bail!("the {broker} consumer did not stop within 30 s"),
     }
-    if broker == "rabbitmq" {
-        ch.queue_delete(&topic, QueueDeleteOptions::default())
-            .await?;
-    }
-    let _ = conn.close(200, "bench").await;
+    dest.close().await?;
     handlers.close().await;
     pool.close().await;
     let rate = (n as i64 - from) as f64 / last.0.duration_since(first).as_secs_f64().max(1e-3);
