@@ -70,6 +70,9 @@ scripts/stack.sh reset kafka
 bench_failed=0
 echo "== benchmark (quick)"
 "$bin"/outbox-bench --quick --relay-bin "$bin"/outbox-relay || bench_failed=1
+failures=()
+[ "$chaos_failed" = 0 ] || failures+=("chaos ($chaos_failed of 2 runs)")
+[ "$bench_failed" = 0 ] || failures+=("benchmark (quick)")
 
 count() { awk -v word="$1;" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i == word) n += $(i - 1) } END { print n + 0 }' "$log"; }
 passed=$(count passed)
@@ -79,6 +82,12 @@ failed=$((failed + chaos_failed + bench_failed))
 if [ "$failed" != 0 ]; then
   echo "== the servers' logs (for the failures above)"
   scripts/stack.sh logs || true
+  # Last, so that the end of the output names what failed and why.
+  echo "== what failed"
+  awk '/^---- .* stdout ----$/ { keep = 1; n = 0 } /^failures:$/ { keep = 0 }
+       keep && n++ < 40 { print }' "$log"
+  grep -E '^test .* \.\.\. FAILED$' "$log" || true
+  for f in "${failures[@]}"; do echo "failed: $f"; done
 fi
 echo
 echo "total: $passed passed, $failed failed"
