@@ -47,10 +47,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0006_wake_once.sql",
         sql: include_str!("../migrations/0006_wake_once.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_replay.sql",
+        sql: include_str!("../migrations/0007_replay.sql"),
+    },
 ];
 
 /// The newest schema version this library ships.
-pub const LATEST_VERSION: i32 = 6;
+pub const LATEST_VERSION: i32 = 7;
 
 /// Creates `schema` if needed and applies the migrations it has not seen yet, each in its
 /// own transaction, recording them in `schema.schema_migrations`. Safe to call from several

@@ -15,6 +15,10 @@ pub const HEADER_TOPIC: &str = "outbox-topic";
 pub const HEADER_KEY: &str = "outbox-key";
 /// The outbox `seq`, as a decimal string: per-key order follows it.
 pub const HEADER_SEQ: &str = "outbox-seq";
+/// Present, with the value `true`, on a message sent again by `outbox-relay replay`: it may
+/// arrive after later messages of its key, and its `outbox-topic` is the topic it was first
+/// written with even when the replay went elsewhere.
+pub const HEADER_REPLAY: &str = "outbox-replay";
 /// The payload's MIME type, on Kafka (RabbitMQ carries it as the `content-type` property).
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
 
@@ -37,6 +41,7 @@ mod tests {
             HEADER_TOPIC,
             HEADER_KEY,
             HEADER_SEQ,
+            HEADER_REPLAY,
             "Outbox-Id",
             "OUTBOX-x",
         ] {

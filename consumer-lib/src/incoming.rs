@@ -40,6 +40,15 @@ impl Incoming {
         }
     }
 
+    /// True for a message the outbox sent again (`outbox-relay replay`, `reconcile --repair`):
+    /// it may arrive after later messages of its key. Its id is the original's, so the
+    /// dedup table already absorbs it when it was processed before.
+    pub fn is_replay(&self) -> bool {
+        self.headers
+            .get(outbox::wire::HEADER_REPLAY)
+            .is_some_and(|v| v == "true")
+    }
+
     /// The W3C `traceparent` header, if the producer set one.
     pub fn traceparent(&self) -> Option<&str> {
         self.headers.get("traceparent").map(String::as_str)

@@ -1,4 +1,4 @@
-//! The `outbox-relay` command line: `migrate`, `run`, `status`, `dead`, `reconcile`.
+//! The `outbox-relay` command line: `migrate`, `run`, `status`, `dead`, `reconcile`, `replay`.
 
 use std::{path::PathBuf, process::ExitCode, str::FromStr, sync::Arc};
 
@@ -74,6 +74,11 @@ pub enum Command {
     /// what needs attention: exit 0 when nothing does, 1 when something does, 2 when the
     /// comparison could not be made.
     Reconcile(ReconcileArgs),
+    /// Send delivered messages again, from the archive kept under
+    /// retention.delivered_payloads, with their ids (consumers deduplicate them), in their
+    /// original order; the running relays publish them. Exit 0 when every selected message
+    /// was queued, 1 when some could not be (each is named) or on failure.
+    Replay(ReplayArgs),
 }
 
 /// `outbox-relay reconcile ...`
@@ -112,6 +117,50 @@ pub struct ReconcileArgs {
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
     /// Print JSON instead of a report.
+    #[arg(long)]
+    pub json: bool,
+    /// Send again every message found delivered but not processed (all of them, not only
+    /// those shown), from the archive kept under retention.delivered_payloads; consumers
+    /// that processed one already deduplicate it.
+    #[arg(long)]
+    pub repair: bool,
+}
+
+/// `outbox-relay replay ...`
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Only this message id (repeatable).
+    #[arg(long = "id", value_name = "UUID")]
+    pub ids: Vec<uuid::Uuid>,
+    /// Only the message ids in FILE (- for standard input): UUIDs separated by whitespace,
+    /// a JSON array, or the output of `outbox-relay reconcile --json`, whose messages
+    /// delivered but not processed it takes.
+    #[arg(long = "ids", value_name = "FILE")]
+    pub ids_file: Option<PathBuf>,
+    /// Only this topic (the one the messages were first written with).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only this key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Only messages delivered at or after this: a UTC time (2026-12-08T10:00:00Z) or a
+    /// duration ago (2h).
+    #[arg(long, value_name = "TIME|DURATION")]
+    pub from: Option<crate::replay::Moment>,
+    /// Only messages delivered before this: a UTC time or a duration ago.
+    #[arg(long, value_name = "TIME|DURATION")]
+    pub until: Option<crate::replay::Moment>,
+    /// Every archived message (needed when nothing else narrows the selection).
+    #[arg(long)]
+    pub all: bool,
+    /// Send them to this topic instead of each one's own (e.g. to backfill one consumer);
+    /// `outbox-topic` still names the original.
+    #[arg(long, value_name = "TOPIC")]
+    pub to_topic: Option<String>,
+    /// Only list what would be sent.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -250,8 +299,10 @@ pub fn main() -> ExitCode {
 }
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
-    if let Command::Reconcile(args) = command {
-        return reconcile(args, settings).await;
+    match command {
+        Command::Reconcile(args) => return reconcile(args, settings).await,
+        Command::Replay(args) => return replay(args, settings).await,
+        _ => {}
     }
     execute_other(command, settings)
         .await
@@ -312,13 +363,28 @@ async fn reconcile(args: ReconcileArgs, settings: Settings) -> anyhow::Result<Ex
         consumer_schemas,
         limit: args.limit,
     };
-    let report = crate::reconcile::reconcile(&pool, &settings.schema(), &consumers, &options)
+    let schema = settings.schema();
+    let mut report = crate::reconcile::reconcile(&pool, &schema, &consumers, &options)
         .await
         .context("reconciliation failed")?;
+    if args.repair {
+        let ids: Vec<uuid::Uuid> = report.unprocessed_ids.iter().copied().collect();
+        report.repair = Some(if ids.is_empty() {
+            crate::replay::Outcome::default()
+        } else {
+            let selection = crate::replay::Selection::ids(ids);
+            crate::replay::replay(&pool, &schema, &selection, None, false)
+                .await
+                .context("repair failed")?
+        });
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{report}");
+        if let Some(repair) = &report.repair {
+            print!("repair: {repair}");
+        }
     }
     Ok(if report.findings() == 0 {
         ExitCode::SUCCESS
@@ -362,7 +428,7 @@ async fn execute_other(command: Command, settings: Settings) -> anyhow::Result<(
         }
         Command::Run => run(settings).await,
         Command::Dead { action } => dead(action, settings).await,
-        Command::Reconcile(_) => unreachable!("handled by execute"),
+        Command::Reconcile(_) | Command::Replay(_) => unreachable!("handled by execute"),
     }
 }
 
@@ -447,6 +513,54 @@ async fn dead(action: DeadAction, settings: Settings) -> anyhow::Result<()> {
             )
         }
     }
+}
+
+async fn replay(args: ReplayArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+    use crate::replay::{self, Selection};
+    let mut ids = args.ids;
+    if let Some(path) = &args.ids_file {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("reading ids from standard input")?
+        } else {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading ids from {}", path.display()))?
+        };
+        let read = replay::parse_ids(&text).map_err(|e| anyhow::anyhow!("--ids: {e}"))?;
+        if read.is_empty() && ids.is_empty() {
+            // An empty list (a clean reconciliation piped in) selects nothing, not everything.
+            println!("nothing to replay: no message ids given");
+            return Ok(ExitCode::SUCCESS);
+        }
+        ids.extend(read);
+    }
+    let selection = Selection {
+        ids,
+        topic: args.topic,
+        key: args.key,
+        from: args.from,
+        until: args.until,
+        all: args.all,
+    };
+    let pool = connect_once(&settings).await?;
+    require_schema(&pool, &settings).await?;
+    let outcome = replay::replay(
+        &pool,
+        &settings.schema(),
+        &selection,
+        args.to_topic.as_deref(),
+        args.dry_run,
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        print!("{outcome}");
+    }
+    Ok(if outcome.complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -699,7 +813,7 @@ async fn require_schema(pool: &PgPool, settings: &Settings) -> anyhow::Result<()
     // built-in runner (whose version table may not exist) is recognised too.
     let current: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute
-                        WHERE attrelid = to_regclass($1) AND attname = 'held_back'
+                        WHERE attrelid = to_regclass($1) AND attname = 'replay_of'
                           AND NOT attisdropped)",
     )
     .bind(format!("{schema}.messages"))
@@ -708,8 +822,8 @@ async fn require_schema(pool: &PgPool, settings: &Settings) -> anyhow::Result<()
     .context("checking the outbox schema")?;
     if !current {
         bail!(
-            "outbox schema {schema} is older than this relay: {schema}.messages has no held_back column \
-             (schema version 3, migrations/0003_held_back.sql); run `outbox-relay migrate` first \
+            "outbox schema {schema} is older than this relay: {schema}.messages has no replay_of column \
+             (schema version 7, migrations/0007_replay.sql); run `outbox-relay migrate` first \
              (this relay needs schema version {})",
             outbox::LATEST_VERSION
         );

@@ -81,6 +81,9 @@ pub struct RetentionSettings {
     /// `delivered` for this long; `0s` keeps none.
     #[serde(with = "humantime_serde")]
     pub delivered: Duration,
+    /// Keep each delivered message whole (payload, headers, content type) in its record,
+    /// so that `outbox-relay replay` can send it again; needs `delivered` above zero.
+    pub delivered_payloads: bool,
     /// Keep discarded dead messages in `discarded` for this long.
     #[serde(with = "humantime_serde")]
     pub discarded: Duration,
@@ -95,6 +98,7 @@ impl Default for RetentionSettings {
     fn default() -> Self {
         Self {
             delivered: Duration::ZERO,
+            delivered_payloads: false,
             discarded: Duration::from_secs(30 * 24 * 3600),
             purge_interval: Duration::from_secs(30),
             purge_batch: 1000,
@@ -106,6 +110,13 @@ impl RetentionSettings {
     /// Adds a problem per `[retention]` setting out of range.
     fn check(&self, p: &mut Vec<String>) {
         positive(p, "retention.purge_interval", self.purge_interval);
+        if self.delivered_payloads && self.delivered.is_zero() {
+            p.push(
+                "retention.delivered_payloads keeps payloads in the delivery records, but \
+                 retention.delivered is 0s (no records): set it to how long they are kept"
+                    .to_owned(),
+            );
+        }
         if !(1..=100_000).contains(&self.purge_batch) {
             p.push(format!(
                 "retention.purge_batch must be between 1 and 100000 (got {})",
@@ -620,6 +631,17 @@ impl Settings {
             discarded: self.retention.discarded,
             batch: self.retention.purge_batch,
             interval: self.retention.purge_interval,
+        }
+    }
+
+    /// What a delivered row leaves in `delivered`.
+    pub fn archive(&self) -> crate::store::Archive {
+        use crate::store::Archive;
+        let r = &self.retention;
+        match (r.delivered.is_zero(), r.delivered_payloads) {
+            (true, _) => Archive::Off,
+            (false, false) => Archive::Records,
+            (false, true) => Archive::Whole,
         }
     }
 

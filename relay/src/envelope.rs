@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-pub use outbox::wire::{HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC};
+pub use outbox::wire::{
+    HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, HEADER_REPLAY, HEADER_SEQ, HEADER_TOPIC,
+};
 
 /// One message as claimed from the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,9 @@ pub struct Envelope {
     pub created_at_micros: i64,
     /// Failed attempts so far.
     pub attempts: u32,
+    /// Set on a message sent again by `outbox-relay replay`: the topic it was first written
+    /// with (`topic` is where the replay goes).
+    pub replay_of: Option<String>,
 }
 
 impl Envelope {
@@ -43,6 +48,12 @@ impl Envelope {
             .iter()
             .filter(|(name, _)| !outbox::wire::is_reserved(name))
             .map(|(name, value)| (name.as_str(), value.as_str()))
+    }
+
+    /// The topic sent as `outbox-topic`: the one the producer wrote, also on a replay sent
+    /// elsewhere.
+    pub fn wire_topic(&self) -> &str {
+        self.replay_of.as_deref().unwrap_or(&self.topic)
     }
 
     /// Time since the row was written, by this machine's clock (`None` if that clock is

@@ -30,6 +30,7 @@ mod pipeline;
 pub mod publish;
 pub mod reconcile;
 pub mod relay;
+pub mod replay;
 pub mod retry;
 pub mod route;
 mod secrets;

@@ -291,6 +291,13 @@ pub struct Report {
     pub unknown: Finding<Unknown>,
     /// Messages parked in the consumers' dead letters.
     pub dead_letters: Finding<Letter>,
+    /// What `--repair` sent again: the messages delivered but not processed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<crate::replay::Outcome>,
+    /// Every message delivered but not processed by some group (not only the first
+    /// `limit`), for a repair.
+    #[serde(skip)]
+    pub unprocessed_ids: BTreeSet<Uuid>,
 }
 
 impl Report {
@@ -397,6 +404,8 @@ async fn start(outbox: &PgPool, o: &Schema, opts: &Options) -> Result<Report, Re
         unprocessed: Finding::default(),
         unknown: Finding::default(),
         dead_letters: Finding::default(),
+        repair: None,
+        unprocessed_ids: BTreeSet::new(),
     })
 }
 
@@ -617,6 +626,7 @@ async fn unprocessed(
         .collect();
     for r in due.into_iter().filter(|r| missing.contains(&r.id)) {
         unit.report.unprocessed += 1;
+        report.unprocessed_ids.insert(r.id);
         report.unprocessed.push(
             Unprocessed {
                 group: unit.group.clone(),

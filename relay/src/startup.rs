@@ -21,7 +21,7 @@ pub fn relay(settings: &Settings, pool: PgPool, publisher: Arc<dyn Publisher>) -
         pool,
         settings.schema(),
         settings.relay.dead_key_policy,
-        !settings.retention.delivered.is_zero(),
+        settings.archive(),
     )
     .with_max_payload(settings.relay.max_payload);
     Relay::new(

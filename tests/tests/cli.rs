@@ -236,10 +236,11 @@ async fn a_missing_outbox_table_is_fatal_with_a_hint() {
 #[tokio::test]
 async fn an_outbox_schema_older_than_the_relay_is_fatal_with_a_hint() {
     let db = TestDb::new().await;
-    // The schema as version 2 left it.
+    // The schema as version 6 left it.
     sqlx::raw_sql(
-        "ALTER TABLE outbox.messages DROP COLUMN held_back;
-         DELETE FROM outbox.schema_migrations WHERE version = 3",
+        "ALTER TABLE outbox.messages DROP COLUMN replay_of;
+         ALTER TABLE outbox.delivered DROP COLUMN payload, DROP COLUMN headers, DROP COLUMN content_type;
+         DELETE FROM outbox.schema_migrations WHERE version = 7",
     )
     .execute(&db.pool)
     .await
@@ -255,7 +256,7 @@ async fn an_outbox_schema_older_than_the_relay_is_fatal_with_a_hint() {
     let out = p.output();
     assert!(
         out.contains("older than this relay")
-            && out.contains("0003_held_back.sql")
+            && out.contains("0007_replay.sql")
             && out.contains("run `outbox-relay migrate` first"),
         "{out}"
     );
@@ -272,7 +273,8 @@ async fn migrate_then_status_report_the_outbox() {
         p.output()
     );
     assert!(
-        p.output().contains("applied migrations [1, 2, 3, 4, 5, 6]"),
+        p.output()
+            .contains("applied migrations [1, 2, 3, 4, 5, 6, 7]"),
         "{}",
         p.output()
     );

@@ -9,7 +9,7 @@ use outbox::{Message, Schema};
 use outbox_relay::{
     config::DeadKeyPolicy,
     dead::{self, DeadFilter},
-    store::{Store, Sweep},
+    store::{Archive, Store, Sweep},
 };
 use outbox_tests::{enqueue_all, settings, start_relay, topic, with_policy, Consumer, TestDb};
 use uuid::Uuid;
@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// A store leasing all 64 partitions.
 async fn leasing_all(db: &TestDb, policy: DeadKeyPolicy) -> (Store, Uuid, Vec<i16>) {
-    let store = Store::new(db.pool.clone(), Schema::default(), policy, false);
+    let store = Store::new(db.pool.clone(), Schema::default(), policy, Archive::Off);
     let me = Uuid::new_v4();
     let mut owned = Vec::new();
     while owned.len() < 64 {

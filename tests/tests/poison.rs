@@ -465,6 +465,7 @@ fn envelope(seq: i64, topic: &str, key: String) -> Envelope {
         created_at_unix: 0,
         created_at_micros: 0,
         attempts: 0,
+        replay_of: None,
     }
 }
 

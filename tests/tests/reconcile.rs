@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::future::BoxFuture;
+use futures::{future::BoxFuture, FutureExt};
 use outbox::Message;
 use outbox_consumer::{
     rabbitmq::RabbitMqSource, DeadLetters, Deduplicator, Handler, HandlerError, Incoming,
@@ -37,8 +37,9 @@ impl Handler for Ship {
             if m.payload == b"poison" {
                 return Err(HandlerError::permanent("no such book"));
             }
-            sqlx::query("INSERT INTO shipments (message_id) VALUES ($1)")
+            sqlx::query("INSERT INTO shipments (message_id, replay) VALUES ($1, $2)")
                 .bind(m.message_id)
+                .bind(m.is_replay())
                 .execute(&mut *tx)
                 .await
                 .map_err(HandlerError::retryable)?;
@@ -117,17 +118,24 @@ fn counts(report: &Value) -> BTreeMap<&'static str, u64> {
         .collect()
 }
 
-#[tokio::test]
-async fn each_planted_discrepancy_is_reported_once_and_nothing_else() {
+/// An outbox; a consumer database with the `warehouse` group and its `shipments` table; and
+/// a login role with the README's reconciliation grants on both.
+async fn warehouse() -> (TestDb, TestDb, Deduplicator, String) {
     let outbox = TestDb::new().await;
     let consumer_db = TestDb::empty().await;
-    sqlx::query("CREATE TABLE shipments (message_id uuid)")
+    sqlx::query("CREATE TABLE shipments (message_id uuid, replay boolean)")
         .execute(&consumer_db.pool)
         .await
         .unwrap();
     let dedup = Deduplicator::new(consumer_db.pool.clone(), "warehouse").unwrap();
     dedup.migrate().await.unwrap();
     let role = reconciler(&outbox, &consumer_db).await;
+    (outbox, consumer_db, dedup, role)
+}
+
+#[tokio::test]
+async fn each_planted_discrepancy_is_reported_once_and_nothing_else() {
+    let (outbox, consumer_db, dedup, role) = warehouse().await;
     let outbox_url = as_role(&outbox.url, &role);
     let consumer_url = as_role(&consumer_db.url, &role);
 
@@ -348,6 +356,106 @@ async fn each_planted_discrepancy_is_reported_once_and_nothing_else() {
     .await;
     assert_eq!(code, Some(0), "{out}");
     assert!(counts(&json(&out)).values().all(|n| *n == 0), "{out}");
+}
+
+/// A queue purged after delivery loses three messages: reconcile reports them, `--repair`
+/// (under the README's reconciliation and replay grants) sends exactly those again from the
+/// archive, the consumer handles each once, marked as a replay, and reconcile is then clean.
+#[tokio::test]
+async fn a_repair_sends_again_what_a_group_missed_and_reconcile_is_then_clean() {
+    let (outbox, consumer_db, dedup, role) = warehouse().await;
+    sqlx::raw_sql(&outbox_tests::readme_sql("replay-grants").replace("outbox_reconciler", &role))
+        .execute(&outbox.pool)
+        .await
+        .unwrap_or_else(|e| panic!("the README's replay-grants apply: {e}"));
+    let outbox_url = as_role(&outbox.url, &role);
+    let consumer_url = as_role(&consumer_db.url, &role);
+    let ship = topic("ship");
+    let broker = Consumer::connect().await;
+    broker.declare(&ship).await;
+    let start_source = || {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (dedup, shutdown) = (dedup.clone(), shutdown.clone());
+            let source = RabbitMqSource::new(amqp_url(), &ship);
+            async move { source.run(dedup, Arc::new(Ship), shutdown).await }
+        });
+        (shutdown, task)
+    };
+    let shipments = |sql: &'static str| {
+        let pool = consumer_db.pool.clone();
+        async move { count(&pool, sql).await }
+    };
+    let (shutdown, source) = start_source();
+    let mut s = settings(&outbox);
+    s.retention.delivered = Duration::from_secs(3600);
+    s.retention.delivered_payloads = true;
+    let relay = start_relay(&s).await;
+    let book = |i: usize| {
+        Message::new(&ship, format!("book {i}").into_bytes())
+            .unwrap()
+            .with_key(format!("order-{}", i % 2))
+            .unwrap()
+    };
+    enqueue_all(&outbox, &(0..5).map(book).collect::<Vec<_>>()).await;
+    wait_until("five shipments", || {
+        shipments("SELECT count(*) FROM shipments").then(|n| async move { n == 5 })
+    })
+    .await;
+
+    // The consumer is down; three more are delivered, and the queue is purged.
+    shutdown.cancel();
+    source.await.unwrap().unwrap();
+    let lost: Vec<Message> = (5..8).map(book).collect();
+    enqueue_all(&outbox, &lost).await;
+    wait_until("eight delivery records", || async {
+        count(&outbox.pool, "SELECT count(*) FROM outbox.delivered").await == 8
+    })
+    .await;
+    broker
+        .channel()
+        .queue_purge(&ship, lapin::options::QueuePurgeOptions::default())
+        .await
+        .unwrap();
+
+    let args = ["--consumer-db", &consumer_url, "--max-lag", "0s", "--json"];
+    let (code, out) = reconcile(&outbox_url, &[&args[..], &["--repair"]].concat()).await;
+    assert_eq!(code, Some(1), "findings exit 1, repaired or not: {out}");
+    let report = json(&out);
+    assert_eq!(report["unprocessed"]["count"], 3, "{report:#}");
+    let mut repaired: Vec<String> = report["repair"]["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a repair section: {report:#}"))
+        .iter()
+        .map(|m| {
+            assert_eq!(m["fate"], "queued", "{report:#}");
+            m["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    repaired.sort();
+    let mut expected: Vec<String> = lost.iter().map(|m| m.id().to_string()).collect();
+    expected.sort();
+    assert_eq!(repaired, expected, "exactly the messages not processed");
+
+    let (_shutdown, _source) = start_source();
+    wait_until("eight shipments", || {
+        shipments("SELECT count(*) FROM shipments").then(|n| async move { n == 8 })
+    })
+    .await;
+    let (code, out) = reconcile(&outbox_url, &args).await;
+    assert_eq!(code, Some(0), "clean after the repair: {out}");
+    // Each book shipped once; the three repaired ones as replays.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        shipments("SELECT count(DISTINCT message_id) FROM shipments").await,
+        8
+    );
+    assert_eq!(shipments("SELECT count(*) FROM shipments").await, 8);
+    assert_eq!(
+        shipments("SELECT count(*) FROM shipments WHERE replay").await,
+        3
+    );
+    relay.stop().await;
 }
 
 #[tokio::test]

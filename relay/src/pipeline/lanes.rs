@@ -409,6 +409,7 @@ mod tests {
             created_at_unix: 0,
             created_at_micros: 0,
             attempts: 0,
+            replay_of: None,
         }
     }
 

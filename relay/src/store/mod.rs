@@ -145,6 +145,20 @@ pub struct Share {
     pub draining: Vec<i16>,
 }
 
+/// What a delivered row leaves behind in `delivered` (`retention.delivered` and
+/// `retention.delivered_payloads`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Archive {
+    /// Nothing: the row is deleted.
+    #[default]
+    Off,
+    /// A slim record (id, seq, topic, key, times, attempts), for reconciliation.
+    Records,
+    /// The record with the payload, headers and content type, so that the message can be
+    /// replayed.
+    Whole,
+}
+
 /// Retention windows for [`Store::purge`].
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
@@ -159,9 +173,9 @@ pub struct Retention {
 }
 
 impl Store {
-    /// A store over `schema`, reading under `policy`; with `archive`, each delivered row
-    /// leaves a record in `delivered`.
-    pub fn new(pool: PgPool, schema: Schema, policy: DeadKeyPolicy, archive: bool) -> Self {
+    /// A store over `schema`, reading under `policy`; each delivered row leaves in
+    /// `delivered` what `archive` says.
+    pub fn new(pool: PgPool, schema: Schema, policy: DeadKeyPolicy, archive: Archive) -> Self {
         let s = &schema;
         // Which earlier rows of the same key hold a row back: one waiting out a retry
         // delay, one marked held back (whatever the policy: it is older and undelivered),
@@ -182,7 +196,8 @@ impl Store {
         let claim_sql = format!(
             "SELECT w.seq, w.partition, w.id, w.topic, w.key,
                     CASE WHEN w.taken THEN w.payload END AS payload,
-                    w.size, w.headers, w.content_type, w.created_at_micros, w.attempts, w.taken
+                    w.size, w.headers, w.content_type, w.created_at_micros, w.attempts, w.taken,
+                    w.replay_of
              FROM (
                  SELECT r.*,
                         sum(r.loaded) OVER (ORDER BY r.seq) - r.loaded < greatest($5, 1) AS taken
@@ -196,7 +211,7 @@ impl Store {
                                  THEN octet_length(m.payload) ELSE 0 END::bigint AS loaded,
                             m.headers, m.content_type,
                             (extract(epoch FROM m.created_at) * 1000000)::bigint AS created_at_micros,
-                            m.attempts
+                            m.attempts, m.replay_of
                      FROM {s}.messages m
                      WHERE m.partition = p.partition
                        AND m.status = 'pending' AND NOT m.held_back
@@ -218,22 +233,30 @@ impl Store {
         // pending, which is published again, a duplicate the consumers' dedup absorbs.
         // Failure updates stay synchronous: a lost dead-marking could let a key's message
         // reappear after later ones had moved past it.
-        let delete_sql = if archive {
-            format!(
+        // A replayed message's record already exists (its first delivery's): it is kept as
+        // it was, with the topic the message was first written with.
+        let kept = match archive {
+            Archive::Off => None,
+            Archive::Records => Some("id, seq, topic, key, created_at, attempts"),
+            Archive::Whole => {
+                Some("id, seq, topic, key, created_at, attempts, payload, headers, content_type")
+            }
+        };
+        let delete_sql = match kept {
+            Some(columns) => format!(
                 "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true) AS v),
                  gone AS (
                      DELETE FROM {s}.messages
                      WHERE seq = ANY($1) AND (SELECT v FROM lazy) IS NOT NULL
-                     RETURNING id, seq, topic, key, created_at, attempts
+                     RETURNING {columns}
                  ), kept AS (
-                     INSERT INTO {s}.delivered (id, seq, topic, key, created_at, attempts)
-                     SELECT id, seq, topic, key, created_at, attempts FROM gone
+                     INSERT INTO {s}.delivered ({columns})
+                     SELECT {columns} FROM gone
                      ON CONFLICT (id) DO NOTHING
                  )
                  SELECT count(*) FROM gone"
-            )
-        } else {
-            format!(
+            ),
+            None => format!(
                 "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true) AS v),
                  gone AS (
                      DELETE FROM {s}.messages
@@ -241,7 +264,7 @@ impl Store {
                      RETURNING 1
                  )
                  SELECT count(*) FROM gone"
-            )
+            ),
         };
         let fail_sql = format!(
             "WITH owned AS (
@@ -736,5 +759,6 @@ fn envelope(row: &PgRow, max_payload: u64) -> Result<Envelope, String> {
         created_at_unix: micros.div_euclid(1_000_000),
         created_at_micros: micros,
         attempts: attempts.max(0) as u32,
+        replay_of: row.try_get("replay_of").map_err(get_err)?,
     })
 }

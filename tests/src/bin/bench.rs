@@ -50,7 +50,7 @@ use lapin::{
 use outbox::Schema;
 use outbox_relay::{
     config::DeadKeyPolicy,
-    store::{Settlement, Store},
+    store::{Archive, Settlement, Store},
 };
 use serde::Serialize;
 use sqlx::{postgres::PgPoolOptions, PgPool};
@@ -847,7 +847,7 @@ async fn store_owning_all(pool: &PgPool) -> anyhow::Result<(Store, Uuid, Vec<i16
         pool.clone(),
         Schema::parse("outbox")?,
         DeadKeyPolicy::Block,
-        false,
+        Archive::Off,
     );
     let me = Uuid::new_v4();
     let mut owned = Vec::new();

@@ -33,7 +33,10 @@ pub use self::settings::{
 };
 use super::{Confirm, PublishError, Publisher};
 use crate::{
-    envelope::{Envelope, HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
+    envelope::{
+        Envelope, HEADER_CONTENT_TYPE, HEADER_ID, HEADER_KEY, HEADER_REPLAY, HEADER_SEQ,
+        HEADER_TOPIC,
+    },
     route::Template,
     secrets::read_secret_file,
 };
@@ -240,7 +243,7 @@ impl Inner {
             })
             .insert(Header {
                 key: HEADER_TOPIC,
-                value: Some(env.topic.as_str()),
+                value: Some(env.wire_topic()),
             })
             .insert(Header {
                 key: HEADER_SEQ,
@@ -250,6 +253,12 @@ impl Inner {
             headers = headers.insert(Header {
                 key: HEADER_KEY,
                 value: Some(key.as_str()),
+            });
+        }
+        if env.replay_of.is_some() {
+            headers = headers.insert(Header {
+                key: HEADER_REPLAY,
+                value: Some("true"),
             });
         }
         if let Some(ct) = &env.content_type {

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use self::settings::{AmqpTlsSettings, RabbitMqSettings, RouteSettings};
 use super::{PublishError, Publisher};
 use crate::{
-    envelope::{Envelope, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_TOPIC},
+    envelope::{Envelope, HEADER_ID, HEADER_KEY, HEADER_REPLAY, HEADER_SEQ, HEADER_TOPIC},
     route::{Route, Router, Template},
     secrets::{read_secret_file, redact_url},
 };
@@ -394,8 +394,13 @@ fn check_limits(
         short(&format!("header name {:?}", truncate(name)), name)?;
         table += 1 + name.len() + 1 + 4 + value.len();
     }
-    table +=
-        4 * (1 + 12 + 1 + 4) + 36 + env.topic.len() + 20 + env.key.as_ref().map_or(0, String::len);
+    // The relay's own: id, topic, key, seq and, on a replay, `outbox-replay`.
+    table += 5 * (1 + 13 + 1 + 4)
+        + 36
+        + env.wire_topic().len()
+        + 20
+        + env.key.as_ref().map_or(0, String::len)
+        + 4;
     if table + PROPERTIES_OVERHEAD > frame_max as usize {
         return Err(format!(
             "its headers take about {table} bytes; with the other properties they must fit \
@@ -511,11 +516,14 @@ fn properties(env: &Envelope) -> BasicProperties {
         put(name, value.to_owned());
     }
     put(HEADER_ID, env.id.to_string());
-    put(HEADER_TOPIC, env.topic.clone());
+    put(HEADER_TOPIC, env.wire_topic().to_owned());
     if let Some(key) = &env.key {
         put(HEADER_KEY, key.clone());
     }
     put(HEADER_SEQ, env.seq.to_string());
+    if env.replay_of.is_some() {
+        put(HEADER_REPLAY, "true".to_owned());
+    }
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_message_id(env.id.to_string().into())
