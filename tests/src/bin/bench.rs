@@ -112,14 +112,15 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let json = args.iter().any(|a| a == "--json");
-    // `--only rabbitmq|kafka|claim|consumer|latency|producer|memory`: that broker's ceiling
-    // and drains, or the claim costs, the consumer library, the latencies, the producers'
-    // commits or the peak RSS with large payloads, nothing else (for tuning).
+    // `--only rabbitmq|kafka|claim|consumer|latency|producer|memory|archive`: that broker's
+    // ceiling and drains, or the claim costs, the consumer library, the latencies, the
+    // producers' commits, the peak RSS with large payloads or the archive's cost, nothing
+    // else (for tuning).
     let only = match args.iter().position(|a| a == "--only") {
         Some(i) => Some(
             args.get(i + 1)
                 .context(
-                    "--only needs rabbitmq, kafka, claim, consumer, latency, producer or memory",
+                    "--only needs rabbitmq, kafka, claim, consumer, latency, producer, memory or archive",
                 )?
                 .clone(),
         ),
@@ -545,6 +546,10 @@ async fn main() -> anyhow::Result<()> {
                 ),
             );
         }
+    }
+
+    if !quick && runs("archive") {
+        archive_rows(&env, &mut report).await?;
     }
 
     if !quick && runs("memory") {
@@ -997,6 +1002,8 @@ struct Drain {
     /// The outbox database's query time during the drain, when `pg_stat_statements` is
     /// loaded.
     query: Option<QueryTime>,
+    /// Bytes of `outbox.delivered` (table, TOAST and indexes) per message drained.
+    archive_bytes: f64,
 }
 
 /// CPU seconds (user + system) used so far by the outbox's PostgreSQL server (the processes
@@ -1174,6 +1181,17 @@ impl Destination {
 
 /// A relay process drains `n` pre-written rows; timed from its start to an empty outbox.
 async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow::Result<Drain> {
+    drain_with(env, broker, n, keys, &[]).await
+}
+
+/// [`drain`] with a relay configured by `settings` (`OUTBOX__…` variables).
+async fn drain_with(
+    env: &Env,
+    broker: &str,
+    n: usize,
+    keys: Option<usize>,
+    settings: &[(&str, String)],
+) -> anyhow::Result<Drain> {
     let pool = fresh_db(&env.db_url, "bench_drain").await?;
     let dest = Destination::open(env, broker, "drain").await?;
     let topic = dest.topic.clone();
@@ -1181,7 +1199,7 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
     // clock measures draining, not starting.
     backlog_held(&pool, &topic, n, keys, true).await?;
     let db_url = db_url_of(&pool, &env.db_url)?;
-    let child = spawn_relay(env, &db_url, broker)?;
+    let child = spawn_relay_serving(env, &db_url, broker, "127.0.0.1:0", settings)?;
     let pid = child.id().context("relay pid")?;
     let ready = Instant::now();
     loop {
@@ -1260,6 +1278,12 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
         true => Some(statements::collect(&pool).await?),
         false => None,
     };
+    let archived: i64 = sqlx::query_scalar(&format!(
+        "{}SELECT pg_total_relation_size('outbox.delivered')",
+        statements::OWN
+    ))
+    .fetch_one(&pool)
+    .await?;
     stop(child).await?;
     dest.close().await?;
     pool.close().await;
@@ -1271,7 +1295,44 @@ async fn drain(env: &Env, broker: &str, n: usize, keys: Option<usize>) -> anyhow
         broker_per_10k: (servers.1 - servers_before.1) / n as f64 * 10_000.0,
         busy: (machine.0 - machine_before.0) / (machine.1 - machine_before.1).max(1.0),
         query,
+        archive_bytes: archived as f64 / n as f64,
     })
+}
+
+/// What the archive of deliveries costs: the same Kafka drain (100 keys, 200-byte payloads)
+/// with no archive, with slim records, and with messages kept whole
+/// (`retention.delivered_payloads`, for replays): PostgreSQL CPU and query time per message,
+/// and the archive's bytes per message.
+async fn archive_rows(env: &Env, report: &mut Report) -> anyhow::Result<()> {
+    let n = 20_000;
+    let hour = || ("OUTBOX__RETENTION__DELIVERED", "1h".to_owned());
+    let variants: [(&str, Vec<(&str, String)>); 3] = [
+        ("no archive", vec![]),
+        ("slim records", vec![hour()]),
+        (
+            "messages kept whole",
+            vec![
+                hour(),
+                ("OUTBOX__RETENTION__DELIVERED_PAYLOADS", "true".to_owned()),
+            ],
+        ),
+    ];
+    for (what, settings) in variants {
+        let d = drain_with(env, "kafka", n, Some(100), &settings).await?;
+        report.add(
+            "archive",
+            format!("relay drain → kafka, {n} msgs, 100 keys, {what}: PostgreSQL CPU"),
+            d.pg_per_10k * 100.0,
+            "µs/msg",
+            format!(
+                "{:.0} msg/s; archive {:.0} bytes/msg; {}",
+                d.rate,
+                d.archive_bytes,
+                query_note(d.query.as_ref(), n)
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// Cores in use while the producers ran, and how busy the machine was.
