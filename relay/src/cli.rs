@@ -383,7 +383,9 @@ async fn reconcile(args: ReconcileArgs, settings: Settings) -> anyhow::Result<Ex
     } else {
         print!("{report}");
         if let Some(repair) = &report.repair {
-            print!("repair: {repair}");
+            println!();
+            println!("repair: the messages delivered but not processed, sent again");
+            print!("{repair}");
         }
     }
     Ok(if report.findings() == 0 {

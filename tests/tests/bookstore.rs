@@ -1,7 +1,10 @@
-//! The bookstore saga, the README's first command, runs to completion on RabbitMQ: the relay
-//! and the operators' commands as real processes, a shipment parked for lack of stock and
-//! replayed after a restock, reconciliation before (one finding) and after (clean). Its end
-//! is checked by the story itself and again here, from the database.
+//! The bookstore saga, the README's first command, runs to completion on RabbitMQ: three relay
+//! sidecars and the operators' commands as real processes; replies through the warehouse's
+//! and the merchant's own outboxes, one of them failing before its commit and handled again;
+//! a shipment parked for lack of stock and replayed after a restock; two credits lost to a
+//! purged queue after delivery and repaired by `reconcile --repair`; reconciliation before
+//! and after each fix, and of the replies. Its end is checked by the story itself and again
+//! here, from the database.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -24,16 +27,22 @@ async fn the_bookstore_conserves_money_and_ships_and_credits_every_paid_order_on
         .expect("the story ends within 90 s")
         .expect("the story runs");
     assert!(summary.ok(), "{:#?}", summary.failures);
-    assert_eq!((summary.paid, summary.refused), (7, 3), "{summary:#?}");
+    assert_eq!((summary.paid, summary.refused), (9, 3), "{summary:#?}");
     assert_eq!((summary.parked, summary.replayed), (1, 1), "{summary:#?}");
     assert_eq!(
         (summary.delivered, summary.shipped, summary.credited),
-        (14, 7, 7),
+        (18, 9, 9),
+        "{summary:#?}"
+    );
+    assert_eq!(summary.replies, 18, "{summary:#?}");
+    assert_eq!(
+        (summary.repaired, summary.crashed_replies),
+        (2, 1),
         "{summary:#?}"
     );
     assert_eq!(
         summary.reconcile_exits,
-        vec![Some(1), Some(0)],
+        vec![Some(1), Some(0), Some(1), Some(0), Some(0), Some(0)],
         "{summary:#?}"
     );
     assert_eq!((summary.money_at_opening, summary.money_at_end), (900, 900));
@@ -68,13 +77,29 @@ async fn the_bookstore_conserves_money_and_ships_and_credits_every_paid_order_on
         .unwrap();
     assert_eq!(
         orders,
-        vec![1, 2, 4, 5, 6, 7, 9],
+        vec![1, 2, 4, 5, 6, 7, 9, 11, 12],
         "the paid orders, and no refused one"
+    );
+    let steps: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT o.number, count(*) FILTER (WHERE s.state = 'done' AND s.replies = 1)
+         FROM account.orders o JOIN account.order_steps s ON s.order_id = o.id
+         WHERE s.step IN ('shipping', 'crediting')
+         GROUP BY o.number ORDER BY o.number",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        steps.len() == 9 && steps.iter().all(|(_, done)| *done == 2),
+        "every paid order's shipping and crediting done by one reply each: {steps:?}"
     );
     let leftovers: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM account_outbox.messages)
+              + (SELECT count(*) FROM warehouse_outbox.messages)
+              + (SELECT count(*) FROM merchant_outbox.messages)
               + (SELECT count(*) FROM warehouse_inbox.dead_letters)
-              + (SELECT count(*) FROM merchant_inbox.dead_letters)",
+              + (SELECT count(*) FROM merchant_inbox.dead_letters)
+              + (SELECT count(*) FROM account_inbox.dead_letters)",
     )
     .fetch_one(&db.pool)
     .await

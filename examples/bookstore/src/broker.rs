@@ -71,10 +71,11 @@ pub async fn prepare(broker: &Broker, topics: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a consumer of `topic` for `dedup`'s group until `shutdown`.
+/// Runs a consumer of `topics` for `dedup`'s group until `shutdown`: on RabbitMQ one source
+/// per queue, on Kafka one source for them all.
 pub fn consume<H: Handler + 'static>(
     cfg: &Config,
-    topic: &str,
+    topics: &[&str],
     dedup: Deduplicator,
     handler: Arc<H>,
     shutdown: &CancellationToken,
@@ -82,13 +83,44 @@ pub fn consume<H: Handler + 'static>(
     let shutdown = shutdown.clone();
     match &cfg.broker {
         Broker::RabbitMq { url } => {
-            let source = RabbitMqSource::new(url.clone(), topic).with_concurrency(4);
-            tokio::spawn(async move { source.run(dedup, handler, shutdown).await })
+            let sources: Vec<RabbitMqSource> = topics
+                .iter()
+                .map(|t| RabbitMqSource::new(url.clone(), *t).with_concurrency(4))
+                .collect();
+            tokio::spawn(async move {
+                let runs = sources
+                    .iter()
+                    .map(|s| s.run(dedup.clone(), handler.clone(), shutdown.clone()));
+                futures::future::join_all(runs).await.into_iter().collect()
+            })
         }
         Broker::Kafka { brokers } => {
             let group_id = format!("{}-{}", cfg.namespace, dedup.group());
-            let source = KafkaSource::new(brokers, &group_id, &[topic]);
+            let source = KafkaSource::new(brokers, &group_id, topics);
             tokio::spawn(async move { source.run(dedup, handler, shutdown).await })
         }
     }
+}
+
+/// RabbitMQ: empties `queue`, as an operator's mistake would; returns how many messages it
+/// held. `None` on Kafka, where a topic cannot be emptied so.
+pub async fn purge(broker: &Broker, queue: &str) -> anyhow::Result<Option<u32>> {
+    let Broker::RabbitMq { url } = broker else {
+        return Ok(None);
+    };
+    use lapin::{options::QueuePurgeOptions, Connection, ConnectionProperties};
+    let conn = Connection::connect(
+        url,
+        ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio),
+    )
+    .await
+    .with_context(|| format!("connecting to RabbitMQ at {}", tools::redact(url)))?;
+    let channel = conn.create_channel().await?;
+    let purged = channel
+        .queue_purge(queue, QueuePurgeOptions::default())
+        .await?;
+    let _ = conn.close(200, "queue purged").await;
+    Ok(Some(purged))
 }

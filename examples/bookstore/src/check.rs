@@ -126,6 +126,40 @@ pub async fn check(
         ));
     }
 
+    // Each paid order's steps: the debit, and shipping and crediting done by exactly one
+    // reply each (a reply handled twice would count 2; one lost would leave it in progress).
+    let steps: Vec<(i32, String, String, i32)> = sqlx::query_as(
+        "SELECT o.number, s.step, s.state, s.replies
+         FROM account.orders o JOIN account.order_steps s ON s.order_id = o.id
+         ORDER BY o.number, s.step",
+    )
+    .fetch_all(admin)
+    .await?;
+    let wrong_steps: Vec<String> = steps
+        .iter()
+        .filter(|(_, step, state, replies)| {
+            state != "done" || *replies != i32::from(step.as_str() != "debit")
+        })
+        .map(|(n, step, state, replies)| format!("order #{n} {step}: {state}, {replies} replies"))
+        .collect();
+    let steps_ok = wrong_steps.is_empty() && steps.len() == 3 * paid.len();
+    line(
+        steps_ok,
+        format!(
+            "every paid order's steps done: the debit at once, shipping and crediting by one reply each ({} steps; {} reply handled again after a failure before its commit)",
+            steps.len(),
+            summary.crashed_replies
+        ),
+    );
+    if !steps_ok {
+        fail(format!(
+            "{} steps for {} paid orders; {}",
+            steps.len(),
+            paid.len(),
+            wrong_steps.join("; ")
+        ));
+    }
+
     // Refused orders: no order, no message (written, pending or delivered), no effect.
     let ids: Vec<Uuid> = refused.iter().map(|o| o.id).collect();
     let messages: Vec<Uuid> = refused.iter().flat_map(|o| o.messages).collect();
@@ -153,28 +187,42 @@ pub async fn check(
         fail(format!("refused orders left {traces} traces"));
     }
 
-    // Everything settled: the outbox empty, every message delivered, no letter left.
+    // Everything settled: the outboxes empty, every message delivered, no letter left.
     summary.delivered = count(admin, "SELECT count(*) FROM account_outbox.delivered").await?;
-    let left = count(admin, "SELECT count(*) FROM account_outbox.messages").await?;
+    summary.replies = count(
+        admin,
+        "SELECT (SELECT count(*) FROM warehouse_outbox.delivered)
+              + (SELECT count(*) FROM merchant_outbox.delivered)",
+    )
+    .await?;
+    let left = count(
+        admin,
+        "SELECT (SELECT count(*) FROM account_outbox.messages)
+              + (SELECT count(*) FROM warehouse_outbox.messages)
+              + (SELECT count(*) FROM merchant_outbox.messages)",
+    )
+    .await?;
     let letters = count(
         admin,
         "SELECT (SELECT count(*) FROM warehouse_inbox.dead_letters)
-              + (SELECT count(*) FROM merchant_inbox.dead_letters)",
+              + (SELECT count(*) FROM merchant_inbox.dead_letters)
+              + (SELECT count(*) FROM account_inbox.dead_letters)",
     )
     .await?;
-    let settled = left == 0 && letters == 0 && summary.delivered == 2 * paid.len() as i64;
+    let expected = 2 * paid.len() as i64;
+    let settled =
+        left == 0 && letters == 0 && summary.delivered == expected && summary.replies == expected;
     line(
         settled,
         format!(
-            "all {} messages delivered, the outbox empty, no dead letter left ({} parked, {} replayed)",
-            summary.delivered, summary.parked, summary.replayed
+            "all {} messages and {} replies delivered, the outboxes empty, no dead letter left ({} parked, {} replayed, {} repaired)",
+            summary.delivered, summary.replies, summary.parked, summary.replayed, summary.repaired
         ),
     );
     if !settled {
         fail(format!(
-            "{} delivered of {}, {left} left in the outbox, {letters} dead letters",
-            summary.delivered,
-            2 * paid.len()
+            "{} delivered and {} replies of {expected} each, {left} left in the outboxes, {letters} dead letters",
+            summary.delivered, summary.replies
         ));
     }
     summary.failures.extend(failures);

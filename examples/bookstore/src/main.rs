@@ -8,8 +8,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Parser;
 use outbox_bookstore::{Broker, Config};
 
-/// The bookstore saga: account, warehouse and merchant services joined by the outbox, the
-/// relay sidecar and the consumer library; a parked shipment replayed by an operator;
+/// The bookstore saga: account, warehouse and merchant services joined by their outboxes,
+/// relay sidecars and the consumer library; replies that move each order's steps; a parked
+/// shipment replayed by an operator; a loss after delivery repaired by `reconcile --repair`;
 /// reconciliation; and a check of the final state.
 #[derive(Debug, Parser)]
 #[command(name = "outbox-bookstore")]
@@ -35,7 +36,8 @@ struct Args {
     /// The `outbox-consumer` binary (default: next to this one).
     #[arg(long)]
     consumer_bin: Option<PathBuf>,
-    /// Where the relay's log goes.
+    /// Where the account relay's log goes (the warehouse's and the merchant's: FILE.warehouse,
+    /// FILE.merchant).
     #[arg(long)]
     relay_log: Option<PathBuf>,
 }

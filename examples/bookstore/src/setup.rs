@@ -28,12 +28,30 @@ pub const SCHEDULE: &[(&str, &str)] = &[
     ("dave", "The Hobbit"),
 ];
 
+/// The orders paid while the merchant's consumer is down, whose credits the story loses and
+/// repairs: after the schedule, these customers can pay and these books are in stock.
+pub const REPAIR_ORDERS: &[(&str, &str)] = &[("alice", "Dune"), ("bob", "Emma")];
+
 /// The account service's outbox schema.
 pub const OUTBOX_SCHEMA: &str = "account_outbox";
+/// The account's consumer (dedup) schema, for the replies.
+pub const ACCOUNT_INBOX: &str = "account_inbox";
 /// The warehouse's consumer (dedup) schema.
 pub const WAREHOUSE_INBOX: &str = "warehouse_inbox";
+/// The warehouse's outbox schema, for its replies.
+pub const WAREHOUSE_OUTBOX: &str = "warehouse_outbox";
 /// The merchant's consumer (dedup) schema.
 pub const MERCHANT_INBOX: &str = "merchant_inbox";
+/// The merchant's outbox schema, for its replies.
+pub const MERCHANT_OUTBOX: &str = "merchant_outbox";
+/// The account's consumer group for the warehouse's replies.
+pub const SHIPPED_GROUP: &str = "account-shipped";
+/// The account's consumer group for the merchant's replies.
+pub const CREDITED_GROUP: &str = "account-credited";
+/// Every outbox schema, the account's first.
+pub const OUTBOXES: [&str; 3] = [OUTBOX_SCHEMA, WAREHOUSE_OUTBOX, MERCHANT_OUTBOX];
+/// Every consumer schema.
+pub const INBOXES: [&str; 3] = [ACCOUNT_INBOX, WAREHOUSE_INBOX, MERCHANT_INBOX];
 
 /// A login role of one service, with a password made for this run.
 #[derive(Debug, Clone)]
@@ -55,9 +73,10 @@ pub struct Roles {
     pub warehouse: Role,
     /// The merchant: its own schema and consumer schema.
     pub merchant: Role,
-    /// The relay sidecar: the README's relay grants on the outbox.
+    /// The relay sidecars (one per service): the README's relay grants on each outbox.
     pub relay: Role,
-    /// Reconciliation: read-only, no payloads.
+    /// Reconciliation: read-only, no payloads; and the replay grants on the account's
+    /// outbox, for `reconcile --repair`.
     pub auditor: Role,
 }
 
@@ -101,8 +120,9 @@ impl Roles {
 /// passwords) and the services' own schemas, tables and opening data.
 pub async fn create(admin: &PgPool, roles: &Roles) -> anyhow::Result<()> {
     sqlx::raw_sql(
-        "DROP SCHEMA IF EXISTS account, account_outbox, warehouse, warehouse_inbox,
-                               merchant, merchant_inbox CASCADE",
+        "DROP SCHEMA IF EXISTS account, account_outbox, account_inbox, warehouse,
+                               warehouse_inbox, warehouse_outbox, merchant, merchant_inbox,
+                               merchant_outbox CASCADE",
     )
     .execute(admin)
     .await
@@ -136,6 +156,16 @@ pub async fn create(admin: &PgPool, roles: &Roles) -> anyhow::Result<()> {
              book      text        NOT NULL,
              price     integer     NOT NULL,
              placed_at timestamptz NOT NULL DEFAULT now()
+         );
+         -- Each order's steps: the debit, done when the order is placed; shipping and
+         -- crediting, in progress until the warehouse's and the merchant's replies arrive.
+         -- `replies` counts the replies applied: a second one would show.
+         CREATE TABLE account.order_steps (
+             order_id uuid    NOT NULL REFERENCES account.orders,
+             step     text    NOT NULL CHECK (step IN ('debit', 'shipping', 'crediting')),
+             state    text    NOT NULL CHECK (state IN ('in_progress', 'done')),
+             replies  integer NOT NULL DEFAULT 0,
+             PRIMARY KEY (order_id, step)
          );
          CREATE SCHEMA warehouse;
          CREATE TABLE warehouse.stock (
@@ -182,7 +212,7 @@ pub async fn create(admin: &PgPool, roles: &Roles) -> anyhow::Result<()> {
 }
 
 /// Grants each role what its service needs, and nothing else: the README's producer, relay,
-/// consumer and reconciliation grants, on this run's schemas.
+/// consumer, reconciliation and replay grants, on this run's schemas.
 pub async fn grant(admin: &PgPool, roles: &Roles) -> anyhow::Result<()> {
     let (a, w, m, r, x) = (
         roles.account.name,
@@ -191,21 +221,13 @@ pub async fn grant(admin: &PgPool, roles: &Roles) -> anyhow::Result<()> {
         roles.relay.name,
         roles.auditor.name,
     );
-    sqlx::raw_sql(&format!(
-        "-- account: its own tables, and insert-only on its outbox.
-         GRANT USAGE ON SCHEMA account TO {a};
+    let mut sql = format!(
+        "-- account: its own tables, and its dedup tables for the replies.
+         GRANT USAGE ON SCHEMA account, account_inbox TO {a};
          GRANT SELECT, UPDATE ON account.customers TO {a};
          GRANT SELECT, INSERT ON account.orders TO {a};
-         GRANT USAGE ON SCHEMA account_outbox TO {a};
-         GRANT INSERT, SELECT (id, seq) ON account_outbox.messages TO {a};
-         GRANT SELECT ON account_outbox.relay_waiters TO {a};
-         -- the relay sidecar.
-         GRANT USAGE ON SCHEMA account_outbox TO {r};
-         GRANT SELECT, UPDATE, DELETE ON account_outbox.messages TO {r};
-         GRANT SELECT, UPDATE ON account_outbox.partitions TO {r};
-         GRANT SELECT, INSERT, UPDATE, DELETE
-             ON account_outbox.relays, account_outbox.relay_waiters, account_outbox.delivered,
-                account_outbox.discarded TO {r};
+         GRANT SELECT, INSERT, UPDATE ON account.order_steps TO {a};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA account_inbox TO {a};
          -- warehouse: its stock and shipments, its dedup tables.
          GRANT USAGE ON SCHEMA warehouse, warehouse_inbox TO {w};
          GRANT SELECT, UPDATE ON warehouse.stock TO {w};
@@ -216,20 +238,47 @@ pub async fn grant(admin: &PgPool, roles: &Roles) -> anyhow::Result<()> {
          GRANT SELECT, UPDATE ON merchant.accounts TO {m};
          GRANT INSERT ON merchant.credits TO {m};
          GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA merchant_inbox TO {m};
-         -- reconciliation: no payloads.
-         GRANT USAGE ON SCHEMA account_outbox TO {x};
-         GRANT SELECT (seq, id, topic, key, status, attempts, last_error, created_at, dead_at)
-             ON account_outbox.messages TO {x};
-         GRANT SELECT ON account_outbox.delivered TO {x};
-         GRANT SELECT (id, topic) ON account_outbox.discarded TO {x};
-         GRANT SELECT (started_at) ON account_outbox.relays TO {x};
-         GRANT USAGE ON SCHEMA warehouse_inbox, merchant_inbox TO {x};
-         GRANT SELECT ON warehouse_inbox.processed, merchant_inbox.processed TO {x};
+         -- reconciliation of each group's dedup rows and dead letters: no payloads.
+         GRANT USAGE ON SCHEMA account_inbox, warehouse_inbox, merchant_inbox TO {x};
+         GRANT SELECT ON account_inbox.processed, warehouse_inbox.processed,
+             merchant_inbox.processed TO {x};
          GRANT SELECT (id, consumer_group, message_id, source, key, attempts, error, dead_at)
-             ON warehouse_inbox.dead_letters, merchant_inbox.dead_letters TO {x};"
-    ))
-    .execute(admin)
-    .await
-    .context("granting the services' privileges")?;
+             ON account_inbox.dead_letters, warehouse_inbox.dead_letters,
+                merchant_inbox.dead_letters TO {x};
+         -- repair: the account's archived messages, written back (README: replay grants).
+         GRANT SELECT (payload, headers, content_type) ON account_outbox.delivered TO {x};
+         GRANT INSERT (id, topic, key, payload, headers, content_type, replay_of)
+             ON account_outbox.messages TO {x};
+         GRANT SELECT ON account_outbox.relay_waiters TO {x};"
+    );
+    // Each service writes to its own outbox (insert-only), each outbox has its relay
+    // sidecar, and each is reconciled.
+    for (outbox, writer) in [
+        (OUTBOX_SCHEMA, a),
+        (WAREHOUSE_OUTBOX, w),
+        (MERCHANT_OUTBOX, m),
+    ] {
+        sql += &format!(
+            "
+         GRANT USAGE ON SCHEMA {outbox} TO {writer}, {r}, {x};
+         GRANT INSERT, SELECT (id, seq) ON {outbox}.messages TO {writer};
+         GRANT SELECT ON {outbox}.relay_waiters TO {writer};
+         GRANT SELECT, UPDATE, DELETE ON {outbox}.messages TO {r};
+         GRANT SELECT, UPDATE ON {outbox}.partitions TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE
+             ON {outbox}.relays, {outbox}.relay_waiters, {outbox}.delivered,
+                {outbox}.discarded TO {r};
+         GRANT SELECT (seq, id, topic, key, status, attempts, last_error, created_at, dead_at)
+             ON {outbox}.messages TO {x};
+         GRANT SELECT (id, seq, topic, key, created_at, delivered_at, attempts)
+             ON {outbox}.delivered TO {x};
+         GRANT SELECT (id, topic) ON {outbox}.discarded TO {x};
+         GRANT SELECT (started_at) ON {outbox}.relays TO {x};"
+        );
+    }
+    sqlx::raw_sql(&sql)
+        .execute(admin)
+        .await
+        .context("granting the services' privileges")?;
     Ok(())
 }
