@@ -192,6 +192,9 @@ pub enum ReplayError {
     /// The redirect topic is not a valid topic.
     #[error("--to-topic {0:?} is not a valid topic (1–255 bytes, no control characters)")]
     BadTopic(String),
+    /// Criteria other than ids matched nothing: says what the archive holds.
+    #[error("no archived message matches the selection: {0}")]
+    NothingMatched(String),
     /// The database refused or failed.
     #[error("replaying from {schema}.delivered (the role needs SELECT on it and INSERT, SELECT on {schema}.messages): {source}")]
     Database {
@@ -280,6 +283,16 @@ pub async fn replay(
             schema: s.to_string(),
             source,
         })?;
+    if messages.is_empty() && selection.ids.is_empty() {
+        return Err(ReplayError::NothingMatched(
+            archive_span(pool, schema)
+                .await
+                .map_err(|source| ReplayError::Database {
+                    schema: s.to_string(),
+                    source,
+                })?,
+        ));
+    }
     for m in &mut messages {
         m.fate = Some(match (m.queued, m.whole) {
             (true, _) => Fate::Queued,
@@ -301,6 +314,31 @@ pub async fn replay(
         to_topic: to_topic.map(str::to_owned),
         messages,
         not_archived,
+    })
+}
+
+/// What the archive in `schema` holds, in words, for a selection that matched nothing.
+async fn archive_span(pool: &PgPool, schema: &Schema) -> Result<String, sqlx::Error> {
+    let utc =
+        |c: &str| format!("to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')");
+    let (from, to, records, whole): (Option<String>, Option<String>, i64, i64) =
+        sqlx::query_as(&format!(
+            "SELECT {}, {}, count(*), count(*) FILTER (WHERE payload IS NOT NULL)
+             FROM {schema}.delivered",
+            utc("min(delivered_at)"),
+            utc("max(delivered_at)")
+        ))
+        .fetch_one(pool)
+        .await?;
+    Ok(match (from, to) {
+        (Some(from), Some(to)) => format!(
+            "{schema}.delivered holds {records} messages delivered from {from} to {to}, {whole} \
+             of them with their payload (older ones were purged after retention.delivered)"
+        ),
+        _ => format!(
+            "{schema}.delivered holds no delivered message (set retention.delivered and \
+             retention.delivered_payloads on the relays to keep them)"
+        ),
     })
 }
 
@@ -327,7 +365,10 @@ impl fmt::Display for Outcome {
             )?;
         }
         for id in &self.not_archived {
-            writeln!(f, "{id}: no delivery record (never delivered, or purged)")?;
+            writeln!(
+                f,
+                "{id}: no delivery record (never delivered, or purged after retention.delivered)"
+            )?;
         }
         let queued = self.count(Fate::Queued);
         let verb = if self.dry_run {

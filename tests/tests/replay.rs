@@ -265,3 +265,63 @@ async fn payloads_without_delivery_records_are_refused_at_start() {
         "{out}"
     );
 }
+
+/// A selection past the archive's window is refused and says what the archive holds; a
+/// message whose record was purged after `retention.delivered` cannot be replayed, and the
+/// command names it and says why.
+#[tokio::test]
+async fn a_selection_past_the_archive_and_a_purged_message_are_refused_with_why() {
+    let db = TestDb::new().await;
+    let t = topic("expiring");
+    let consumer = Broker::RabbitMq.consumer().await;
+    consumer.queue(&t).await;
+    let m = Message::new(&t, b"soon gone".to_vec()).unwrap();
+    let relay = start_relay(&archive_whole(settings(&db))).await;
+    enqueue_all(&db, std::slice::from_ref(&m)).await;
+    consumer.wait_for(1, Duration::from_secs(30)).await;
+    relay.stop().await;
+    let env = Broker::RabbitMq.env(&db);
+
+    // Delivered a moment ago: nothing was delivered before two hours ago.
+    let (code, out) = cli(&env, &["replay", "--until", "2h"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("no archived message matches the selection")
+            && out.contains("holds 1 messages delivered from")
+            && out.contains("1 of them with their payload"),
+        "{out}"
+    );
+
+    // A relay keeping records for one second purges it.
+    let mut s = archive_whole(settings(&db));
+    s.retention.delivered = Duration::from_secs(1);
+    s.retention.purge_interval = Duration::from_millis(100);
+    let relay = start_relay(&s).await;
+    let start = std::time::Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox.delivered")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        > 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "purged within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop().await;
+    let (code, out) = cli(&env, &["replay", "--id", &m.id().to_string()]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}: no delivery record (never delivered, or purged after retention.delivered)",
+            m.id()
+        )),
+        "{out}"
+    );
+    let (code, out) = cli(&env, &["replay", "--topic", &t]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("holds no delivered message"), "{out}");
+    assert_eq!(db.count("pending").await, 0, "nothing was queued");
+}
