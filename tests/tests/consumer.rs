@@ -197,6 +197,128 @@ async fn the_same_message_delivered_three_times_and_concurrently_has_one_effect(
     );
 }
 
+/// Records the effect and writes a reply into the service's own outbox, in the transaction
+/// it is given; fails after writing the reply on demand.
+struct Replier {
+    outbox: Outbox,
+    /// Retryable failures after the reply is written, still to inject.
+    fail_after_reply: AtomicU32,
+    /// Fail for good after writing the reply.
+    refuse: bool,
+    hold: Duration,
+}
+
+impl Handler for Replier {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        m: &'a Incoming,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            sqlx::query("INSERT INTO effects (message_id, consumer) VALUES ($1, 'replier')")
+                .bind(m.message_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(HandlerError::retryable)?;
+            let reply = Message::new("replies", m.payload.clone())
+                .map_err(HandlerError::permanent)?
+                .with_header("in-reply-to", m.message_id.unwrap().to_string())
+                .map_err(HandlerError::permanent)?;
+            self.outbox
+                .enqueue(&mut *tx, &reply)
+                .await
+                .map_err(HandlerError::retryable)?;
+            if !self.hold.is_zero() {
+                tokio::time::sleep(self.hold).await;
+            }
+            if self.refuse {
+                return Err(HandlerError::permanent("refused after replying"));
+            }
+            if self
+                .fail_after_reply
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(HandlerError::retryable("failed after replying"));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A handler that replies through its service's outbox, in the transaction it is given:
+/// delivered three times in a row, twice at once, or failing once after writing its reply,
+/// a message has one effect and one reply; a handler that fails for good after writing it
+/// leaves neither.
+#[tokio::test]
+async fn a_reply_written_in_the_handlers_transaction_is_one_per_effect_and_none_after_a_rollback() {
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "warehouse").await;
+    let replies = |id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM outbox.messages WHERE topic = 'replies' AND headers->>'in-reply-to' = $1",
+            )
+            .bind(id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let replier = |fail_after_reply: u32, refuse: bool, hold: Duration| Replier {
+        outbox: Outbox::default(),
+        fail_after_reply: AtomicU32::new(fail_after_reply),
+        refuse,
+        hold,
+    };
+
+    // Delivered three times in a row.
+    let handler = replier(0, false, Duration::ZERO);
+    let m = incoming(Uuid::new_v4(), b"ship 1");
+    for _ in 0..3 {
+        dedup.handle(&m, &handler).await.unwrap();
+    }
+    let id = m.message_id.unwrap();
+    assert_eq!((effects(&db.pool, id).await, replies(id).await), (1, 1));
+
+    // Delivered twice at once, to two consumers of the group.
+    let slow = replier(0, false, Duration::from_millis(300));
+    let m = incoming(Uuid::new_v4(), b"ship 2");
+    let other = Deduplicator::new(db.pool.clone(), "warehouse").unwrap();
+    let (a, b) = tokio::join!(dedup.handle(&m, &slow), other.handle(&m, &slow));
+    let mut both = [a.unwrap(), b.unwrap()];
+    both.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(both, [Outcome::Duplicate, Outcome::Processed]);
+    let id = m.message_id.unwrap();
+    assert_eq!((effects(&db.pool, id).await, replies(id).await), (1, 1));
+
+    // Failing once after writing the reply: rolled back, tried again, one of each.
+    let flaky = replier(1, false, Duration::ZERO);
+    let m = incoming(Uuid::new_v4(), b"ship 3");
+    let first = dedup.handle(&m, &flaky).await.unwrap();
+    assert!(matches!(first, Outcome::Retry { .. }), "{first:?}");
+    assert_eq!(
+        replies(m.message_id.unwrap()).await,
+        0,
+        "rolled back with the failure"
+    );
+    assert_eq!(dedup.handle(&m, &flaky).await.unwrap(), Outcome::Processed);
+    let id = m.message_id.unwrap();
+    assert_eq!((effects(&db.pool, id).await, replies(id).await), (1, 1));
+
+    // Failing for good after writing it: dead-lettered, no effect, no reply.
+    let refusing = replier(0, true, Duration::ZERO);
+    let m = incoming(Uuid::new_v4(), b"ship 4");
+    let outcome = dedup.handle(&m, &refusing).await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::DeadLettered { .. }),
+        "{outcome:?}"
+    );
+    let id = m.message_id.unwrap();
+    assert_eq!((effects(&db.pool, id).await, replies(id).await), (0, 0));
+}
+
 #[tokio::test]
 async fn retryable_failures_then_success_and_permanent_failures_dead_letter() {
     let db = TestDb::new().await;
