@@ -172,6 +172,25 @@ impl Broker {
         }
     }
 
+    /// Loses what was delivered to `topic` and not consumed yet, as an operator's mistake
+    /// or a consumer that acknowledged without processing would: RabbitMQ purges the queue;
+    /// on Kafka, a member of consumer group `group` reads what the group has not committed
+    /// and commits it unprocessed. Returns how many messages were lost.
+    pub async fn lose(self, topic: &str, group: &str) -> u64 {
+        match self {
+            Broker::RabbitMq => {
+                let c = Consumer::connect().await;
+                u64::from(
+                    c.channel()
+                        .queue_purge(topic, lapin::options::QueuePurgeOptions::default())
+                        .await
+                        .expect("queue_purge"),
+                )
+            }
+            Broker::Kafka => kafka_skip_uncommitted(topic, group).await,
+        }
+    }
+
     /// Failed attempts before the poison message is dead: RabbitMQ's refusal is retried up
     /// to `retry.max_attempts`; Kafka's is permanent.
     pub fn poison_attempts(self, max_attempts: u32) -> i32 {
@@ -766,6 +785,48 @@ async fn create_kafka_topic(topic: &str) {
             Err((t, e)) => panic!("creating topic {t}: {e}"),
         }
     }
+}
+
+/// Joins consumer group `group` on `topic`, reads everything the group has not committed
+/// yet and commits it without processing anything, as a consumer that acknowledges before
+/// it handles and then crashes would. Returns how many messages it skipped.
+async fn kafka_skip_uncommitted(topic: &str, group: &str) -> u64 {
+    use rdkafka::{
+        consumer::{CommitMode, Consumer as _, StreamConsumer},
+        message::Message as _,
+        ClientConfig, Offset, TopicPartitionList,
+    };
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("Kafka consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut skipped = 0;
+    // The first message waits for the group to take the consumer in; then the topic is
+    // read to its end once nothing more arrives for a while.
+    let mut wait = Duration::from_secs(20);
+    while let Ok(m) = tokio::time::timeout(wait, consumer.recv()).await {
+        let m = m.expect("Kafka message");
+        next.insert(m.partition(), m.offset() + 1);
+        skipped += 1;
+        wait = Duration::from_secs(2);
+    }
+    let mut offsets = TopicPartitionList::new();
+    for (partition, offset) in next {
+        offsets
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .expect("partition offset");
+    }
+    if offsets.count() > 0 {
+        consumer
+            .commit(&offsets, CommitMode::Sync)
+            .expect("commit the skipped offsets");
+    }
+    skipped
 }
 
 /// A server that takes TCP connections and never answers (a broker hung before its
