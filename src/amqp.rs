@@ -131,6 +131,27 @@ impl Attempt {
     pub fn keep(self) {
         *self.socket.lock().expect("lock poisoned") = Socket::Done;
     }
+
+    /// The attempt succeeded, and the connection's owner may be dropped midway (a task
+    /// aborted): the guard shuts the socket down when it is dropped, at once, before lapin
+    /// sends anything on its way out, so the broker sees the connection end as if the
+    /// process had died. Drop it before the connection's consumers (bind it after them).
+    ///
+    /// A dropped lapin consumer sends `basic.cancel`, and its channel and connection close
+    /// only after that: in between, a single-active-consumer queue makes the next consumer
+    /// active and hands it the next messages before it requeues the ones the dropped
+    /// consumer still held, out of order. When the connection ends instead, RabbitMQ
+    /// requeues them as it removes the consumer.
+    pub fn shut_on_drop(self) -> ShutOnDrop {
+        ShutOnDrop { _attempt: self }
+    }
+}
+
+/// Shuts a connection's socket down when dropped; see [`Attempt::shut_on_drop`].
+#[derive(Debug)]
+pub struct ShutOnDrop {
+    // Held for its `Drop`, which shuts the socket.
+    _attempt: Attempt,
 }
 
 /// A TCP connection to `host:port`, trying each address it resolves to within `timeout`.

@@ -214,7 +214,12 @@ impl RabbitMqSource {
             },
             _ = shutdown.cancelled() => return Ok(()),
         };
-        attempt.keep();
+        // Bound after the consumer, so dropped before it: if this future is dropped midway
+        // (its task aborted), the socket is shut at once, and RabbitMQ requeues what this
+        // consumer held as it removes it, instead of seeing a `basic.cancel` first and
+        // handing the key's next messages to another consumer before those (see
+        // `Attempt::shut_on_drop`).
+        let _socket = attempt.shut_on_drop();
 
         // Lanes stop after the delivery in hand when the session ends (shutdown or a lost
         // connection); what they had not started is unacked, and RabbitMQ redelivers it.

@@ -590,6 +590,243 @@ async fn rabbitmq_consumer_retries_a_broker_that_never_answers_and_still_stops_w
     );
 }
 
+/// Holds the first message it is given until dropped; records every effect with its seq.
+struct HoldFirst {
+    held: tokio::sync::Notify,
+    holding: std::sync::atomic::AtomicBool,
+}
+
+impl Handler for HoldFirst {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        m: &'a Incoming,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if !self.holding.swap(true, Ordering::SeqCst) {
+                self.held.notify_one();
+                std::future::pending::<()>().await;
+            }
+            Recorder::default().handle(tx, m).await
+        })
+    }
+}
+
+/// The active consumer of a single-active-consumer queue is dropped mid-message (its task
+/// aborted), holding deliveries of a key while a later one of the key waits in the queue:
+/// the next consumer gets the held ones again first, so the key's effects stay in order.
+/// (Had the dropped consumer cancelled its subscription before its connection went, the
+/// queue would hand the waiting message to the next consumer before requeueing the held
+/// ones.)
+#[tokio::test]
+async fn a_consumer_dropped_mid_message_hands_its_key_over_in_order() {
+    use lapin::{options::BasicPublishOptions, types::AMQPValue, BasicProperties};
+    let db = TestDb::new().await;
+    setup(&db, "billing").await;
+    let q = topic("handover");
+    let broker = Consumer::connect().await;
+    let mut single_active = lapin::types::FieldTable::default();
+    single_active.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    broker
+        .channel()
+        .queue_declare(
+            &q,
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            single_active,
+        )
+        .await
+        .unwrap();
+    // The first consumer, on a pool of its own, takes two deliveries at a time and holds
+    // the first.
+    let own_pool = PgPool::connect(&db.url).await.unwrap();
+    let first = Arc::new(HoldFirst {
+        held: tokio::sync::Notify::new(),
+        holding: Default::default(),
+    });
+    let a = tokio::spawn({
+        let (handler, q) = (first.clone(), q.clone());
+        async move {
+            let dedup = Deduplicator::new(own_pool, "billing").unwrap();
+            outbox_consumer::rabbitmq::RabbitMqSource::new(amqp_url(), q)
+                .with_prefetch(2)
+                .run(dedup, handler, CancellationToken::new())
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The second waits, inactive.
+    let shutdown = CancellationToken::new();
+    let b = tokio::spawn({
+        let (dedup, shutdown, q) = (
+            Deduplicator::new(db.pool.clone(), "billing").unwrap(),
+            shutdown.clone(),
+            q.clone(),
+        );
+        async move {
+            outbox_consumer::rabbitmq::RabbitMqSource::new(amqp_url(), q)
+                .run(dedup, Arc::new(Recorder::default()), shutdown)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for seq in 1..=3 {
+        let mut headers = lapin::types::FieldTable::default();
+        for (name, value) in [
+            ("outbox-id", Uuid::new_v4().to_string()),
+            ("outbox-key", "k".to_owned()),
+            ("outbox-seq", seq.to_string()),
+        ] {
+            headers.insert(name.into(), AMQPValue::LongString(value.into()));
+        }
+        broker
+            .channel()
+            .basic_publish(
+                "",
+                &q,
+                BasicPublishOptions::default(),
+                format!("order {seq}").as_bytes(),
+                BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), first.held.notified())
+        .await
+        .expect("the first consumer took the first message");
+    a.abort();
+    let _ = a.await;
+    wait_until(Duration::from_secs(30), "three effects", || async {
+        effect_count(&db.pool).await == 3
+    })
+    .await;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM effects ORDER BY n")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(seqs, vec![1, 2, 3], "the key's effects in seq order");
+    shutdown.cancel();
+    b.await.unwrap().unwrap();
+}
+
+/// A TCP proxy to RabbitMQ that reads the AMQP method frames the client sends (class id,
+/// method id) as they pass: observation a real broker cannot give the test.
+async fn amqp_watching_proxy() -> (u16, Arc<std::sync::Mutex<Vec<(u16, u16)>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let broker = url::Url::parse(&amqp_url()).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        broker.host_str().unwrap(),
+        broker.port().unwrap_or(5672)
+    );
+    let methods = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn({
+        let methods = methods.clone();
+        async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+                    let _ = client_tx.shutdown().await;
+                });
+                let methods = methods.clone();
+                tokio::spawn(async move {
+                    // The 8-byte protocol header, then frames: type, channel, size, payload,
+                    // end octet; a method frame's payload starts with class and method ids.
+                    let mut seen: Vec<u8> = Vec::new();
+                    let mut buf = [0u8; 8192];
+                    let mut at = 8;
+                    while let Ok(n) = client_rx.read(&mut buf).await {
+                        if n == 0 || server_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while seen.len() >= at + 7 {
+                            let size = u32::from_be_bytes(seen[at + 3..at + 7].try_into().unwrap())
+                                as usize;
+                            if seen.len() < at + 7 + size + 1 {
+                                break;
+                            }
+                            if seen[at] == 1 && size >= 4 {
+                                let p = at + 7;
+                                let class = u16::from_be_bytes([seen[p], seen[p + 1]]);
+                                let method = u16::from_be_bytes([seen[p + 2], seen[p + 3]]);
+                                methods.lock().unwrap().push((class, method));
+                            }
+                            at += 7 + size + 1;
+                        }
+                    }
+                    let _ = server_tx.shutdown().await;
+                });
+            }
+        }
+    });
+    (port, methods)
+}
+
+/// Dropped midway (its task aborted) while it holds a delivery, the RabbitMQ source ends its
+/// connection at once, sending nothing on its way out: no `basic.cancel` (class 60, method
+/// 30), on which a single-active-consumer queue would hand the next messages to a standby
+/// before requeueing the held ones.
+#[tokio::test]
+async fn a_rabbitmq_source_dropped_midway_sends_no_cancel_before_its_connection_ends() {
+    use lapin::{options::BasicPublishOptions, BasicProperties};
+    let db = TestDb::new().await;
+    let dedup = setup(&db, "billing").await;
+    let q = topic("dropped");
+    let broker = Consumer::connect().await;
+    broker.declare(&q).await;
+    let (port, methods) = amqp_watching_proxy().await;
+    let mut through = url::Url::parse(&amqp_url()).unwrap();
+    through.set_port(Some(port)).unwrap();
+    let hold = Arc::new(HoldFirst {
+        held: tokio::sync::Notify::new(),
+        holding: Default::default(),
+    });
+    let source = tokio::spawn({
+        let (hold, q, url) = (hold.clone(), q.clone(), through.to_string());
+        async move {
+            outbox_consumer::rabbitmq::RabbitMqSource::new(url, q)
+                .run(dedup, hold, CancellationToken::new())
+                .await
+        }
+    });
+    broker
+        .channel()
+        .basic_publish(
+            "",
+            &q,
+            BasicPublishOptions::default(),
+            b"held",
+            BasicProperties::default().with_message_id(Uuid::new_v4().to_string().into()),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), hold.held.notified())
+        .await
+        .expect("the source took the message");
+    let before = methods.lock().unwrap().len();
+    assert!(
+        methods.lock().unwrap().contains(&(60, 20)),
+        "the proxy saw the basic.consume: {:?}",
+        methods.lock().unwrap()
+    );
+    source.abort();
+    let _ = source.await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after: Vec<(u16, u16)> = methods.lock().unwrap()[before..].to_vec();
+    assert!(
+        !after.contains(&(60, 30)),
+        "no basic.cancel after the drop; the client sent {after:?}"
+    );
+}
+
 #[tokio::test]
 async fn rabbitmq_crash_between_commit_and_ack_is_skipped_on_redelivery() {
     use lapin::options::BasicGetOptions;

@@ -229,7 +229,9 @@ async fn run() -> anyhow::Result<bool> {
     sqlx::query("CREATE TABLE chaos_orders (id uuid PRIMARY KEY, key text NOT NULL)")
         .execute(&pool)
         .await?;
-    sqlx::query("CREATE TABLE chaos_effects (n bigserial PRIMARY KEY, message_id uuid NOT NULL, key text, seq bigint)")
+    // `member` and `at` say which consumer wrote an effect and when, for a violation's
+    // report.
+    sqlx::query("CREATE TABLE chaos_effects (n bigserial PRIMARY KEY, message_id uuid NOT NULL, key text, seq bigint, member integer, at timestamptz NOT NULL DEFAULT clock_timestamp())")
         .execute(&pool)
         .await?;
     let dedup = outbox_consumer::Deduplicator::new(pool.clone(), "chaos")?.with_retry(
@@ -597,10 +599,13 @@ async fn run() -> anyhow::Result<bool> {
     let wall = started.elapsed();
 
     // Verdict.
-    let effect_rows: Vec<(Uuid, Option<String>, Option<i64>)> =
-        sqlx::query_as("SELECT message_id, key, seq FROM chaos_effects ORDER BY n")
-            .fetch_all(&pool)
-            .await?;
+    let effect_rows: Vec<EffectRow> = sqlx::query_as(
+        "SELECT message_id, key, seq, n, member,
+                    to_char(at AT TIME ZONE 'UTC', 'HH24:MI:SS.MS')
+             FROM chaos_effects ORDER BY n",
+    )
+    .fetch_all(&pool)
+    .await?;
     let left_in_outbox: i64 =
         sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE status = 'pending'")
             .fetch_one(&pool)
@@ -717,17 +722,29 @@ async fn run() -> anyhow::Result<bool> {
         .iter()
         .filter(|id| !effect_ids.contains(id))
         .count();
-    let mut effect_last: HashMap<String, i64> = HashMap::new();
+    // Per key, the effect with the highest seq so far; an effect below it is a violation,
+    // reported with both effects' writers and times.
+    let mut effect_last: HashMap<&str, &EffectRow> = HashMap::new();
     let mut effect_violations = 0;
-    for (_, key, seq) in &effect_rows {
-        let (Some(key), Some(seq)) = (key, seq) else {
+    for row in &effect_rows {
+        let (Some(key), Some(seq)) = (&row.1, row.2) else {
             continue;
         };
-        let last = effect_last.entry(key.clone()).or_insert(i64::MIN);
-        if *seq < *last {
-            effect_violations += 1;
+        match effect_last.get(key.as_str()) {
+            Some(last) if last.2.unwrap_or(i64::MIN) > seq => {
+                effect_violations += 1;
+                if effect_violations <= 10 {
+                    println!(
+                        "effect order violation: key {key}: seq {seq} (message {}, n {}, member {:?}, at {}) after seq {} (message {}, n {}, member {:?}, at {})",
+                        row.0, row.3, row.4, row.5,
+                        last.2.unwrap_or_default(), last.0, last.3, last.4, last.5
+                    );
+                }
+            }
+            _ => {
+                effect_last.insert(key, row);
+            }
         }
-        *last = (*last).max(*seq);
     }
     println!(
         "| {:<36} | {:>30} |",
@@ -773,9 +790,13 @@ async fn run() -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// An effect as recorded: message id, key, seq, its position (`n`), the member that wrote
+/// it, and when (UTC, to the millisecond).
+type EffectRow = (Uuid, Option<String>, Option<i64>, i64, Option<i32>, String);
+
 /// The consumer side's handler: one effect row per message, in the transaction that also
-/// records the message as processed.
-struct EffectWriter;
+/// records the message as processed, with the number of the member that wrote it.
+struct EffectWriter(u32);
 
 impl outbox_consumer::Handler for EffectWriter {
     fn handle<'a>(
@@ -785,13 +806,16 @@ impl outbox_consumer::Handler for EffectWriter {
     ) -> futures::future::BoxFuture<'a, Result<(), outbox_consumer::HandlerError>> {
         Box::pin(async move {
             let seq: Option<i64> = m.headers.get("outbox-seq").and_then(|s| s.parse().ok());
-            sqlx::query("INSERT INTO chaos_effects (message_id, key, seq) VALUES ($1, $2, $3)")
-                .bind(m.message_id)
-                .bind(m.key.as_deref())
-                .bind(seq)
-                .execute(&mut *tx)
-                .await
-                .map_err(outbox_consumer::HandlerError::retryable)?;
+            sqlx::query(
+                "INSERT INTO chaos_effects (message_id, key, seq, member) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(m.message_id)
+            .bind(m.key.as_deref())
+            .bind(seq)
+            .bind(self.0 as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(outbox_consumer::HandlerError::retryable)?;
             Ok(())
         })
     }
@@ -823,7 +847,9 @@ impl Member {
             effects_queue.to_owned(),
             dedup.clone(),
         );
+        let members = std::sync::atomic::AtomicU32::new(0);
         move || {
+            let member = members.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let shutdown = tokio_util::sync::CancellationToken::new();
             let (dedup, stop) = (dedup.clone(), shutdown.clone());
             let task = if kafka {
@@ -835,7 +861,11 @@ impl Member {
                     .with_property("heartbeat.interval.ms", "500")
                     .with_property("auto.commit.interval.ms", "500")
                     .with_concurrency(lanes);
-                tokio::spawn(async move { source.run(dedup, Arc::new(EffectWriter), stop).await })
+                tokio::spawn(async move {
+                    source
+                        .run(dedup, Arc::new(EffectWriter(member)), stop)
+                        .await
+                })
             } else {
                 let source = outbox_consumer::rabbitmq::RabbitMqSource::new(
                     amqp_url.clone(),
@@ -843,7 +873,11 @@ impl Member {
                 )
                 .with_prefetch(200)
                 .with_concurrency(8);
-                tokio::spawn(async move { source.run(dedup, Arc::new(EffectWriter), stop).await })
+                tokio::spawn(async move {
+                    source
+                        .run(dedup, Arc::new(EffectWriter(member)), stop)
+                        .await
+                })
             };
             Member { shutdown, task }
         }
