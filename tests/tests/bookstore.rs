@@ -1,4 +1,5 @@
-//! The bookstore saga, the README's first command, runs to completion on RabbitMQ: three relay
+//! The bookstore saga, the README's first command, runs to completion on RabbitMQ (and on
+//! Kafka): three relay
 //! sidecars and the operators' commands as real processes; replies through the warehouse's
 //! and the merchant's own outboxes, one of them failing before its commit and handled again;
 //! a shipment parked for lack of stock and replayed after a restock; two credits lost to a
@@ -9,14 +10,32 @@
 use std::{path::PathBuf, time::Duration};
 
 use outbox_bookstore::{Broker, Config};
-use outbox_tests::{amqp_url, topic, TestDb};
+use outbox_tests::{amqp_url, kafka_brokers, topic, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_bookstore_conserves_money_and_ships_and_credits_every_paid_order_once() {
+    bookstore(Broker::RabbitMq { url: amqp_url() }).await
+}
+
+/// The same story through Kafka, where the loss is a member of the merchant's group that
+/// commits the credits' offsets without crediting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bookstore_through_kafka_ends_the_same() {
+    bookstore(Broker::Kafka {
+        brokers: kafka_brokers(),
+    })
+    .await
+}
+
+/// The story creates its roles (`bookstore_*`), which the cluster shares: one run at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn bookstore(broker: Broker) {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let db = TestDb::empty().await;
     let mut cfg = Config::new(
         db.url.clone(),
-        Broker::RabbitMq { url: amqp_url() },
+        broker,
         PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay-under-test")),
         PathBuf::from(env!("CARGO_BIN_EXE_outbox-consumer-under-test")),
     );

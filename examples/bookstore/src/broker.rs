@@ -95,32 +95,73 @@ pub fn consume<H: Handler + 'static>(
             })
         }
         Broker::Kafka { brokers } => {
-            let group_id = format!("{}-{}", cfg.namespace, dedup.group());
-            let source = KafkaSource::new(brokers, &group_id, topics);
+            let source = KafkaSource::new(brokers, &kafka_group(cfg, dedup.group()), topics);
             tokio::spawn(async move { source.run(dedup, handler, shutdown).await })
         }
     }
 }
 
-/// RabbitMQ: empties `queue`, as an operator's mistake would; returns how many messages it
-/// held. `None` on Kafka, where a topic cannot be emptied so.
-pub async fn purge(broker: &Broker, queue: &str) -> anyhow::Result<Option<u32>> {
-    let Broker::RabbitMq { url } = broker else {
-        return Ok(None);
-    };
-    use lapin::{options::QueuePurgeOptions, Connection, ConnectionProperties};
-    let conn = Connection::connect(
-        url,
-        ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio),
-    )
-    .await
-    .with_context(|| format!("connecting to RabbitMQ at {}", tools::redact(url)))?;
-    let channel = conn.create_channel().await?;
-    let purged = channel
-        .queue_purge(queue, QueuePurgeOptions::default())
-        .await?;
-    let _ = conn.close(200, "queue purged").await;
-    Ok(Some(purged))
+/// Loses what was delivered to `topic` and not consumed yet by `dedup_group`, after the
+/// broker confirmed it. RabbitMQ: the queue is purged, as an operator's mistake would.
+/// Kafka: a member of the group reads what the group has not committed and commits it
+/// without handling it, as a consumer that acknowledges first and then crashes would.
+/// Returns how many messages were lost.
+pub async fn lose(cfg: &Config, topic: &str, dedup_group: &str) -> anyhow::Result<u64> {
+    match &cfg.broker {
+        Broker::RabbitMq { url } => {
+            use lapin::{options::QueuePurgeOptions, Connection, ConnectionProperties};
+            let conn = Connection::connect(
+                url,
+                ConnectionProperties::default()
+                    .with_executor(tokio_executor_trait::Tokio::current())
+                    .with_reactor(tokio_reactor_trait::Tokio),
+            )
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {}", tools::redact(url)))?;
+            let channel = conn.create_channel().await?;
+            let purged = channel
+                .queue_purge(topic, QueuePurgeOptions::default())
+                .await?;
+            let _ = conn.close(200, "queue purged").await;
+            Ok(u64::from(purged))
+        }
+        Broker::Kafka { brokers } => {
+            use rdkafka::{
+                consumer::{CommitMode, Consumer, StreamConsumer},
+                message::Message,
+                ClientConfig, Offset, TopicPartitionList,
+            };
+            let consumer: StreamConsumer = ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("group.id", kafka_group(cfg, dedup_group))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()?;
+            consumer.subscribe(&[topic])?;
+            let mut next = std::collections::BTreeMap::new();
+            let mut lost = 0;
+            // The first message waits for the group to take this member in; the topic has
+            // been read to its end once nothing more comes for a while.
+            let mut wait = std::time::Duration::from_secs(20);
+            while let Ok(m) = tokio::time::timeout(wait, consumer.recv()).await {
+                let m = m?;
+                next.insert(m.partition(), m.offset() + 1);
+                lost += 1;
+                wait = std::time::Duration::from_secs(2);
+            }
+            let mut offsets = TopicPartitionList::new();
+            for (partition, offset) in next {
+                offsets.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+            }
+            if offsets.count() > 0 {
+                consumer.commit(&offsets, CommitMode::Sync)?;
+            }
+            Ok(lost)
+        }
+    }
+}
+
+/// The Kafka consumer group of a dedup group in this run.
+fn kafka_group(cfg: &Config, dedup_group: &str) -> String {
+    format!("{}-{dedup_group}", cfg.namespace)
 }

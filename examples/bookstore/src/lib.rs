@@ -19,7 +19,8 @@
 //! Each relay runs as a real sidecar process (`outbox-relay run`). When every message has
 //! settled, `outbox-relay reconcile` reports the parked shipment; the warehouse restocks, and
 //! an operator replays it with `outbox-consumer dead replay`. Then the merchant's consumer is
-//! down while two more orders are paid, and its queue is purged after delivery: reconcile
+//! down while two more orders are paid, and their credits are lost after delivery (its queue
+//! purged on RabbitMQ; on Kafka, skipped by a member of its group): reconcile
 //! reports the two credits as delivered but not processed, and `reconcile --repair` sends
 //! them again from the account relay's archive. Reconciliation is then clean, for the orders
 //! and for the replies, and the final state is checked: money conserved, every paid order
@@ -149,7 +150,7 @@ pub struct Summary {
     /// `outbox-relay reconcile` exit codes, in the story's order: before the replay, after
     /// it, with `--repair`, after the repair, then each reply outbox.
     pub reconcile_exits: Vec<Option<i32>>,
-    /// Credits `reconcile --repair` sent again after the merchant's queue was purged.
+    /// Credits `reconcile --repair` sent again after they were lost.
     pub repaired: u64,
     /// Replies whose handling failed before its commit and was done again (once).
     pub crashed_replies: u64,
@@ -749,17 +750,19 @@ impl<'a> Story<'a> {
     }
 
     /// A loss after delivery, and its repair. The merchant's consumer is down while two more
-    /// orders are paid; their credits are delivered, and the merchant's queue is then purged
-    /// by mistake. Reconciliation reports them as delivered but not processed, and
+    /// orders are paid; their credits are delivered, and then lost: the merchant's queue
+    /// purged by mistake (RabbitMQ), or skipped by a member of its group (Kafka). Reconciliation reports them as delivered but not processed, and
     /// `reconcile --repair` sends exactly those again from the account relay's archive; the
     /// merchant, back up, credits each one once and replies, and reconciliation is clean.
     async fn lose_and_repair(&mut self) -> anyhow::Result<()> {
         println!();
-        if !matches!(self.cfg.broker, Broker::RabbitMq { .. }) {
-            println!("== a loss after delivery and its repair: shown on RabbitMQ, whose queue the story purges (a Kafka topic cannot be emptied by hand)");
-            return Ok(());
-        }
-        println!("== a loss after delivery: the merchant's consumer is down while two more orders are paid, and then its queue is purged by mistake");
+        let how = match self.cfg.broker {
+            Broker::RabbitMq { .. } => "then its queue is purged by mistake",
+            Broker::Kafka { .. } => {
+                "then a member of its group takes them and commits their offsets without crediting them (as one that acknowledges first and then crashes would)"
+            }
+        };
+        println!("== a loss after delivery: the merchant's consumer is down while two more orders are paid, and {how}");
         if let Some(merchant) = self.merchant_consumer.take() {
             merchant.stop.cancel();
             self.summary
@@ -781,17 +784,20 @@ impl<'a> Story<'a> {
         }
         let credited = count(&self.admin, "SELECT count(*) FROM merchant.credits").await?;
         self.settle(paid, credited).await?;
-        let purged = broker::purge(&self.cfg.broker, &self.topics.credit)
-            .await?
-            .unwrap_or(0);
+        let gone = broker::lose(self.cfg, &self.topics.credit, self.merchant.group()).await?;
+        let what = match self.cfg.broker {
+            Broker::RabbitMq { .. } => "the merchant's queue purged",
+            Broker::Kafka { .. } => "the merchant's group skipped past them",
+        };
         println!(
-            "  {} the merchant's queue {} purged: {purged} credits lost after the broker confirmed them",
+            "  {} {} on {}: {gone} credits lost after the broker confirmed them",
             self.at(),
+            what,
             self.topics.credit
         );
-        if i64::from(purged) != lost {
+        if gone as i64 != lost {
             self.summary.failures.push(format!(
-                "the purge took {purged} credits, expected the {lost} of the new orders"
+                "the loss took {gone} credits, expected the {lost} of the new orders"
             ));
         }
         let out = self
