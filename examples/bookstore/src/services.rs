@@ -232,7 +232,8 @@ impl Handler for Credit {
 
 /// The account's handler for the replies: marks the order's step done. The first reply it
 /// handles fails after its write and before the commit, as a crash there would: the
-/// transaction rolls back, the reply is delivered again, and the step is done once.
+/// transaction rolls back with the step it moved, the reply is handled again (retried in
+/// place, as a redelivery would be), and the step is done once.
 pub struct Reply {
     crash_next: AtomicBool,
 }
@@ -284,7 +285,7 @@ impl Handler for Reply {
             }
             if self.crash_next.swap(false, Ordering::SeqCst) {
                 println!(
-                    "    account    order #{number}: the reply's handler fails after its write, before the commit (as a crash would); rolled back, delivered again"
+                    "    account    order #{number}: the reply's handler fails after its write, before the commit (as a crash would); rolled back, handled again"
                 );
                 return Err(HandlerError::retryable("failed before the commit"));
             }
