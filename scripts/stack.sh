@@ -65,16 +65,28 @@ install() {
   for dev in libcurl4-openssl-dev libsasl2-dev libssl-dev zlib1g-dev; do
     dpkg -s "$dev" >/dev/null 2>&1 || pkgs+=("$dev")
   done
-  if [ ${#pkgs[@]} -gt 0 ]; then
-    log "installing ${pkgs[*]}"
+  # promtool checks and unit-tests the alert rules in deploy/prometheus/ (the package
+  # brings Prometheus itself too; without its recommends, nothing else).
+  local bare=()
+  command -v promtool >/dev/null || bare+=(prometheus)
+  if [ ${#pkgs[@]} -gt 0 ] || [ ${#bare[@]} -gt 0 ]; then
+    log "installing ${pkgs[*]} ${bare[*]}"
     as_root apt-get update -qq
+  fi
+  if [ ${#pkgs[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  fi
+  if [ ${#bare[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${bare[@]}" >/dev/null
   fi
   if [ "$KAFKA" != 0 ]; then install_tansu; fi
   # Debian starts the packaged services where it can; ours run on private ports, and a
   # packaged node would only hold on to memory.
   if command -v service >/dev/null && [ -e /etc/init.d/rabbitmq-server ]; then
     as_root service rabbitmq-server stop >/dev/null 2>&1 || true
+  fi
+  if command -v service >/dev/null && [ -e /etc/init.d/prometheus ]; then
+    as_root service prometheus stop >/dev/null 2>&1 || true
   fi
 }
 

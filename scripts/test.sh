@@ -70,15 +70,21 @@ scripts/stack.sh reset kafka
 bench_failed=0
 echo "== benchmark (quick)"
 "$bin"/outbox-bench --quick --relay-bin "$bin"/outbox-relay || bench_failed=1
+# The alert and recording rules: valid, and their unit tests pass.
+rules_failed=0
+echo "== alert rules (promtool)"
+( cd deploy/prometheus && promtool check rules outbox-rules.yml && promtool test rules outbox-rules.test.yml ) \
+  || rules_failed=1
 failures=()
 [ "$chaos_failed" = 0 ] || failures+=("chaos ($chaos_failed of 2 runs)")
 [ "$bench_failed" = 0 ] || failures+=("benchmark (quick)")
+[ "$rules_failed" = 0 ] || failures+=("alert rules (promtool)")
 
 count() { awk -v word="$1;" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i == word) n += $(i - 1) } END { print n + 0 }' "$log"; }
 passed=$(count passed)
 failed=$(count failed)
-passed=$((passed + 3 - chaos_failed - bench_failed))
-failed=$((failed + chaos_failed + bench_failed))
+passed=$((passed + 4 - chaos_failed - bench_failed - rules_failed))
+failed=$((failed + chaos_failed + bench_failed + rules_failed))
 if [ "$failed" != 0 ]; then
   echo "== the servers' logs (for the failures above)"
   scripts/stack.sh logs || true
@@ -91,4 +97,4 @@ if [ "$failed" != 0 ]; then
 fi
 echo
 echo "total: $passed passed, $failed failed"
-[ "$tests_rc" = 0 ] && [ "$chaos_failed" = 0 ] && [ "$bench_failed" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$chaos_failed" = 0 ] && [ "$bench_failed" = 0 ] && [ "$rules_failed" = 0 ]
