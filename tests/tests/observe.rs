@@ -318,3 +318,153 @@ async fn a_busy_http_port_is_an_error_naming_the_setting() {
     assert_eq!(status.code(), Some(1), "{out}");
     assert!(out.contains("http.listen"), "{out}");
 }
+
+/// The alerts of `deploy/prometheus/outbox-rules.yml` as a real Prometheus evaluates them,
+/// scraping a real relay: every `for:` is shortened to 2 s. A dead message fires
+/// OutboxDeadMessages; the broker cut off fires OutboxRelayUnready; with the broker back and
+/// the message discarded, both resolve.
+#[tokio::test]
+async fn a_real_prometheus_fires_and_resolves_the_relays_alerts() {
+    let prometheus = std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("prometheus"))
+                .find(|p| p.is_file())
+        })
+        .expect("prometheus not found: scripts/test.sh installs Debian's prometheus package");
+    let db = TestDb::new().await;
+    let poison = Message::new(topic("nowhere"), b"p".to_vec())
+        .unwrap()
+        .with_key("stuck")
+        .unwrap();
+    Outbox::default().enqueue(&db.pool, &poison).await.unwrap();
+    let rabbit_port: u16 = url::Url::parse(&amqp_url()).unwrap().port().unwrap();
+    let proxy = Proxy::start(rabbit_port).await;
+    let mut via_proxy = url::Url::parse(&amqp_url()).unwrap();
+    via_proxy.set_port(Some(proxy.port)).unwrap();
+    let http = free_port();
+    let env = [
+        ("OUTBOX__DATABASE__URL", db.url.clone()),
+        ("OUTBOX__RABBITMQ__URL", via_proxy.to_string()),
+        ("OUTBOX__HTTP__LISTEN", format!("127.0.0.1:{http}")),
+        ("OUTBOX__HTTP__BACKLOG_INTERVAL", "200ms".into()),
+        ("OUTBOX__RETRY__MAX_ATTEMPTS", "2".into()),
+        ("OUTBOX__RETRY__INITIAL_DELAY", "100ms".into()),
+        ("OUTBOX__RELAY__RECONNECT_MAX_DELAY", "500ms".into()),
+    ];
+    let relay = RelayProcess::spawn(
+        env!("CARGO_BIN_EXE_outbox-relay-under-test"),
+        &["run"],
+        &env,
+    );
+
+    // The shipped rules, every `for:` shortened; a Prometheus scraping the relay each second.
+    let dir = std::env::temp_dir().join(format!("outbox-alerts-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/prometheus/outbox-rules.yml"),
+    )
+    .unwrap();
+    let shortened: String = rules
+        .lines()
+        .map(|l| match l.split_once("for: ") {
+            Some((indent, _)) if indent.trim().is_empty() => format!("{indent}for: 2s\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(dir.join("rules.yml"), shortened).unwrap();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yml]\n\
+             scrape_configs:\n  - job_name: outbox-relay\n    static_configs:\n      - targets: ['127.0.0.1:{http}']\n"
+        ),
+    )
+    .unwrap();
+    let web = free_port();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let mut server = tokio::process::Command::new(&prometheus)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start prometheus");
+    let firing = |state: &'static str| {
+        move |alerts: &serde_json::Value, name: &str| {
+            alerts["data"]["alerts"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|x| x["labels"]["alertname"] == name && x["state"] == state)
+            })
+        }
+    };
+    let wait_alerts = |what: String, done: Box<dyn Fn(&serde_json::Value) -> bool>| {
+        let relay = &relay;
+        let dir = dir.clone();
+        async move {
+            let start = Instant::now();
+            loop {
+                let alerts = match get(web, "/api/v1/alerts").await {
+                    Some((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+                    _ => serde_json::Value::Null,
+                };
+                if done(&alerts) {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "{what} within 60 s; alerts: {alerts}; prometheus log:\n{}\nrelay output:\n{}",
+                    std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default(),
+                    relay.output()
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+
+    let is_firing = firing("firing");
+    wait_alerts(
+        "OutboxDeadMessages firing".into(),
+        Box::new(move |a| is_firing(a, "OutboxDeadMessages")),
+    )
+    .await;
+    proxy.cut();
+    let is_firing = firing("firing");
+    wait_alerts(
+        "OutboxRelayUnready firing".into(),
+        Box::new(move |a| is_firing(a, "OutboxRelayUnready")),
+    )
+    .await;
+
+    // Recovery: the broker back, the dead message discarded by an operator.
+    proxy.restore();
+    let mut discard = RelayProcess::spawn(
+        env!("CARGO_BIN_EXE_outbox-relay-under-test"),
+        &["dead", "discard", "--all", "--reason", "alert test"],
+        &[("OUTBOX__DATABASE__URL", db.url.clone())],
+    );
+    assert!(discard.exit(WAIT).await.success(), "{}", discard.output());
+    wait_alerts(
+        "both alerts resolved".into(),
+        Box::new(|a| {
+            a["data"]["alerts"].as_array().is_some_and(|alerts| {
+                !alerts.iter().any(|x| {
+                    x["labels"]["alertname"] == "OutboxDeadMessages"
+                        || x["labels"]["alertname"] == "OutboxRelayUnready"
+                })
+            })
+        }),
+    )
+    .await;
+    let _ = server.kill().await;
+    std::fs::remove_dir_all(&dir).ok();
+}
