@@ -110,6 +110,9 @@ pub fn describe() {
         "One settle: a group commit of outcomes"
     );
     describe_histogram!(BATCH_SIZE, "Rows per read");
+    // A counter without labels is there from the start, at 0, so that `rate()` and
+    // `increase()` see a relay that never reconnected rather than no series at all.
+    counter!(BROKER_RECONNECTS).absolute(0);
 }
 
 /// One message confirmed: `sent` is the publish's duration, `since_commit` the time since

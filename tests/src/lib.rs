@@ -829,6 +829,24 @@ async fn kafka_skip_uncommitted(topic: &str, group: &str) -> u64 {
     skipped
 }
 
+/// `GET path` on 127.0.0.1:port: (status code, body); `None` if nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
 /// A server that takes TCP connections and never answers (a broker hung before its
 /// handshake, or a proxy in front of a dead one): fault injection a real broker cannot give.
 /// It counts the connections it took and those the client has since closed.

@@ -13,27 +13,11 @@ use std::{
 
 use outbox::{Message, Outbox};
 use outbox_tests::{amqp_url, free_port, topic, Consumer, RelayProcess, TestDb};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// `GET path` on 127.0.0.1:port: (status code, body).
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.ok()?;
-    let status = raw.split(' ').nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
+use outbox_tests::http_get as get;
 
 /// Samples of one metric, by their label set as written (`{topic="x"}`, or "" for none).
 fn samples(text: &str, name: &str) -> BTreeMap<String, f64> {
