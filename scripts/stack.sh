@@ -52,6 +52,8 @@ install() {
   command -v psql >/dev/null || pkgs+=(postgresql-client)
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || pkgs+=(rabbitmq-server)
   command -v python3 >/dev/null || pkgs+=(python3)
+  # The Kubernetes manifest's check (deploy/kubernetes/check.py) reads YAML.
+  python3 -c 'import yaml' 2>/dev/null || pkgs+=(python3-yaml)
   # Certificates for the TLS listeners of the local servers.
   command -v openssl >/dev/null || pkgs+=(openssl)
   # Only to validate docker-compose.yml; no container runs here.

@@ -75,16 +75,21 @@ rules_failed=0
 echo "== alert rules (promtool)"
 ( cd deploy/prometheus && promtool check rules outbox-rules.yml && promtool test rules outbox-rules.test.yml ) \
   || rules_failed=1
+# The Kubernetes manifest keeps the sidecar pattern (its structure; no cluster here).
+echo "== Kubernetes manifest"
+manifest_failed=0
+python3 deploy/kubernetes/check.py || manifest_failed=1
 failures=()
 [ "$chaos_failed" = 0 ] || failures+=("chaos ($chaos_failed of 2 runs)")
 [ "$bench_failed" = 0 ] || failures+=("benchmark (quick)")
 [ "$rules_failed" = 0 ] || failures+=("alert rules (promtool)")
+[ "$manifest_failed" = 0 ] || failures+=("Kubernetes manifest (deploy/kubernetes/check.py)")
 
 count() { awk -v word="$1;" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i == word) n += $(i - 1) } END { print n + 0 }' "$log"; }
 passed=$(count passed)
 failed=$(count failed)
-passed=$((passed + 4 - chaos_failed - bench_failed - rules_failed))
-failed=$((failed + chaos_failed + bench_failed + rules_failed))
+passed=$((passed + 5 - chaos_failed - bench_failed - rules_failed - manifest_failed))
+failed=$((failed + chaos_failed + bench_failed + rules_failed + manifest_failed))
 if [ "$failed" != 0 ]; then
   echo "== the servers' logs (for the failures above)"
   scripts/stack.sh logs || true
@@ -97,4 +102,5 @@ if [ "$failed" != 0 ]; then
 fi
 echo
 echo "total: $passed passed, $failed failed"
-[ "$tests_rc" = 0 ] && [ "$chaos_failed" = 0 ] && [ "$bench_failed" = 0 ] && [ "$rules_failed" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$chaos_failed" = 0 ] && [ "$bench_failed" = 0 ] && [ "$rules_failed" = 0 ] \
+  && [ "$manifest_failed" = 0 ]
