@@ -18,17 +18,8 @@ pub async fn prepare(broker: &Broker, topics: &[&str]) -> anyhow::Result<()> {
             use lapin::{
                 options::{QueueDeclareOptions, QueuePurgeOptions},
                 types::FieldTable,
-                Connection, ConnectionProperties,
             };
-            let conn = Connection::connect(
-                url,
-                ConnectionProperties::default()
-                    .with_executor(tokio_executor_trait::Tokio::current())
-                    .with_reactor(tokio_reactor_trait::Tokio),
-            )
-            .await
-            .with_context(|| format!("connecting to RabbitMQ at {}", tools::redact(url)))?;
-            let channel = conn.create_channel().await?;
+            let (conn, channel) = rabbitmq(url).await?;
             for topic in topics {
                 channel
                     .queue_declare(
@@ -109,18 +100,9 @@ pub fn consume<H: Handler + 'static>(
 pub async fn lose(cfg: &Config, topic: &str, dedup_group: &str) -> anyhow::Result<u64> {
     match &cfg.broker {
         Broker::RabbitMq { url } => {
-            use lapin::{options::QueuePurgeOptions, Connection, ConnectionProperties};
-            let conn = Connection::connect(
-                url,
-                ConnectionProperties::default()
-                    .with_executor(tokio_executor_trait::Tokio::current())
-                    .with_reactor(tokio_reactor_trait::Tokio),
-            )
-            .await
-            .with_context(|| format!("connecting to RabbitMQ at {}", tools::redact(url)))?;
-            let channel = conn.create_channel().await?;
+            let (conn, channel) = rabbitmq(url).await?;
             let purged = channel
-                .queue_purge(topic, QueuePurgeOptions::default())
+                .queue_purge(topic, lapin::options::QueuePurgeOptions::default())
                 .await?;
             let _ = conn.close(200, "queue purged").await;
             Ok(u64::from(purged))
@@ -159,6 +141,20 @@ pub async fn lose(cfg: &Config, topic: &str, dedup_group: &str) -> anyhow::Resul
             Ok(lost)
         }
     }
+}
+
+/// A connection to RabbitMQ at `url` and a channel on it, for the story's own housekeeping.
+async fn rabbitmq(url: &str) -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
+    let conn = lapin::Connection::connect(
+        url,
+        lapin::ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio),
+    )
+    .await
+    .with_context(|| format!("connecting to RabbitMQ at {}", tools::redact(url)))?;
+    let channel = conn.create_channel().await?;
+    Ok((conn, channel))
 }
 
 /// The Kafka consumer group of a dedup group in this run.
